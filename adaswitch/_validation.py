@@ -1,0 +1,67 @@
+"""Argument checks shared by the ops: every error names the argument and what was expected,
+and is raised before any work is done."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+KINDS = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
+KIND_CODES = {k: i for i, k in enumerate(KINDS)}
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_kind(kind) -> int:
+    if kind not in KIND_CODES:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    return KIND_CODES[kind]
+
+
+def check_unit_interval(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= float(value) <= 1.0):
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def check_temperature(value, name: str = "temperature") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def check_logits(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"{name} must have at least one dimension (..., vocab), got a scalar")
+    if x.numel() == 0:
+        raise ValueError(f"{name} must hold at least one row with a non-empty vocabulary, got shape {tuple(x.shape)}")
+
+
+def check_logits_pair(student_logits, teacher_logits) -> None:
+    """Same shape, float dtypes, same device, at least one row of at least one entry."""
+    check_logits("student_logits", student_logits)
+    check_logits("teacher_logits", teacher_logits)
+    if student_logits.shape[-1] != teacher_logits.shape[-1]:
+        raise ValueError(
+            "student_logits and teacher_logits must have the same vocabulary size (last dim), got "
+            f"{student_logits.shape[-1]} and {teacher_logits.shape[-1]}"
+        )
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            "student_logits and teacher_logits must have the same shape, got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
+    if student_logits.device != teacher_logits.device:
+        raise ValueError(
+            "student_logits and teacher_logits must be on the same device, got "
+            f"{student_logits.device} and {teacher_logits.device}"
+        )
+
+
+def check_divergence_args(kind, beta, alpha, temperature) -> tuple[int, float, float, float]:
+    return check_kind(kind), check_unit_interval("beta", beta), check_unit_interval("alpha", alpha), \
+        check_temperature(temperature)
