@@ -1,0 +1,226 @@
+"""Generation policies (SPEC.md section 2): small frozen config dataclasses, validated on construction.
+
+A policy says, per row and response position, which model's distribution the next token is drawn
+from. `code` is the integer the fused step kernel switches on; `student_sampling`/`teacher_sampling`
+are the per-model sampling settings the step op uses (policies with one model map their `sampling`
+to the side they run).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from adaswitch._validation import KINDS
+
+
+def _is_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float))
+
+
+def _is_int(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int)
+
+
+def _check_sampling(name: str, value) -> None:
+    if not isinstance(value, Sampling):
+        raise TypeError(f"{name} must be an adaswitch.Sampling, got {type(value).__name__}")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one model's next token is drawn.
+
+    Args:
+        temperature: divides the logits before sampling; 0 means greedy (argmax, ties to the lowest id).
+        top_k: keep only the `top_k` largest logits (ties at the boundary are all kept); 0 turns it off.
+        top_p: nucleus sampling on the temperature-scaled distribution (after top_k): keep the smallest
+            set of highest-probability tokens whose cumulative probability is >= top_p (ties at the
+            boundary are all kept); 1.0 turns it off.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        t = self.temperature
+        if not _is_number(t) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        if not _is_number(self.top_p) or not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be a number in (0, 1] (1.0 = off), got {self.top_p!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def filtered(self) -> bool:
+        """True when top_k or top_p restrict the candidates (never for greedy decoding)."""
+        return not self.greedy and (self.top_k > 0 or self.top_p < 1.0)
+
+
+@dataclass(frozen=True)
+class Student:
+    """On-policy KD (GKD lambda = 1): every response token is drawn from the student.
+
+    Args:
+        sampling: the student's sampling settings.
+    """
+
+    sampling: Sampling = field(default_factory=Sampling)
+    code = 0
+
+    def __post_init__(self):
+        _check_sampling("sampling", self.sampling)
+
+    student_sampling = property(lambda self: self.sampling)
+    teacher_sampling = property(lambda self: Sampling())
+    uses_student = property(lambda self: True)
+    uses_teacher = property(lambda self: False)
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """Sequence-level KD (SeqKD data): every response token is drawn from the teacher.
+
+    Args:
+        sampling: the teacher's sampling settings.
+    """
+
+    sampling: Sampling = field(default_factory=Sampling)
+    code = 1
+
+    def __post_init__(self):
+        _check_sampling("sampling", self.sampling)
+
+    student_sampling = property(lambda self: Sampling())
+    teacher_sampling = property(lambda self: self.sampling)
+    uses_student = property(lambda self: False)
+    uses_teacher = property(lambda self: True)
+
+
+@dataclass(frozen=True)
+class Mixed:
+    """GKD lambda / ImitKD: per sequence, with probability `lmbda` the student generates the response,
+    else the dataset's completion is used. The coin is `adaswitch.ops.rng.mixed_coin` (stream 2 of
+    the example key), so it does not depend on batch composition.
+
+    Args:
+        lmbda: probability of the student-generated response, in [0, 1].
+        sampling: the student's sampling settings.
+    """
+
+    lmbda: float = 0.5
+    sampling: Sampling = field(default_factory=Sampling)
+    code = 2
+
+    def __post_init__(self):
+        if not _is_number(self.lmbda) or not (0.0 <= self.lmbda <= 1.0):
+            raise ValueError(f"lmbda must be a number in [0, 1], got {self.lmbda!r}")
+        _check_sampling("sampling", self.sampling)
+
+    student_sampling = property(lambda self: self.sampling)
+    teacher_sampling = property(lambda self: Sampling())
+    uses_student = property(lambda self: True)
+    uses_teacher = property(lambda self: False)
+
+
+@dataclass(frozen=True)
+class SKD:
+    """Speculative KD: at every position the student drafts y ~ p_S; y is kept if it is among the
+    teacher's `top_k` logits (ties to the lower id), else replaced by a fresh draw y ~ p_T.
+
+    Args:
+        top_k: size of the teacher's acceptance set; 0 means every token comes from the teacher, a value
+            >= the vocabulary size means every token comes from the student.
+        student_sampling: the student's (drafting) sampling settings.
+        teacher_sampling: the teacher's (replacement) sampling settings.
+    """
+
+    top_k: int = 25
+    student_sampling: Sampling = field(default_factory=Sampling)
+    teacher_sampling: Sampling = field(default_factory=Sampling)
+    code = 3
+
+    def __post_init__(self):
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0, got {self.top_k!r}")
+        _check_sampling("student_sampling", self.student_sampling)
+        _check_sampling("teacher_sampling", self.teacher_sampling)
+
+    uses_student = property(lambda self: True)
+    uses_teacher = property(lambda self: True)
+
+
+@dataclass(frozen=True)
+class AdaSwitch:
+    """Adaptive switching (SPEC.md section 2): the student generates while its divergence from the teacher
+    stays below `k` times its moving average; at the first spike the teacher generates the rest.
+
+    Args:
+        window: L, how many earlier divergences the moving average covers (>= 1).
+        k: K, the spike factor (> 0); `math.inf` never switches (the Student policy's tokens).
+        divergence: the divergence kind D between p_T and p_S (SPEC.md section 1).
+        warmup: W, a row may switch once it holds at least max(L, W) earlier divergences; None means W = L.
+        min_divergence: F, a spike must also reach d_i >= F (>= 0).
+        divergence_temperature: temperature of p_T and p_S in d_i (independent of sampling temperature).
+        beta: JSD weight (used when divergence == "jsd").
+        alpha: skew weight (used by the skewed KLs).
+        student_sampling: the student's sampling settings.
+        teacher_sampling: the teacher's sampling settings (after the switch).
+    """
+
+    window: int = 8
+    k: float = 2.0
+    divergence: str = "forward_kl"
+    warmup: int | None = None
+    min_divergence: float = 0.0
+    divergence_temperature: float = 1.0
+    beta: float = 0.5
+    alpha: float = 0.1
+    student_sampling: Sampling = field(default_factory=Sampling)
+    teacher_sampling: Sampling = field(default_factory=Sampling)
+    code = 4
+
+    def __post_init__(self):
+        if not _is_int(self.window) or self.window < 1:
+            raise ValueError(f"window must be an int >= 1, got {self.window!r}")
+        if not _is_number(self.k) or math.isnan(self.k) or self.k <= 0:
+            raise ValueError(f"k must be a number > 0 (math.inf = never switch), got {self.k!r}")
+        if self.divergence not in KINDS:
+            raise ValueError(f"divergence must be one of {KINDS}, got {self.divergence!r}")
+        if self.warmup is not None and (not _is_int(self.warmup) or self.warmup < 0):
+            raise ValueError(f"warmup must be None or an int >= 0, got {self.warmup!r}")
+        f = self.min_divergence
+        if not _is_number(f) or not math.isfinite(f) or f < 0:
+            raise ValueError(f"min_divergence must be a finite number >= 0, got {f!r}")
+        t = self.divergence_temperature
+        if not _is_number(t) or not math.isfinite(t) or t <= 0:
+            raise ValueError(f"divergence_temperature must be a finite number > 0, got {t!r}")
+        for name in ("beta", "alpha"):
+            v = getattr(self, name)
+            if not _is_number(v) or not (0.0 <= v <= 1.0):
+                raise ValueError(f"{name} must be a number in [0, 1], got {v!r}")
+        _check_sampling("student_sampling", self.student_sampling)
+        _check_sampling("teacher_sampling", self.teacher_sampling)
+
+    @property
+    def min_history(self) -> int:
+        """max(L, W): how many earlier divergences a row needs before it may switch."""
+        return max(self.window, self.window if self.warmup is None else self.warmup)
+
+    uses_student = property(lambda self: True)
+    uses_teacher = property(lambda self: True)
+
+
+POLICIES = (Student, Teacher, Mixed, SKD, AdaSwitch)
+Policy = Student | Teacher | Mixed | SKD | AdaSwitch
+
+
+def check_policy(policy) -> None:
+    if not isinstance(policy, POLICIES):
+        names = ", ".join(p.__name__ for p in POLICIES)
+        raise TypeError(f"policy must be one of adaswitch.{{{names}}}, got {type(policy).__name__}")

@@ -1,0 +1,357 @@
+"""The fused per-token step of the mixed decoding engine: one call per generated position decides, on the
+device, every row's next token under a generation policy (SPEC.md sections 2-4) and updates the rows'
+switching state. `fused_lookahead` does the same for G drafted positions at once (lookahead mode).
+
+Dispatch: the Triton kernel (kernels/triton/step.py) or this file's PyTorch reference; both draw with
+the counter-based RNG of adaswitch.ops.rng, so they give the same tokens. No host sync anywhere here:
+every decision is a tensor operation, Python branches only on the policy (a config, not data).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from adaswitch import reference
+from adaswitch._backend import resolve_impl
+from adaswitch._validation import FLOAT_DTYPES
+from adaswitch.engine.policies import SKD, AdaSwitch, Mixed, Student, Teacher, check_policy
+from adaswitch.ops import rng
+
+
+@dataclass
+class SwitchState:
+    """Per-row decoding state, updated in place by `fused_step` / `fused_lookahead`.
+
+    window: float32 [B, L] ring of the row's most recent exploration divergences (slot count % L next);
+    count: int64 [B] divergences pushed so far; switched: bool [B]; switch_pos: int64 [B] response
+    position of the switch (-1 if none); finished: bool [B] (the row has emitted EOS).
+    """
+
+    window: torch.Tensor
+    count: torch.Tensor
+    switched: torch.Tensor
+    switch_pos: torch.Tensor
+    finished: torch.Tensor
+
+    @classmethod
+    def new(cls, batch: int, window: int = 1, device: torch.device | str | None = None) -> SwitchState:
+        """Fresh state for `batch` rows; `window` must equal the AdaSwitch policy's L (any >= 1 otherwise)."""
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be an int >= 1, got {window!r}")
+        return cls(
+            window=torch.zeros(batch, window, dtype=torch.float32, device=device),
+            count=torch.zeros(batch, dtype=torch.int64, device=device),
+            switched=torch.zeros(batch, dtype=torch.bool, device=device),
+            switch_pos=torch.full((batch,), -1, dtype=torch.int64, device=device),
+            finished=torch.zeros(batch, dtype=torch.bool, device=device),
+        )
+
+    @property
+    def batch(self) -> int:
+        return self.count.shape[0]
+
+
+@dataclass
+class StepOutput:
+    """token int64 [B] (pad for rows already finished); from_teacher bool [B]; divergence float32 [B]
+    (d_i at AdaSwitch exploration positions, including the switch position; NaN elsewhere)."""
+
+    token: torch.Tensor
+    from_teacher: torch.Tensor
+    divergence: torch.Tensor
+
+
+@dataclass
+class LookaheadOutput:
+    """accepted int64 [B]: leading drafts kept; token int64 [B]: the token at index `accepted` (the
+    teacher's draw where a row switched or a draft was rejected, else pad); from_teacher bool [B]: token
+    is a teacher draw; divergence float32 [B, G] (NaN where not an exploration position)."""
+
+    accepted: torch.Tensor
+    token: torch.Tensor
+    from_teacher: torch.Tensor
+    divergence: torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------------- checks
+
+def _check_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a Python int, got {type(value).__name__}")
+    return value
+
+
+def _check_rows(name: str, x, shape: tuple, device) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != torch.int64:
+        raise TypeError(f"{name} must be an int64 tensor, got {x.dtype}")
+    if tuple(x.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} must be on {device}, got {x.device}")
+
+
+def _check_logits(name: str, x, lead: tuple, vocab, device):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.dim() != len(lead) + 1 or tuple(x.shape[:-1]) != lead or x.shape[-1] < 1:
+        raise ValueError(f"{name} must have shape {(*lead, 'V')} with V >= 1, got {tuple(x.shape)}")
+    if vocab is not None and x.shape[-1] != vocab:
+        raise ValueError(f"student_logits and teacher_logits must have the same vocabulary size, got "
+                         f"{vocab} and {x.shape[-1]}")
+    if device is not None and x.device != device:
+        raise ValueError(f"student_logits and teacher_logits must be on the same device, got {device} and "
+                         f"{x.device}")
+
+
+def _check_inputs(student_logits, teacher_logits, policy, state, keys, position, lead, seed, eos, pad):
+    check_policy(policy)
+    if not isinstance(state, SwitchState):
+        raise TypeError(f"state must be a SwitchState, got {type(state).__name__}")
+    rng.check_seed(seed)
+    _check_int("eos_token_id", eos)
+    _check_int("pad_token_id", pad)
+    needs_student = isinstance(policy, (Student, Mixed, SKD))
+    needs_teacher = isinstance(policy, (Teacher, SKD, AdaSwitch))
+    if needs_student and student_logits is None:
+        raise ValueError(f"student_logits are required by the {type(policy).__name__} policy")
+    if needs_teacher and teacher_logits is None:
+        raise ValueError(f"teacher_logits are required by the {type(policy).__name__} policy")
+    vocab = device = None
+    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if x is not None:
+            _check_logits(name, x, lead, vocab, device)
+            vocab, device = x.shape[-1], x.device
+    batch = lead[0]
+    _check_rows("keys", keys, (batch,), device)
+    _check_rows("position", position, (batch,), device)
+    if state.batch != batch or state.count.device != device:
+        raise ValueError(f"state must hold {batch} rows on {device}, got {state.batch} rows on "
+                         f"{state.count.device}")
+    if isinstance(policy, AdaSwitch) and state.window.shape[1] != policy.window:
+        raise ValueError(f"state.window must have policy.window = {policy.window} columns, got "
+                         f"{state.window.shape[1]} (create it with SwitchState.new(batch, policy.window))")
+    return device
+
+
+def _impl(impl, device) -> str:
+    if impl == "native":
+        raise ValueError("impl='native': fused_step has no native CPU op; use 'torch' or 'triton'")
+    return resolve_impl(impl, device, native_op="fused_step")
+
+
+# ------------------------------------------------------------------------------------- shared pieces
+
+def _thresholds(logits, sampling):
+    """Per-row top_k/top_p threshold on logits / temperature (None when sampling is unfiltered)."""
+    if logits is None or not sampling.filtered:
+        return None
+    scaled = rng.scale_logits(logits, sampling.temperature)
+    return rng.filter_threshold(scaled, sampling.top_k, sampling.top_p)
+
+
+def _draw(logits, sampling, thr, seed, keys, positions, stream):
+    if sampling.greedy:
+        return torch.argmax(logits.float(), dim=-1)
+    x = rng.scale_logits(logits, sampling.temperature)
+    if thr is not None:
+        x = torch.where(x >= thr[:, None], x, torch.full_like(x, float("-inf")))
+    return torch.argmax(x + rng.gumbel(seed, keys, positions, stream, x.shape[-1]), dim=-1)
+
+
+def _teacher_rank(teacher_logits, token):
+    """Rank of `token` among the teacher's logits, ties to the lower id (0 = the teacher's argmax)."""
+    t = teacher_logits.float()
+    ty = t.gather(-1, token[:, None])
+    ids = torch.arange(t.shape[-1], device=t.device)
+    return ((t > ty) | ((t == ty) & (ids < token[:, None]))).sum(-1)
+
+
+def _divergence(student_logits, teacher_logits, policy: AdaSwitch):
+    return reference.divergence_rows(student_logits, teacher_logits, policy.divergence, beta=policy.beta,
+                                     alpha=policy.alpha, temperature=policy.divergence_temperature,
+                                     dtype=torch.float32)
+
+
+def _switch_rule(d, state: SwitchState, policy: AdaSwitch, explore, position):
+    """SPEC section 2 steps 2-4 for one position: returns the rows that switch; updates `state`."""
+    length = policy.window
+    eligible = state.count >= policy.min_history
+    tau = policy.k * (state.window.double().sum(-1) / length)
+    switch = explore & eligible & (d.double() > tau) & (d >= policy.min_divergence)
+    push = explore & ~switch
+    slot = (state.count % length)[:, None]
+    old = state.window.gather(1, slot)
+    state.window.scatter_(1, slot, torch.where(push[:, None], d[:, None], old))
+    state.count += push.long()
+    state.switched |= switch
+    state.switch_pos.copy_(torch.where(switch, position, state.switch_pos))
+    return switch
+
+
+# -------------------------------------------------------------------------------------- reference
+
+def _step_torch(student_logits, teacher_logits, policy, state, seed, keys, position, eos, pad):
+    batch = keys.shape[0]
+    device = keys.device
+    ss, ts = policy.student_sampling, policy.teacher_sampling
+    divergence = torch.full((batch,), math.nan, device=device)
+    ys = yt = None
+    if student_logits is not None and policy.uses_student:
+        ys = _draw(student_logits, ss, _thresholds(student_logits, ss), seed, keys, position,
+                   rng.STREAM_STUDENT)
+    if teacher_logits is not None and policy.uses_teacher:
+        yt = _draw(teacher_logits, ts, _thresholds(teacher_logits, ts), seed, keys, position,
+                   rng.STREAM_TEACHER)
+    if isinstance(policy, (Student, Mixed)):
+        token, from_teacher = ys, torch.zeros(batch, dtype=torch.bool, device=device)
+    elif isinstance(policy, Teacher):
+        token, from_teacher = yt, torch.ones(batch, dtype=torch.bool, device=device)
+    elif isinstance(policy, SKD):
+        from_teacher = _teacher_rank(teacher_logits, ys) >= policy.top_k
+        token = torch.where(from_teacher, yt, ys)
+    elif ys is None:  # AdaSwitch without student logits: every live row has switched
+        token, from_teacher = yt, torch.ones(batch, dtype=torch.bool, device=device)
+    else:
+        d = _divergence(student_logits, teacher_logits, policy)
+        explore = ~state.switched & ~state.finished
+        _switch_rule(d, state, policy, explore, position)
+        from_teacher = state.switched.clone()
+        token = torch.where(from_teacher, yt, ys)
+        divergence = torch.where(explore, d, divergence)
+    live = ~state.finished
+    token = torch.where(live, token, torch.full_like(token, pad))
+    from_teacher = from_teacher & live
+    state.finished |= live & (token == eos)
+    return StepOutput(token, from_teacher, divergence)
+
+
+def _lookahead_torch(student_logits, teacher_logits, draft, policy, state, seed, keys, position, eos, pad):
+    batch, g, vocab = teacher_logits.shape
+    device = keys.device
+    positions = position[:, None] + torch.arange(g, device=device)
+    flat_keys = keys[:, None].expand(batch, g).reshape(-1)
+    flat_t = teacher_logits.reshape(batch * g, vocab)
+    ts = policy.teacher_sampling
+    yt = _draw(flat_t, ts, _thresholds(flat_t, ts), seed, flat_keys, positions.reshape(-1),
+               rng.STREAM_TEACHER).view(batch, g)
+    divergence = torch.full((batch, g), math.nan, device=device)
+    if isinstance(policy, AdaSwitch):
+        d_all = _divergence(student_logits.reshape(batch * g, vocab), flat_t, policy).view(batch, g)
+    if isinstance(policy, SKD):
+        keep_all = (_teacher_rank(flat_t, draft.reshape(-1)) < policy.top_k).view(batch, g)
+    active = ~state.finished
+    accepted = torch.zeros(batch, dtype=torch.int64, device=device)
+    token = torch.full((batch,), pad, dtype=torch.int64, device=device)
+    from_teacher = torch.zeros(batch, dtype=torch.bool, device=device)
+    for j in range(g):
+        if isinstance(policy, AdaSwitch):
+            explore = active & ~state.switched
+            was_switched = active & state.switched
+            switch = _switch_rule(d_all[:, j], state, policy, explore, positions[:, j])
+            divergence[:, j] = torch.where(explore, d_all[:, j], divergence[:, j])
+            stop = was_switched | switch
+        elif isinstance(policy, SKD):
+            stop = active & ~keep_all[:, j]
+        elif isinstance(policy, Teacher):
+            stop = active
+        else:
+            stop = torch.zeros_like(active)
+        token = torch.where(stop, yt[:, j], token)
+        from_teacher |= stop
+        accept = active & ~stop
+        accepted += accept.long()
+        done = (accept & (draft[:, j] == eos)) | (stop & (yt[:, j] == eos))
+        state.finished |= done
+        active = accept & ~done
+    return LookaheadOutput(accepted, token, from_teacher, divergence)
+
+
+# ------------------------------------------------------------------------------------------- public
+
+@torch.no_grad()
+def fused_step(student_logits, teacher_logits, policy, state: SwitchState, *, seed: int, keys: torch.Tensor,
+               position: torch.Tensor, eos_token_id: int, pad_token_id: int, impl: str | None = None
+               ) -> StepOutput:
+    """Decide every row's next token under `policy` and update `state` in place, with no host sync.
+
+    Args:
+        student_logits: [B, V] next-token logits of the student (None for the Teacher policy, and for
+            AdaSwitch once every live row has switched: the teacher then decides every row).
+        teacher_logits: [B, V] logits of the teacher (None for Student and Mixed).
+        policy: Student, Teacher, Mixed (acts as Student: its per-sequence coin is the engine's), SKD or
+            AdaSwitch.
+        state: the rows' SwitchState (window of AdaSwitch's L columns).
+        seed, keys: the RNG's seed and each row's example key (int64 [B]).
+        position: int64 [B], each row's response index i (the RNG counter and the switch position).
+        eos_token_id: a row that emits it finishes; pad_token_id: what finished rows emit.
+        impl: "auto" (Triton on CUDA, else PyTorch), "triton" or "torch".
+
+    Returns:
+        StepOutput(token, from_teacher, divergence).
+    """
+    ref = teacher_logits if teacher_logits is not None else student_logits
+    if ref is None:
+        raise ValueError("fused_step needs student_logits or teacher_logits")
+    if not isinstance(ref, torch.Tensor) or ref.dim() != 2:
+        raise ValueError(f"logits must be [B, V] tensors, got {getattr(ref, 'shape', type(ref).__name__)}")
+    _check_inputs(student_logits, teacher_logits, policy, state, keys, position, (ref.shape[0],), seed,
+                  eos_token_id, pad_token_id)
+    if _impl(impl, ref.device) == "triton":
+        from adaswitch.kernels.triton.step import fused_step_triton
+
+        return fused_step_triton(student_logits, teacher_logits, policy, state, seed, keys, position,
+                                 eos_token_id, pad_token_id)
+    return _step_torch(student_logits, teacher_logits, policy, state, seed, keys, position, eos_token_id,
+                       pad_token_id)
+
+
+@torch.no_grad()
+def fused_lookahead(student_logits, teacher_logits, draft, policy, state: SwitchState, *, seed: int,
+                    keys: torch.Tensor, position: torch.Tensor, eos_token_id: int, pad_token_id: int,
+                    impl: str | None = None) -> LookaheadOutput:
+    """Check G drafted positions per row at once, exactly as G sequential `fused_step` calls would.
+
+    Args:
+        student_logits: [B, G, V], the student's logits at the drafted positions (those the drafts were
+            drawn from, with adaswitch.ops.rng stream 0 at the same positions).
+        teacher_logits: [B, G, V], the teacher's logits for the same positions (one teacher forward).
+        draft: int64 [B, G], the student's drafted tokens.
+        policy: AdaSwitch (switch scan) or SKD (top-k acceptance); Student accepts every draft, Teacher none.
+        position: int64 [B], the response position of draft[:, 0].
+        other arguments: as `fused_step`.
+
+    Returns:
+        LookaheadOutput(accepted, token, from_teacher, divergence [B, G]). A row stops at its switch (or
+        first rejected draft), at EOS, or after G drafts; `state` is updated up to that point.
+    """
+    if not isinstance(teacher_logits, torch.Tensor) or teacher_logits.dim() != 3:
+        raise ValueError("teacher_logits must be a [B, G, V] tensor, got "
+                         f"{getattr(teacher_logits, 'shape', type(teacher_logits).__name__)}")
+    batch, g = teacher_logits.shape[:2]
+    if student_logits is None:
+        raise ValueError("fused_lookahead needs student_logits [B, G, V]")
+    _check_inputs(student_logits, teacher_logits, policy, state, keys, position, (batch, g), seed,
+                  eos_token_id, pad_token_id)
+    if not isinstance(draft, torch.Tensor) or draft.dtype != torch.int64 or tuple(draft.shape) != (batch, g):
+        got = (f"{draft.dtype} {tuple(draft.shape)}" if isinstance(draft, torch.Tensor)
+               else type(draft).__name__)
+        raise ValueError(f"draft must be an int64 tensor of shape {(batch, g)}, got {got}")
+    if draft.device != teacher_logits.device:
+        raise ValueError(f"draft must be on {teacher_logits.device}, got {draft.device}")
+    if _impl(impl, teacher_logits.device) == "triton":
+        from adaswitch.kernels.triton.step import fused_lookahead_triton
+
+        return fused_lookahead_triton(student_logits, teacher_logits, draft, policy, state, seed, keys,
+                                      position, eos_token_id, pad_token_id)
+    return _lookahead_torch(student_logits, teacher_logits, draft, policy, state, seed, keys, position,
+                            eos_token_id, pad_token_id)
+
