@@ -1,0 +1,243 @@
+"""Prompt/completion data for distillation: loading, tokenisation, checks and the batch collator.
+
+A dataset is a `datasets.Dataset` or a JSONL / JSON / Parquet / CSV file with a `prompt` column and,
+for the policies and evaluation that read them, a `completion` column. Rows are either plain text or
+chat message lists (`[{"role": ..., "content": ...}, ...]`), in which case the tokenizer's chat
+template is applied. Every bad row is reported by its index, before any training work.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import torch
+
+PROMPT_IDS = "prompt_ids"
+COMPLETION_IDS = "completion_ids"
+EXAMPLE_KEY = "example_key"
+
+_READERS = {
+    ".jsonl": datasets.Dataset.from_json,
+    ".json": datasets.Dataset.from_json,
+    ".parquet": datasets.Dataset.from_parquet,
+    ".csv": datasets.Dataset.from_csv,
+}
+
+
+def load_prompt_completion(
+    source, *, name: str = "dataset", require_completion: bool = True
+) -> datasets.Dataset:
+    """A `datasets.Dataset` with `prompt` (and `completion`) columns from a Dataset or a file path.
+
+    Args:
+        source: a `datasets.Dataset`, or the path of a .jsonl/.json/.parquet/.csv file.
+        name: what the errors call this dataset (e.g. "train dataset").
+        require_completion: whether a missing `completion` column is an error.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        reader = _READERS.get(path.suffix.lower())
+        if reader is None:
+            raise ValueError(
+                f"{name}: unsupported file type {path.suffix!r} for {str(path)!r}; expected one of "
+                f"{sorted(_READERS)}"
+            )
+        if not path.is_file():
+            raise ValueError(f"{name}: file not found: {str(path)!r}")
+        try:
+            dataset = reader(str(path))
+        except Exception as exc:  # pyarrow / json errors are long; keep the first line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"{name}: cannot read {str(path)!r}: {first}") from exc
+    elif isinstance(source, datasets.Dataset):
+        dataset = source
+    else:
+        raise TypeError(f"{name} must be a datasets.Dataset or a file path, got {type(source).__name__}")
+    required = ("prompt", "completion") if require_completion else ("prompt",)
+    missing = [c for c in required if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{name}: missing column(s) {missing}; found columns {dataset.column_names}")
+    if len(dataset) == 0:
+        raise ValueError(f"{name}: has no rows")
+    return dataset
+
+
+def _is_messages(value) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in value
+    )
+
+
+def _is_empty(value) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    if isinstance(value, list):
+        return len(value) == 0 or all(
+            not str(m.get("content", "")).strip() for m in value if isinstance(m, dict)
+        )
+    return False
+
+
+def _template_ids(tokenizer, messages, *, add_generation_prompt: bool) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    if isinstance(out, dict) or hasattr(out, "keys"):  # BatchEncoding in newer transformers
+        out = out["input_ids"]
+    return list(out)
+
+
+def encode_example(tokenizer, prompt, completion=None, *, row: int, name: str = "dataset"):
+    """(prompt_ids, completion_ids) of one row; completion_ids ends with EOS (None without a completion).
+
+    Message-list rows go through the chat template (prompt with the generation prompt; the completion
+    is what the template adds after it); text rows are tokenised as they are, the prompt with the
+    tokenizer's special tokens (e.g. BOS) and the completion without.
+    """
+    if _is_empty(prompt):
+        raise ValueError(f"{name}: row {row} has an empty prompt")
+    if not isinstance(prompt, str) and not _is_messages(prompt):
+        raise ValueError(
+            f"{name}: row {row}: prompt must be a string or a list of chat messages "
+            f"({{'role', 'content'}} dicts), got {type(prompt).__name__}"
+        )
+    chat = _is_messages(prompt)
+    if chat and getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"{name}: row {row} holds chat messages but the tokenizer has no chat template")
+    if chat:
+        prompt_ids = _template_ids(tokenizer, prompt, add_generation_prompt=True)
+    else:
+        prompt_ids = list(tokenizer(prompt)["input_ids"])
+    if completion is None:
+        return prompt_ids, None
+    eos = tokenizer.eos_token_id
+    if chat:
+        if isinstance(completion, str):
+            completion = [{"role": "assistant", "content": completion}]
+        if not _is_messages(completion):
+            raise ValueError(f"{name}: row {row}: completion must be a string or a list of chat messages")
+        full = _template_ids(tokenizer, prompt + completion, add_generation_prompt=False)
+        if full[: len(prompt_ids)] != prompt_ids:
+            raise ValueError(
+                f"{name}: row {row}: the chat template does not render the prompt as a prefix of "
+                "prompt + completion; cannot split the completion tokens"
+            )
+        completion_ids = full[len(prompt_ids) :]
+    else:
+        if not isinstance(completion, str):
+            raise ValueError(
+                f"{name}: row {row}: completion must be a string when the prompt is a string, got "
+                f"{type(completion).__name__}"
+            )
+        completion_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
+    if eos is not None and (not completion_ids or completion_ids[-1] != eos):
+        completion_ids.append(eos)
+    return prompt_ids, completion_ids
+
+
+def tokenize_dataset(
+    dataset: datasets.Dataset,
+    tokenizer,
+    *,
+    max_prompt_length: int,
+    max_completion_length: int | None = None,
+    use_completion: bool = True,
+    name: str = "dataset",
+) -> datasets.Dataset:
+    """Adds `prompt_ids`, `completion_ids` (when used) and `example_key` (the row index, the stable
+    key of the random draws) with `datasets.map`; raises ValueError naming the first bad row.
+
+    Completions longer than `max_completion_length` are truncated (the response budget), prompts
+    longer than `max_prompt_length` are an error: cutting a prompt changes the task.
+    """
+    if not isinstance(max_prompt_length, int) or max_prompt_length < 1:
+        raise ValueError(f"max_prompt_length must be an int >= 1, got {max_prompt_length!r}")
+
+    def encode(row, index):
+        completion = row["completion"] if use_completion else None
+        if use_completion and _is_empty(completion):
+            raise ValueError(f"{name}: row {index} has an empty completion")
+        prompt_ids, completion_ids = encode_example(
+            tokenizer, row["prompt"], completion, row=index, name=name
+        )
+        if len(prompt_ids) > max_prompt_length:
+            raise ValueError(
+                f"{name}: row {index} has a prompt of {len(prompt_ids)} tokens, longer than the "
+                f"limit of {max_prompt_length} (the context length minus max_new_tokens, or "
+                "max_prompt_length)"
+            )
+        out = {PROMPT_IDS: prompt_ids, EXAMPLE_KEY: index}
+        if use_completion:
+            out[COMPLETION_IDS] = (
+                completion_ids[:max_completion_length] if max_completion_length else completion_ids
+            )
+        return out
+
+    # Errors raised inside map propagate as they are; fingerprinting the tokenizer is not needed for a
+    # one-shot, in-memory transform.
+    return dataset.map(
+        encode,
+        with_indices=True,
+        remove_columns=dataset.column_names,
+        load_from_cache_file=False,
+        keep_in_memory=True,
+        desc=f"Tokenizing {name}",
+    )
+
+
+def _pad(rows: Sequence[Sequence[int]], value: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    seqs = [torch.as_tensor(r, dtype=torch.long) for r in rows]
+    ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=value, padding_side=side)
+    ones = [torch.ones(len(r), dtype=torch.long) for r in rows]
+    mask = torch.nn.utils.rnn.pad_sequence(ones, batch_first=True, padding_value=0, padding_side=side)
+    return ids, mask
+
+
+@dataclass
+class DistillCollator:
+    """Batches tokenised rows: prompts left-padded (generation appends on the right), completions
+    right-padded, plus the example keys.
+
+    Output keys: `prompt_input_ids`, `prompt_attention_mask` [B, P]; `completion_ids`,
+    `completion_mask` [B, C] (when the rows carry completions); `example_keys` [B].
+    """
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        ids, mask = _pad([f[PROMPT_IDS] for f in features], self.pad_token_id, "left")
+        batch = {
+            "prompt_input_ids": ids,
+            "prompt_attention_mask": mask,
+            "example_keys": torch.tensor([int(f[EXAMPLE_KEY]) for f in features], dtype=torch.long),
+        }
+        if COMPLETION_IDS in features[0]:
+            cids, cmask = _pad([f[COMPLETION_IDS] for f in features], self.pad_token_id, "right")
+            batch["completion_ids"] = cids
+            batch["completion_mask"] = cmask
+        return batch
+
+
+def context_length(*models) -> int | None:
+    """The shortest `max_position_embeddings` of the given models (None when none declares one)."""
+    lengths = [getattr(getattr(m, "config", None), "max_position_embeddings", None) for m in models]
+    lengths = [n for n in lengths if isinstance(n, int) and n > 0]
+    return min(lengths) if lengths else None
+
+
+def prompt_limit(max_prompt_length: int | None, max_new_tokens: int, *models) -> int:
+    """The longest allowed prompt: `max_prompt_length` if given, capped so that prompt + response fit
+    in the models' context."""
+    ctx = context_length(*models)
+    if ctx is not None and max_new_tokens >= ctx:
+        raise ValueError(
+            f"max_new_tokens ({max_new_tokens}) must be smaller than the models' context length ({ctx})"
+        )
+    room = None if ctx is None else ctx - max_new_tokens
+    if max_prompt_length is None:
+        return room if room is not None else 1 << 30
+    return max_prompt_length if room is None else min(max_prompt_length, room)

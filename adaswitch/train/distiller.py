@@ -1,0 +1,437 @@
+"""`Distiller`: a `transformers.Trainer` that distils a teacher into the student with a generation policy.
+
+Each training step (SPEC.md sections 2 and 5):
+1. the responses: generated with the policy by `adaswitch.generate` (student in eval mode, no grad,
+   random draws keyed by the dataset index so a row's tokens do not depend on its batch), or the
+   dataset's completions (`policy="dataset"`, and the dataset rows of `mixed`);
+2. one forward of the student (with grad) and of the teacher (no grad) over prompt + response;
+3. the loss over the response tokens: `fused_linear_distill_loss` from the last hidden states and the
+   LM-head weights when the models expose a linear LM head (no [N, V] logits kept), else
+   `distill_loss` on the logits; prompt, padding and tokens outside `token_mask` are `ignore_index`;
+4. Trainer's backward and optimizer step (so accelerate's DDP/FSDP/DeepSpeed, gradient accumulation,
+   mixed precision, checkpoints and `report_to` all apply).
+
+Normalisation: the loss is the mean over the valid response tokens of the whole micro-batch across all
+processes (so N processes give the loss and gradients of one process on the same global batch);
+micro-batches of a gradient accumulation are averaged, since on-policy responses only exist once they
+are generated. A `num_items_in_batch` given by Trainer replaces the token count, as in TRL.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import shutil
+import time
+from collections import defaultdict
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from adaswitch.train.config import DistillConfig
+from adaswitch.train.data import DistillCollator, load_prompt_completion, prompt_limit, tokenize_dataset
+
+IGNORE_INDEX = -100
+STAGING_PREFIX = ".staging-"  # checkpoints are written under this name, then renamed
+
+
+def _vocab_size(model) -> int:
+    return (
+        model.get_output_embeddings().weight.shape[0]
+        if model.get_output_embeddings() is not None
+        else model.config.vocab_size
+    )
+
+
+def _linear_head(model) -> nn.Linear | None:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return head if isinstance(head, nn.Linear) else None
+
+
+def _accepts(model, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class Distiller(Trainer):
+    """Knowledge distillation with a generation policy (student, teacher, dataset, mixed, skd, adaswitch).
+
+    Args:
+        model: the student, a causal LM (`PreTrainedModel`); the only model that is trained.
+        teacher_model: the teacher, a causal LM sharing the student's tokenizer and vocabulary (an embedding
+            matrix only padded past the tokenizer's vocabulary is fine). Put in eval mode, frozen, and moved
+            to the student's device; never updated.
+        args: a `DistillConfig`.
+        train_dataset, eval_dataset: `datasets.Dataset`s or .jsonl/.json/.parquet/.csv paths with a `prompt`
+            column and, for policies `dataset` and `mixed`, a `completion` column (text or chat messages).
+        processing_class: the shared tokenizer (must define a pad token).
+        callbacks, optimizers, optimizer_cls_and_kwargs: as in `transformers.Trainer`.
+
+    Example:
+        >>> config = DistillConfig(output_dir="out", policy="adaswitch", max_new_tokens=64, max_steps=100)
+        >>> Distiller(model=student, teacher_model=teacher, args=config, train_dataset="train.jsonl",
+        ...           processing_class=tokenizer).train()
+    """
+
+    _tag_names = ["adaswitch", "distillation"]
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        teacher_model: PreTrainedModel,
+        args: DistillConfig,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        callbacks=None,
+        optimizers=(None, None),
+        optimizer_cls_and_kwargs=None,
+    ):
+        if not isinstance(args, DistillConfig):
+            raise TypeError(f"args must be an adaswitch.DistillConfig, got {type(args).__name__}")
+        for name, m in (("model", model), ("teacher_model", teacher_model)):
+            if not isinstance(m, nn.Module) or not hasattr(m, "get_output_embeddings"):
+                raise TypeError(
+                    f"{name} must be a transformers causal LM (PreTrainedModel), got {type(m).__name__}"
+                )
+        if processing_class is None or not hasattr(processing_class, "pad_token_id"):
+            raise TypeError("processing_class must be the tokenizer shared by student and teacher")
+        if processing_class.pad_token_id is None:
+            raise ValueError(
+                "processing_class (the tokenizer) must define a pad token; set tokenizer.pad_token"
+            )
+        if train_dataset is None:
+            raise ValueError(
+                "train_dataset is required: a datasets.Dataset or a .jsonl/.json/.parquet/.csv path"
+            )
+        n_tok = len(processing_class)
+        v_student, v_teacher = _vocab_size(model), _vocab_size(teacher_model)
+        if min(v_student, v_teacher) < n_tok:
+            raise ValueError(
+                f"the tokenizer has {n_tok} tokens but the student has {v_student} and the teacher {v_teacher} "
+                "output rows; student and teacher must cover the tokenizer's vocabulary"
+            )
+        if v_student != v_teacher and getattr(processing_class, "vocab_size", n_tok) > min(
+            v_student, v_teacher
+        ):
+            raise ValueError(f"student and teacher vocabularies differ ({v_student} vs {v_teacher})")
+        self.vocab_size = min(v_student, v_teacher)  # the shared prefix: rows past it are padding
+
+        # Data checks come first: a bad row is reported before any model is moved or any work is done.
+        limit = prompt_limit(args.max_prompt_length, args.max_new_tokens, model, teacher_model)
+        train_dataset = self._prepare_dataset(train_dataset, processing_class, args, limit, "train dataset")
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {
+                k: self._prepare_dataset(v, processing_class, args, limit, f"eval dataset {k!r}")
+                for k, v in eval_dataset.items()
+            }
+        elif eval_dataset is not None:
+            eval_dataset = self._prepare_dataset(eval_dataset, processing_class, args, limit, "eval dataset")
+
+        self.policy = args.build_policy()
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=DistillCollator(processing_class.pad_token_id),
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+        )
+        # The loss is normalised here (per token over the micro-batch), so Trainer divides it by the number
+        # of accumulation steps; compute_loss flips this when Trainer passes num_items_in_batch.
+        self.loss_is_scaled_for_ga = False
+        teacher_model.eval()
+        teacher_model.requires_grad_(False)
+        if self.is_deepspeed_enabled:
+            raise ValueError(
+                "DeepSpeed is not supported by Distiller (the teacher needs its own inference "
+                "engine); use DDP or FSDP through accelerate"
+            )
+        # evaluation_mode: moved to the device (and FSDP-sharded when FSDP is on), never wrapped in DDP.
+        self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._last_generation_seconds = 0.0
+        self._last_tokens = 0.0
+
+    @staticmethod
+    def _prepare_dataset(dataset, tokenizer, args, limit, name):
+        data = load_prompt_completion(dataset, name=name, require_completion=args.uses_completions)
+        return tokenize_dataset(
+            data,
+            tokenizer,
+            max_prompt_length=limit,
+            max_completion_length=args.max_new_tokens,
+            use_completion=args.uses_completions,
+            name=name,
+        )
+
+    # ------------------------------------------------------------------------------------------------
+    # responses
+
+    def _generation_seed(self) -> int:
+        """The draws depend on (seed, example key, position): varying the seed per epoch gives each epoch
+        fresh samples while a resumed run repeats exactly what an uninterrupted one does."""
+        epoch = int(self.state.epoch or 0) if self.model.training else 0
+        return (int(self.args.seed) + 1_000_003 * epoch) % (2**31 - 1)
+
+    @torch.no_grad()
+    def _responses(self, model, inputs):
+        """(response ids [B, N], valid [B, N] bool, student-sampled [B, N] bool, teacher-sampled [B, N]
+        bool, generation output or None)."""
+        if self.policy is None:  # policy "dataset": the completions are the responses
+            ids, valid = inputs["completion_ids"], inputs["completion_mask"].bool()
+            none = torch.zeros_like(valid)
+            return ids, valid, none, none, None
+        from adaswitch.engine.generate import generate
+
+        student = self.accelerator.unwrap_model(model)
+        was_training = student.training
+        student.eval()
+        try:
+            extra = {}
+            if self.args.uses_completions:  # mixed: rows that lose the coin use their dataset completion
+                extra["completions"] = inputs["completion_ids"]
+            if self.args.lookahead > 0:
+                extra["lookahead"] = self.args.lookahead
+            out = generate(
+                student,
+                self.teacher_model,
+                inputs["prompt_input_ids"],
+                inputs["prompt_attention_mask"],
+                policy=self.policy,
+                max_new_tokens=self.args.max_new_tokens,
+                eos_token_id=self.processing_class.eos_token_id,
+                pad_token_id=self.processing_class.pad_token_id,
+                seed=self._generation_seed(),
+                example_keys=inputs["example_keys"],
+                sync_every=self.args.sync_every,
+                **extra,
+            )
+        finally:
+            student.train(was_training)
+        ids = out.response
+        valid = out.attention_mask[:, out.prompt_length :].bool()
+        from_teacher = out.from_teacher & valid
+        # Dataset rows of `mixed` are sampled by neither model.
+        from_student = valid & ~from_teacher & ~out.from_dataset[:, None]
+        return ids, valid, from_student, from_teacher, out
+
+    # ------------------------------------------------------------------------------------------------
+    # loss
+
+    def _forward(self, model, ids, mask, positions, *, fused: bool):
+        """(last hidden states, LM head) when `fused`, else (logits, None), over every position."""
+        if fused:
+            out = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                output_hidden_states=True,
+                logits_to_keep=1,
+                use_cache=False,
+            )
+            head = _linear_head(self.accelerator.unwrap_model(model))
+            return out.hidden_states[-1], head
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits, None
+
+    def _use_fused(self, model) -> bool:
+        student = self.accelerator.unwrap_model(model)
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        if self.is_fsdp_enabled:  # the LM-head weights are sharded outside the forward
+            return False
+        return all(_linear_head(m) is not None and _accepts(m, "logits_to_keep") for m in (student, teacher))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        from adaswitch.ops.fused_linear import fused_linear_distill_loss
+        from adaswitch.ops.loss import distill_loss
+
+        mode = "train" if model.training else "eval"
+        device = inputs["prompt_input_ids"].device
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        start = time.perf_counter()
+        resp, valid, from_student, from_teacher, gen = self._responses(model, inputs)
+        sync()
+        self._last_generation_seconds = time.perf_counter() - start
+
+        prompt, pmask = inputs["prompt_input_ids"], inputs["prompt_attention_mask"]
+        width, n = prompt.shape[1], resp.shape[1]
+        ids = torch.cat([prompt, resp], dim=1)
+        mask = torch.cat([pmask, valid.long()], dim=1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        keep = {"all": valid, "student": from_student, "teacher": from_teacher}[self.args.token_mask]
+        labels = torch.where(keep, resp, torch.full_like(resp, IGNORE_INDEX))
+
+        # Global token count of this micro-batch over all processes (see the module docstring).
+        count = keep.sum()
+        world = self.accelerator.num_processes
+        if num_items_in_batch is not None:
+            divisor = num_items_in_batch
+            self.loss_is_scaled_for_ga = True
+        else:
+            divisor = self.accelerator.reduce(count.clone(), reduction="sum") if world > 1 else count
+            divisor = divisor.clamp(min=1)
+            self.loss_is_scaled_for_ga = False
+
+        fused = self._use_fused(model)
+        teacher_positions = positions.to(next(self.teacher_model.parameters()).device)
+        s_out, s_head = self._forward(model, ids, mask, positions, fused=fused)
+        with torch.no_grad():
+            t_out, t_head = self._forward(
+                self.teacher_model,
+                ids.to(teacher_positions.device),
+                mask.to(teacher_positions.device),
+                teacher_positions,
+                fused=fused,
+            )
+        # Position j predicts token j + 1: response token i is predicted at position width - 1 + i.
+        s_sel = s_out[:, width - 1 : width - 1 + n]
+        t_sel = t_out[:, width - 1 : width - 1 + n].to(s_sel.device)
+        kwargs = dict(
+            kind=self.args.loss_kind,
+            beta=self.args.beta,
+            alpha=self.args.alpha,
+            temperature=self.args.loss_temperature,
+            labels=labels,
+            ignore_index=IGNORE_INDEX,
+            reduction="mean",
+            num_items_in_batch=divisor,
+        )
+        v = self.vocab_size
+        if fused:
+            loss = fused_linear_distill_loss(
+                s_sel,
+                s_head.weight[:v],
+                t_sel.to(t_head.weight.dtype),
+                t_head.weight[:v].to(s_sel.device),
+                student_bias=None if s_head.bias is None else s_head.bias[:v],
+                teacher_bias=None if t_head.bias is None else t_head.bias[:v].to(s_sel.device),
+                **kwargs,
+            )
+        else:
+            loss = distill_loss(s_sel[..., :v], t_sel[..., :v], **kwargs)
+        if world > 1 and num_items_in_batch is None:
+            loss = loss * world  # DDP averages gradients over processes; this makes it a global token mean
+
+        self._record(mode, valid, from_teacher, count, gen)
+        return (loss, None) if return_outputs else loss
+
+    # ------------------------------------------------------------------------------------------------
+    # metrics
+
+    @torch.no_grad()
+    def _record(self, mode, valid, from_teacher, count, gen) -> None:
+        """Adds this step's generation statistics, summed over processes, to the metrics to be logged."""
+        rows = valid.shape[0]
+        stats = [float(rows), valid.sum(), from_teacher.sum(), count]
+        has_switch = gen is not None and self.args.policy == "adaswitch"
+        if has_switch:
+            switched = gen.switch_position >= 0
+            div = gen.divergence
+            finite = ~torch.isnan(div)
+            stats += [
+                switched.sum(),
+                torch.where(switched, gen.switch_position, 0).sum(),
+                torch.where(finite, div, 0).sum(),
+                finite.sum(),
+            ]
+        device = valid.device
+        vec = torch.stack([torch.as_tensor(s, dtype=torch.float64, device=device) for s in stats])
+        if self.accelerator.num_processes > 1:
+            vec = self.accelerator.reduce(vec, reduction="sum")
+        vals = vec.tolist()
+        m = self._metrics[mode]
+        m["response_tokens"].append(vals[1])
+        m["loss_tokens"].append(vals[3])
+        if gen is not None:
+            m["teacher_token_fraction"].append(vals[2] / max(vals[1], 1.0))
+        if has_switch:
+            m["switch_rate"].append(vals[4] / max(vals[0], 1.0))
+            if vals[4] > 0:
+                m["mean_switch_position"].append(vals[5] / vals[4])
+            if vals[7] > 0:
+                m["mean_exploration_divergence"].append(vals[6] / vals[7])
+        m["generation_seconds"].append(self._last_generation_seconds)
+        self._last_tokens = vals[1]
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        start = time.perf_counter()
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        total = time.perf_counter() - start
+        m = self._metrics["train"]
+        m["train_seconds"].append(max(total - self._last_generation_seconds, 0.0))
+        m["tokens_per_second"].append(self._last_tokens / total if total > 0 else math.nan)
+        return loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds the means of the generation metrics since the last log (prefixed `eval_` in evaluation)."""
+        mode = "train" if self.model.training else "eval"
+        sums = {"response_tokens", "loss_tokens", "generation_seconds", "train_seconds"}
+        metrics = {k: (sum(v) if k in sums else sum(v) / len(v)) for k, v in self._metrics[mode].items() if v}
+        if mode == "eval":
+            metrics = {f"eval_{k}": v for k, v in metrics.items()}
+        super().log({**logs, **metrics}, start_time)
+        self._metrics[mode].clear()
+
+    # ------------------------------------------------------------------------------------------------
+    # atomic checkpoints
+
+    def _save_checkpoint(self, model, trial):
+        """Trainer writes a checkpoint in place (a crash leaves a partial `checkpoint-N` that resume would
+        pick); here it is written under `.staging-N/` and renamed once complete, so `checkpoint-N` either
+        exists whole or not at all."""
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = os.path.join(run_dir, f"{STAGING_PREFIX}{self.state.global_step}")
+        if self.args.should_save and os.path.isdir(staging):
+            shutil.rmtree(staging)  # left by a run killed while saving
+        self.accelerator.wait_for_everyone()
+        self._get_output_dir = lambda trial=None: staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir  # back to the class's method
+        self.accelerator.wait_for_everyone()  # every process has written its files (e.g. its RNG state)
+        final = os.path.join(run_dir, name)
+        if self.args.should_save:
+            _fsync_tree(os.path.join(staging, name))
+            if os.path.isdir(final):  # saving the same step again: replace it
+                old = final + ".old"
+                os.replace(final, old)
+                os.replace(os.path.join(staging, name), final)
+                shutil.rmtree(old)
+            else:
+                os.replace(os.path.join(staging, name), final)
+            shutil.rmtree(staging, ignore_errors=True)
+            if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging):
+                self.state.best_model_checkpoint = os.path.join(
+                    run_dir, os.path.basename(self.state.best_model_checkpoint)
+                )
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
+
+
+def _fsync_tree(path: str) -> None:
+    """Flushes every file of a checkpoint to disk before the rename publishes it."""
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            with open(os.path.join(root, f), "rb") as fh:
+                os.fsync(fh.fileno())

@@ -1,0 +1,175 @@
+"""`adaswitch.evaluate`: task accuracy of a (distilled) model and its teacher-forced KL to a teacher.
+
+Accuracy comes from greedy generation and a pluggable answer checker (default: exact match of the text
+after the final-answer marker, GSM8K's "####" style). The KL is the mean over reference-completion
+tokens of KL(p_teacher || p_model) with both models teacher-forced on prompt + reference, the quantity
+distillation minimises, so it tracks training without depending on decoding.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from adaswitch.train.data import (
+    COMPLETION_IDS,
+    DistillCollator,
+    load_prompt_completion,
+    prompt_limit,
+    tokenize_dataset,
+)
+
+
+def extract_answer(text: str, marker: str = "####") -> str | None:
+    """The stripped text after the last `marker` (None when the marker is absent)."""
+    if marker not in text:
+        return None
+    return text.rsplit(marker, 1)[1].strip()
+
+
+def exact_match_checker(marker: str = "####") -> Callable[[str, str], bool]:
+    """Checker comparing the answers after `marker`; a reference without the marker is the answer itself."""
+
+    def check(prediction: str, reference: str) -> bool:
+        predicted = extract_answer(prediction, marker)
+        expected = extract_answer(reference, marker)
+        expected = reference.strip() if expected is None else expected
+        return predicted is not None and predicted == expected
+
+    return check
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def _teacher_forced_kl(model, teacher, batch, device) -> tuple[float, int]:
+    """Sum over valid completion tokens of KL(p_T || p_S), and the number of those tokens."""
+    from adaswitch.ops import token_divergence
+
+    prompt, pmask = batch["prompt_input_ids"].to(device), batch["prompt_attention_mask"].to(device)
+    comp, cmask = batch["completion_ids"].to(device), batch["completion_mask"].to(device)
+    ids = torch.cat([prompt, comp], dim=1)
+    mask = torch.cat([pmask, cmask], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    width = prompt.shape[1]
+    # Logits at position j predict token j + 1: the completion is predicted from positions P-1 .. P+C-2.
+    s = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, width - 1 : -1]
+    t = teacher(input_ids=ids, attention_mask=mask, position_ids=positions.to(_device_of(teacher))).logits
+    t = t[:, width - 1 : -1].to(s.device)
+    vocab = min(s.shape[-1], t.shape[-1])  # an embedding matrix padded past the tokenizer's vocabulary
+    kl = token_divergence(s[..., :vocab].float(), t[..., :vocab].float(), "forward_kl")
+    valid = cmask.bool()
+    return float(kl[valid].sum()), int(valid.sum())
+
+
+def evaluate(
+    model,
+    tokenizer,
+    dataset,
+    *,
+    answer_marker: str = "####",
+    checker: Callable[[str, str], bool] | None = None,
+    teacher=None,
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    output_path: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Greedy-decode every prompt, check the answers and (with `teacher`) measure the teacher-forced KL.
+
+    Args:
+        model: a causal LM (`AutoModelForCausalLM`), evaluated in eval mode.
+        tokenizer: its tokenizer (chat template applied to message-list rows).
+        dataset: a `datasets.Dataset` or a .jsonl/.json/.parquet/.csv path with `prompt` and `completion`
+            (the reference) columns.
+        answer_marker: the default checker compares the text after the last occurrence of this marker.
+        checker: `checker(prediction_text, reference_text) -> bool`; replaces the default exact match.
+        teacher: when given, also report `teacher_kl`, the mean token KL(p_teacher || p_model) over the
+            reference completions.
+        max_new_tokens: greedy decoding budget per prompt.
+        batch_size: prompts per generation batch.
+        output_path: where to also write the results as JSON.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        {"accuracy", "correct", "num_examples", "teacher_kl" (when a teacher is given), "examples": [{"index",
+        "prediction", "reference", "correct"}, ...]}.
+    """
+    if not isinstance(answer_marker, str) or not answer_marker:
+        raise ValueError(f"answer_marker must be a non-empty string, got {answer_marker!r}")
+    if checker is not None and not callable(checker):
+        raise TypeError(
+            f"checker must be a callable (prediction, reference) -> bool, got {type(checker).__name__}"
+        )
+    for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("tokenizer must define a pad token (tokenizer.pad_token_id is None)")
+    check = checker or exact_match_checker(answer_marker)
+    data = load_prompt_completion(dataset, name="evaluation dataset", require_completion=True)
+    limit = prompt_limit(None, max_new_tokens, model, *([teacher] if teacher is not None else []))
+    tokens = tokenize_dataset(data, tokenizer, max_prompt_length=limit, name="evaluation dataset")
+    collate = DistillCollator(tokenizer.pad_token_id)
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
+    if teacher is not None:
+        teacher.eval()
+
+    examples, kl_sum, kl_count = [], 0.0, 0
+    bar = tqdm(total=len(tokens), desc="Evaluating", disable=not progress, unit="ex")
+    try:
+        for start in range(0, len(tokens), batch_size):
+            rows = [tokens[i] for i in range(start, min(start + batch_size, len(tokens)))]
+            batch = collate(rows)
+            prompt = batch["prompt_input_ids"].to(device)
+            with torch.no_grad():
+                out = model.generate(
+                    input_ids=prompt,
+                    attention_mask=batch["prompt_attention_mask"].to(device),
+                    do_sample=False,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+            for j, row in enumerate(rows):
+                index = start + j
+                prediction = tokenizer.decode(out[j, prompt.shape[1] :], skip_special_tokens=True)
+                reference = tokenizer.decode(row[COMPLETION_IDS], skip_special_tokens=True)
+                examples.append(
+                    {
+                        "index": index,
+                        "prediction": prediction,
+                        "reference": reference,
+                        "correct": bool(check(prediction, reference)),
+                    }
+                )
+            if teacher is not None:
+                s, n = _teacher_forced_kl(model, teacher, batch, device)
+                kl_sum, kl_count = kl_sum + s, kl_count + n
+            bar.update(len(rows))
+    finally:
+        bar.close()
+        model.train(was_training)
+
+    correct = sum(e["correct"] for e in examples)
+    results = {"accuracy": correct / len(examples), "correct": correct, "num_examples": len(examples)}
+    if teacher is not None:
+        results["teacher_kl"] = kl_sum / kl_count if kl_count else math.nan
+    results["examples"] = examples
+    if output_path is not None:
+        path = Path(output_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+__all__ = ["evaluate", "exact_match_checker", "extract_answer"]
