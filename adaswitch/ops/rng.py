@@ -56,13 +56,25 @@ def _combine(h: torch.Tensor, word) -> torch.Tensor:
     return fmix32(_mul32(h, _GOLDEN) ^ word)
 
 
+def _fmix32_int(h: int) -> int:
+    h ^= h >> 16
+    h = (h * _M1) & MASK32
+    h ^= h >> 13
+    h = (h * _M2) & MASK32
+    return h ^ (h >> 16)
+
+
+def seed_hash(seed: int) -> int:
+    """The seed's part of the chain, a Python int in [0, 2^32) (computed once on the host)."""
+    seed_lo, seed_hi = check_seed(seed)
+    h = _fmix32_int(((_SALT * _GOLDEN) & MASK32) ^ seed_lo)
+    return _fmix32_int(((h * _GOLDEN) & MASK32) ^ seed_hi)
+
+
 def row_hash(seed: int, keys: torch.Tensor, positions: torch.Tensor, stream: int) -> torch.Tensor:
     """The per-row part of the hash: int64 [B] in [0, 2^32) from seed, keys [B], positions [B], stream."""
-    seed_lo, seed_hi = check_seed(seed)
     keys = keys.long()
-    h = torch.full_like(keys, _SALT)
-    h = _combine(h, seed_lo)
-    h = _combine(h, seed_hi)
+    h = torch.full_like(keys, seed_hash(seed))
     h = _combine(h, keys & MASK32)
     h = _combine(h, (keys >> 32) & MASK32)
     h = _combine(h, positions.long() & MASK32)
@@ -120,12 +132,12 @@ def filter_threshold(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Te
         cum = torch.softmax(sorted_x, dim=-1).cumsum(-1)
         last = (cum < top_p).sum(-1, keepdim=True).clamp_(max=vocab - 1)
         thr = torch.maximum(thr, sorted_x.gather(-1, last).squeeze(-1))
-    return thr
+    return thr.contiguous()
 
 
 def scale_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """float32 logits / temperature (the exact operation the Triton kernel performs)."""
-    return logits.float() / temperature
+    """float32 logits times float32(1 / temperature): the exact operation the Triton kernel performs."""
+    return logits.float() * (1.0 / temperature)
 
 
 def sample(logits: torch.Tensor, sampling, *, seed: int, keys: torch.Tensor, positions: torch.Tensor,

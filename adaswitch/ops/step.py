@@ -186,7 +186,7 @@ def _switch_rule(d, state: SwitchState, policy: AdaSwitch, explore, position):
     length = policy.window
     eligible = state.count >= policy.min_history
     tau = policy.k * (state.window.double().sum(-1) / length)
-    switch = explore & eligible & (d.double() > tau) & (d >= policy.min_divergence)
+    switch = explore & eligible & (d.double() > tau) & (d.double() >= policy.min_divergence)
     push = explore & ~switch
     slot = (state.count % length)[:, None]
     old = state.window.gather(1, slot)
