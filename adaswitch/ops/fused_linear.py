@@ -1,0 +1,252 @@
+"""`fused_linear_distill_loss`: the distillation loss straight from hidden states and LM-head weights.
+
+Tokens are processed in chunks: for each chunk the student and teacher logits are computed in float32
+(the matmul accumulates in fp32 and its result is never rounded to bf16, unlike Liger issue #1432),
+the per-row loss and d loss / d logits come from the same kernel as `distill_loss`, and the gradients
+of the student hidden states, weight and bias are accumulated right away (Liger's fused-linear
+pattern). So the full [N, V] logits never exist; peak extra memory is a few [chunk, V] fp32 tiles plus
+an fp32 copy of the weight gradient. Backward only scales the saved gradients by `grad_output`.
+
+reduction="none" cannot pre-scale the weight gradient by a per-row grad_output, so there the forward
+computes only the losses and the backward recomputes the chunks with the per-row scale.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from adaswitch._backend import resolve_impl
+from adaswitch._validation import FLOAT_DTYPES, check_divergence_args
+from adaswitch.ops.loss import (
+    check_labels,
+    check_num_items,
+    check_reduction,
+    loss_rows_and_grad,
+    reduce_rows,
+    reduction_scale,
+)
+
+DEFAULT_CHUNK_ELEMENTS = 1 << 27  # default chunk = this many logits per model (512 MB in fp32)
+
+
+@functools.cache
+def _cuda_mm_out_dtype() -> bool:
+    """Whether torch.mm accepts out_dtype=float32 for bf16/fp16 CUDA operands (torch >= 2.8)."""
+    try:
+        a = torch.zeros(2, 2, dtype=torch.bfloat16, device="cuda")
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, TypeError):
+        return False
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
+    """a @ b with `compute` accumulation and result: low-precision operands stay as they are on CUDA
+    when torch supports an fp32 output, else they are cast first."""
+    if a.dtype == compute and b.dtype == compute:
+        return a @ b
+    if a.is_cuda and compute == torch.float32 and a.dtype == b.dtype and _cuda_mm_out_dtype():
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.to(compute) @ b.to(compute)
+
+
+def _logits(h, w, b, compute):
+    z = _mm(h, w.t(), compute)
+    return z if b is None else z.add_(b.to(compute))
+
+
+def _run_chunks(hs, ws, bs, ht, wt, bt, valid, scale, params, chunk, want):
+    """Loss rows and (per `want` = (hidden, weight, bias)) gradients, scaled by `scale` per row."""
+    n = hs.shape[0]
+    compute = torch.float64 if hs.dtype == torch.float64 else torch.float32
+    # a weight that is not in `compute` is cast once here on the CPU (no fp32 matmul from bf16 there)
+    ws_c = ws if (ws.dtype == compute or ws.is_cuda) else ws.to(compute)
+    wt_c = wt if (wt.dtype == compute or wt.is_cuda) else wt.to(compute)
+    loss_rows = torch.empty(n, dtype=compute, device=hs.device)
+    g_h = torch.empty_like(hs) if want[0] else None
+    g_w = torch.zeros(ws.shape, dtype=compute, device=ws.device) if want[1] else None
+    g_b = torch.zeros(ws.shape[0], dtype=compute, device=ws.device) if want[2] else None
+    any_grad = any(want)
+    for i in range(0, n, chunk):
+        j = min(n, i + chunk)
+        zs = _logits(hs[i:j], ws_c, bs, compute)
+        with torch.no_grad():
+            zt = _logits(ht[i:j], wt_c, bt, compute)
+        sc = scale if scale.numel() == 1 else scale[i:j]
+        rows, g = loss_rows_and_grad(
+            zs, zt, valid=None if valid is None else valid[i:j], scale=sc, want_grad=any_grad, **params
+        )
+        del zt
+        loss_rows[i:j] = rows
+        if not any_grad:
+            continue
+        if want[0]:
+            g_h[i:j] = _mm(g.to(ws_c.dtype) if ws_c.dtype != compute else g, ws_c, compute)
+        if want[1]:
+            g_w += _mm(g.t().to(hs.dtype) if hs.is_cuda and hs.dtype != compute else g.t(), hs[i:j], compute)
+        if want[2]:
+            g_b += g.sum(0)
+    return loss_rows, g_h, g_w, g_b
+
+
+class FusedLinearDistillFunction(torch.autograd.Function):
+    """Chunked forward that also produces the student-side gradients; backward scales them."""
+
+    @staticmethod
+    def forward(ctx, hs, ws, bs, ht, wt, bt, valid, scale, params, reduction, chunk, lead_shape):
+        want = tuple(ctx.needs_input_grad[:3]) if reduction != "none" else (False, False, False)
+        loss_rows, g_h, g_w, g_b = _run_chunks(hs, ws, bs, ht, wt, bt, valid, scale, params, chunk, want)
+        ctx.reduction, ctx.params, ctx.chunk, ctx.used = reduction, params, chunk, False
+        ctx.dtypes = (hs.dtype, ws.dtype, None if bs is None else bs.dtype)
+        if reduction == "none":
+            ctx.save_for_backward(hs, ws, bs, ht, wt, bt, valid)
+        else:
+            ctx.save_for_backward(g_h, g_w, g_b)
+        return reduce_rows(loss_rows, scale, reduction, lead_shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        if ctx.used:
+            raise RuntimeError("fused_linear_distill_loss supports one backward per forward")
+        ctx.used = True
+        if ctx.reduction == "none":
+            hs, ws, bs, ht, wt, bt, valid = ctx.saved_tensors
+            want = tuple(ctx.needs_input_grad[:3])
+            scale = grad_output.reshape(-1).to(torch.float32)
+            _, g_h, g_w, g_b = _run_chunks(hs, ws, bs, ht, wt, bt, valid, scale, ctx.params, ctx.chunk, want)
+        else:
+            g_h, g_w, g_b = ctx.saved_tensors
+            for g in (g_h, g_w, g_b):
+                if g is not None:
+                    g.mul_(grad_output.to(g.dtype))
+        g_h = None if g_h is None else g_h.to(ctx.dtypes[0])
+        g_w = None if g_w is None else g_w.to(ctx.dtypes[1])
+        g_b = None if g_b is None else g_b.to(ctx.dtypes[2])
+        return g_h, g_w, g_b, None, None, None, None, None, None, None, None, None
+
+
+def _check_float(name, x, dims=None):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if dims is not None and x.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dimension(s), got shape {tuple(x.shape)}")
+
+
+def check_fused_args(hs, ws, ht, wt, bs, bt, chunk_size):
+    _check_float("student_hidden", hs)
+    _check_float("teacher_hidden", ht)
+    _check_float("student_weight", ws, 2)
+    _check_float("teacher_weight", wt, 2)
+    if hs.dim() < 1 or hs.shape[-1] == 0 or hs.numel() == 0:
+        raise ValueError(f"student_hidden must be (..., hidden) with at least one row, got {tuple(hs.shape)}")
+    if ht.shape[:-1] != hs.shape[:-1]:
+        raise ValueError(
+            f"teacher_hidden must have the student_hidden's leading shape {tuple(hs.shape[:-1])}, got "
+            f"{tuple(ht.shape[:-1])}"
+        )
+    if ws.shape[1] != hs.shape[-1]:
+        raise ValueError(
+            f"student_weight must be [vocab, {hs.shape[-1]}] (student hidden size), got {tuple(ws.shape)}"
+        )
+    if wt.shape[1] != ht.shape[-1]:
+        raise ValueError(
+            f"teacher_weight must be [vocab, {ht.shape[-1]}] (teacher hidden size), got {tuple(wt.shape)}"
+        )
+    if wt.shape[0] != ws.shape[0]:
+        raise ValueError(
+            f"student_weight and teacher_weight must have the same vocabulary size (dim 0), got "
+            f"{ws.shape[0]} and {wt.shape[0]}"
+        )
+    for name, b in (("student_bias", bs), ("teacher_bias", bt)):
+        if b is not None:
+            _check_float(name, b, 1)
+            if b.shape[0] != ws.shape[0]:
+                raise ValueError(f"{name} must have shape [{ws.shape[0]}] (vocab), got {tuple(b.shape)}")
+    tensors = {
+        "student_hidden": hs,
+        "student_weight": ws,
+        "teacher_hidden": ht,
+        "teacher_weight": wt,
+        "student_bias": bs,
+        "teacher_bias": bt,
+    }
+    for name, x in tensors.items():
+        if x is not None and x.device != hs.device:
+            raise ValueError(f"{name} must be on student_hidden's device {hs.device}, got {x.device}")
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def fused_linear_distill_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    kind: str = "forward_kl",
+    *,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | float | torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    impl: str | None = None,
+) -> torch.Tensor:
+    """`distill_loss(student_hidden @ student_weight.T + student_bias, teacher_hidden @ teacher_weight.T
+    + teacher_bias, ...)` without materialising the [N, V] logits.
+
+    student_hidden (..., H_s) and teacher_hidden (..., H_t) share the leading shape; the hidden sizes
+    may differ, the vocabulary (weight rows) may not. Gradients flow to the student hidden states,
+    weight and bias; the teacher side is a constant. chunk_size: tokens per chunk (default: 2**27 / V,
+    i.e. 512 MB of fp32 logits per model). Other arguments as in `distill_loss`.
+    """
+    check_fused_args(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias, chunk_size
+    )
+    kind_code, beta, alpha, temperature = check_divergence_args(kind, beta, alpha, temperature)
+    check_reduction(reduction)
+    device = student_hidden.device
+    lead_shape = student_hidden.shape[:-1]
+    check_labels(labels, lead_shape, device, ignore_index)
+    check_num_items(num_items_in_batch, reduction, device)
+    which = resolve_impl(impl, device)
+    if which == "native":
+        which = "torch"
+    vocab = student_weight.shape[0]
+    hs = student_hidden.reshape(-1, student_hidden.shape[-1])
+    ht = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+    n = hs.shape[0]
+    chunk = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // vocab)
+    valid = None if labels is None else (labels != ignore_index).reshape(-1)
+    scale = reduction_scale(valid, n, reduction, num_items_in_batch, device)
+    params = {
+        "kind_code": kind_code,
+        "beta": beta,
+        "alpha": alpha,
+        "temperature": temperature,
+        "which": which,
+    }
+    return FusedLinearDistillFunction.apply(
+        hs,
+        student_weight,
+        student_bias,
+        ht,
+        teacher_weight.detach(),
+        None if teacher_bias is None else teacher_bias.detach(),
+        valid,
+        scale,
+        params,
+        reduction,
+        chunk,
+        lead_shape,
+    )

@@ -1,0 +1,112 @@
+"""`torch.nn.Module` wrappers of the losses: configuration in the constructor, tensors in `forward`
+(drop-in for Liger's LigerJSD / LigerFusedLinearJSD style code)."""
+
+from __future__ import annotations
+
+import torch
+
+from adaswitch._validation import check_divergence_args
+from adaswitch.ops.fused_linear import fused_linear_distill_loss
+from adaswitch.ops.loss import check_reduction, distill_loss
+
+
+class _LossConfig(torch.nn.Module):
+    def __init__(self, kind, beta, alpha, temperature, ignore_index, reduction, impl):
+        super().__init__()
+        check_divergence_args(kind, beta, alpha, temperature)
+        check_reduction(reduction)
+        self.kind, self.beta, self.alpha, self.temperature = kind, beta, alpha, temperature
+        self.ignore_index, self.reduction, self.impl = ignore_index, reduction, impl
+
+    def _kwargs(self):
+        return {
+            "beta": self.beta,
+            "alpha": self.alpha,
+            "temperature": self.temperature,
+            "ignore_index": self.ignore_index,
+            "reduction": self.reduction,
+            "impl": self.impl,
+        }
+
+    def extra_repr(self) -> str:
+        return (
+            f"kind={self.kind!r}, beta={self.beta}, alpha={self.alpha}, temperature={self.temperature}, "
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}"
+        )
+
+
+class DistillLoss(_LossConfig):
+    """`distill_loss` as a module: `DistillLoss("jsd", beta=0.5)(student_logits, teacher_logits, labels)`."""
+
+    def __init__(
+        self,
+        kind="forward_kl",
+        *,
+        beta=0.5,
+        alpha=0.1,
+        temperature=1.0,
+        ignore_index=-100,
+        reduction="mean",
+        impl=None,
+    ):
+        super().__init__(kind, beta, alpha, temperature, ignore_index, reduction, impl)
+
+    def forward(self, student_logits, teacher_logits, labels=None, num_items_in_batch=None):
+        return distill_loss(
+            student_logits,
+            teacher_logits,
+            self.kind,
+            labels=labels,
+            num_items_in_batch=num_items_in_batch,
+            **self._kwargs(),
+        )
+
+
+class FusedLinearDistillLoss(_LossConfig):
+    """`fused_linear_distill_loss` as a module; forward takes (student_hidden, student_weight,
+    teacher_hidden, teacher_weight, labels, student_bias, teacher_bias, num_items_in_batch), the
+    argument order of Liger's LigerFusedLinearJSD plus the optional biases."""
+
+    def __init__(
+        self,
+        kind="forward_kl",
+        *,
+        beta=0.5,
+        alpha=0.1,
+        temperature=1.0,
+        ignore_index=-100,
+        reduction="mean",
+        chunk_size=None,
+        impl=None,
+    ):
+        super().__init__(kind, beta, alpha, temperature, ignore_index, reduction, impl)
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        self.chunk_size = chunk_size
+
+    def forward(
+        self,
+        student_hidden,
+        student_weight,
+        teacher_hidden,
+        teacher_weight,
+        labels=None,
+        student_bias=None,
+        teacher_bias=None,
+        num_items_in_batch=None,
+    ):
+        return fused_linear_distill_loss(
+            student_hidden,
+            student_weight,
+            teacher_hidden,
+            teacher_weight,
+            self.kind,
+            student_bias=student_bias,
+            teacher_bias=teacher_bias,
+            labels=labels,
+            num_items_in_batch=num_items_in_batch,
+            chunk_size=self.chunk_size,
+            **self._kwargs(),
+        )
