@@ -67,8 +67,10 @@ def test_values_and_gradients(impl, temperature, kind, beta, alpha):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("kind,beta,alpha", [("jsd", 0.1, 0.1), ("tvd", 0.5, 0.1), ("skew_forward_kl", 0.5, 0.3),
-                                             ("skew_reverse_kl", 0.5, 0.3)])
+@pytest.mark.parametrize(
+    "kind,beta,alpha",
+    [("jsd", 0.1, 0.1), ("tvd", 0.5, 0.1), ("skew_forward_kl", 0.5, 0.3), ("skew_reverse_kl", 0.5, 0.3)],
+)
 def test_one_sided_neg_inf(impl, kind, beta, alpha):
     """-inf on one side only: these kinds stay finite, with zero gradient at the student's -inf entries."""
     s, t = _logits(5, 29)
@@ -89,7 +91,11 @@ def test_reductions_dtypes_odd_shape(impl, reduction, dtype):
     s, t = s.reshape(3, 5, 301), t.reshape(3, 5, 301)
     labels = torch.randint(0, 301, (3, 5))
     labels[0, :2] = -100
-    go = torch.randn(3, 5, dtype=torch.float64) if reduction == "none" else torch.tensor(0.37, dtype=torch.float64)
+    go = (
+        torch.randn(3, 5, dtype=torch.float64)
+        if reduction == "none"
+        else torch.tensor(0.37, dtype=torch.float64)
+    )
     kw = dict(labels=labels, reduction=reduction, temperature=2.0, beta=0.3)
     ours = _ours(s, t, "jsd", go, impl=impl, **kw)
     ref = _ref(s, t, "jsd", go, **kw)
@@ -135,8 +141,9 @@ def test_gradcheck_reference_float64():
         for temperature in (1.0, 2.0):
 
             def f(x, kind=kind, beta=beta, alpha=alpha, temperature=temperature):
-                return reference_distill_loss(x, t, kind, beta=beta, alpha=alpha, temperature=temperature,
-                                              labels=labels)
+                return reference_distill_loss(
+                    x, t, kind, beta=beta, alpha=alpha, temperature=temperature, labels=labels
+                )
 
             x = s.clone().requires_grad_()
             if kind == "tvd":  # |.| is not smooth where p_S = p_T; random logits keep away from it
@@ -179,8 +186,15 @@ def test_no_host_sync(impl):
     x = s.clone().requires_grad_()
     with _SyncCounter() as counter:
         for reduction in ("mean", "sum", "none"):
-            loss = distill_loss(x, t, "jsd", labels=labels, reduction=reduction, impl=impl,
-                                num_items_in_batch=torch.tensor(4.0) if reduction == "mean" else None)
+            loss = distill_loss(
+                x,
+                t,
+                "jsd",
+                labels=labels,
+                reduction=reduction,
+                impl=impl,
+                num_items_in_batch=torch.tensor(4.0) if reduction == "mean" else None,
+            )
             loss.backward(torch.ones_like(loss))
     assert counter.count == 0
     with _SyncCounter() as control:  # the counter does see a sync
