@@ -1,0 +1,475 @@
+"""`generate`: distillation sequences under any policy of SPEC.md section 2, decided on the device.
+
+Design (gpt-fast style: prefill, then a short per-token loop; details fixed here):
+
+* Invariant: each model's next input is `last` [B], the newest token of every row. The prompt minus its
+  last column is prefilled; the loop then feeds `last` (the last prompt column, then generated tokens).
+  Step mode and lookahead mode share this invariant, so a run can go from one to the other.
+* Caches (`adaswitch.engine.cache.SlotCache`): preallocated per model; all rows write at one shared
+  column cursor, per-row validity and positions live on the device; rollback clears validity bits.
+* Step mode (lookahead=0), per iteration: forward the models the policy needs on `last`,
+  `adaswitch.ops.fused_step` picks every row's token (finished rows get pad), the token is scattered
+  into the output buffers at each row's response position (device tensors, never a Python int).
+* Lookahead mode (lookahead=G, AdaSwitch and SKD), per iteration ("block"): the student drafts G tokens
+  with G one-token forwards, drawing with `adaswitch.ops.rng.sample` on stream 0 at the same positions
+  as step mode; the teacher scores [last, d_0 .. d_{G-2}] in one forward; `fused_lookahead` finds each
+  row's first switch / rejection; each row keeps `accepted` drafts plus, where it stopped, the teacher's
+  token; both caches roll back the rejected drafts (validity bits and positions only). A row that has
+  already switched takes one teacher token per block.
+* Host reads: every `sync_every` iterations the host reads one small tensor (all rows done?, all rows
+  switched?, least response position of unfinished rows) -- one device-to-host sync. It stops early
+  when all rows are done, and an AdaSwitch run stops running the student (and lookahead) once every row
+  has switched. Every iteration moves each unfinished row forward by >= 1 token, so at most
+  max_new_tokens iterations run and the caches hold prompt + max_new_tokens x max(1, G) columns.
+  Argument validation before the loop does a few more reads (prompt padding, token id range).
+* Mixed: the per-sequence coin is `adaswitch.ops.rng.mixed_coin`; rows that lose it take `completions`
+  (the dataset's responses, right-padded with pad) and are marked finished before the loop.
+* Output: fixed shapes. Everything after a row's first EOS is pad; `lengths` counts response tokens up
+  to and including EOS (dataset rows without EOS: their non-pad tokens).
+* cuda_graph=True: each kind of iteration (block / step, with or without the student) runs once
+  eagerly (warm-up: Triton compiles, cuBLAS initialises), is then captured into a CUDA graph and
+  replayed; everything that changes per iteration is a device tensor updated in place.
+* Vocabulary: logits are cut to `vocab_size` (default: the smaller of the two models' vocabularies, so
+  an embedding matrix padded past the tokenizer's vocabulary is fine). Models whose configs disagree on
+  bos/eos/pad ids do not share a tokenizer: an error.
+* Not supported (clear errors): sliding-window attention layers, models that are not decoder-only.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from adaswitch.engine.cache import SlotCache
+from adaswitch.engine.policies import SKD, AdaSwitch, Mixed, Student, check_policy
+from adaswitch.ops import rng
+from adaswitch.ops.step import SwitchState, fused_lookahead, fused_step
+
+
+@dataclass
+class GenerationOutput:
+    """Result of `generate`; B rows, P prompt columns, N = max_new_tokens.
+
+    sequences: int64 [B, P + N], the (left-padded) prompt followed by the response.
+    response: int64 [B, N], response tokens; pad after EOS / past the row's length.
+    attention_mask: int64 [B, P + N], 1 on real prompt tokens and on the first `lengths` response tokens.
+    from_teacher: bool [B, N], the teacher produced the token.
+    switch_position: int64 [B], AdaSwitch's switch position (response index), -1 if none.
+    divergence: float32 [B, N], AdaSwitch's divergence at each exploration position, NaN elsewhere.
+    lengths: int64 [B], response lengths (including the EOS token when there is one).
+    from_dataset: bool [B], Mixed only: the row is the dataset's completion.
+    prompt_length: P.
+    """
+
+    sequences: torch.Tensor
+    response: torch.Tensor
+    attention_mask: torch.Tensor
+    from_teacher: torch.Tensor
+    switch_position: torch.Tensor
+    divergence: torch.Tensor
+    lengths: torch.Tensor
+    from_dataset: torch.Tensor
+    prompt_length: int
+
+
+# ------------------------------------------------------------------------------------------ checks
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _config(model):
+    return model.config.get_text_config(decoder=True)
+
+
+def _vocab(model) -> int:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and hasattr(head, "weight"):
+        return head.weight.shape[0]
+    return _config(model).vocab_size
+
+
+def _check_model(name: str, model, needed: bool, policy) -> None:
+    if model is None:
+        if needed:
+            raise ValueError(f"{name} is required by the {type(policy).__name__} policy, got None")
+        return
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"{name} must be a Hugging Face causal LM (torch.nn.Module with .config), "
+                        f"got {type(model).__name__}")
+    config = _config(model)
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"{name} must be a decoder-only causal LM, got an encoder-decoder model")
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        raise ValueError(f"{name} has {sorted(kinds)} layers; generate supports full-attention layers only "
+                         "(disable sliding-window attention in the config)")
+
+
+def _special_id(name: str, value, models, vocab: int) -> int:
+    if value is None:
+        found = {getattr(_config(m), name, None) for m in models} - {None}
+        found = {v[0] if isinstance(v, (list, tuple)) and len(v) == 1 else v for v in found}
+        if len(found) != 1 or not _is_int(next(iter(found))):
+            raise ValueError(f"{name} is missing: pass {name}= explicitly (the models' configs give "
+                             f"{sorted(map(str, found)) or 'none'})")
+        value = next(iter(found))
+    if not _is_int(value) or not 0 <= value < vocab:
+        raise ValueError(f"{name} must be an int in [0, {vocab}), got {value!r}")
+    return value
+
+
+def _check_shared_tokenizer(student, teacher) -> None:
+    cs, ct = _config(student), _config(teacher)
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        a, b = getattr(cs, attr, None), getattr(ct, attr, None)
+        if a is not None and b is not None and a != b:
+            raise ValueError(f"student and teacher must share a tokenizer, but their configs disagree on "
+                             f"{attr}: {a} vs {b}")
+
+
+def _check_prompt(input_ids, attention_mask):
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        raise TypeError("input_ids must be an int64 tensor [batch, prompt_length], got "
+                        f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} "
+                        f"{tuple(getattr(input_ids, 'shape', ()))}")
+    if input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
+        raise ValueError(f"input_ids must hold at least one row and one column, got {tuple(input_ids.shape)}")
+    if attention_mask is None:
+        return torch.ones_like(input_ids)
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}, got "
+                         f"{tuple(getattr(attention_mask, 'shape', ()))}")
+    mask = attention_mask.to(device=input_ids.device, dtype=torch.long)
+    # One host read: 0/1 values, left padding (non-decreasing along the row), a real last token.
+    ok = ((mask == 0) | (mask == 1)).all() & (mask[:, 1:] >= mask[:, :-1]).all() & (mask[:, -1] == 1).all()
+    if not bool(ok):
+        raise ValueError("attention_mask must be 0/1 with left padding: every row's real tokens at the end, "
+                         "at least one per row (use tokenizer.padding_side = 'left')")
+    return mask
+
+
+# ------------------------------------------------------------------------------------------ engine
+
+class _Run:
+    """All device buffers of one generate call and the two kinds of iteration (step, block)."""
+
+    def __init__(self, student, teacher, input_ids, mask, policy, n, eos, pad, seed, keys, lookahead,
+                 vocab, completions, impl):
+        self.student, self.teacher, self.policy = student, teacher, policy
+        self.n, self.eos, self.pad, self.seed, self.keys, self.g = n, eos, pad, seed, keys, lookahead
+        self.vocab, self.impl = vocab, impl
+        b, p = input_ids.shape
+        device = input_ids.device
+        self.device = device
+        self.run_student = student is not None and not (isinstance(policy, Mixed) and policy.lmbda == 0)
+        self.run_teacher = teacher is not None and policy.uses_teacher
+        self.state = SwitchState.new(b, policy.window if isinstance(policy, AdaSwitch) else 1, device)
+        # Output buffers: column n is scratch for writes past the end (rows whose position ran beyond n).
+        self.tokens = torch.full((b, n + 1), pad, dtype=torch.long, device=device)
+        self.from_teacher = torch.zeros(b, n + 1, dtype=torch.bool, device=device)
+        self.divergence = torch.full((b, n + 1), math.nan, dtype=torch.float32, device=device)
+        self.pos = torch.zeros(b, dtype=torch.long, device=device)  # each row's next response index
+        self.last = input_ids[:, -1].clone()
+        self.dataset_rows = torch.zeros(b, dtype=torch.bool, device=device)
+        if isinstance(policy, Mixed):
+            self.dataset_rows = ~rng.mixed_coin(seed, keys, policy.lmbda)
+            self.state.finished |= self.dataset_rows
+        self.completions = completions
+        capacity = p - 1 + n * max(1, lookahead)
+        self.caches = {}
+        for name, model, used in (("student", student, self.run_student),
+                                  ("teacher", teacher, self.run_teacher)):
+            if used:
+                cache = SlotCache(model, b, capacity, device)
+                if p > 1:
+                    self._forward(model, cache, input_ids[:, :-1], prefill_mask=mask[:, :-1])
+                self.caches[name] = cache
+
+    def _forward(self, model, cache, ids, prefill_mask=None):
+        if prefill_mask is not None:
+            attn, position_ids = cache.prefill_inputs(prefill_mask)
+            keep = 1  # prefill logits are not used (the loop feeds the last prompt token)
+        else:
+            attn, position_ids = cache.decode_inputs(ids.shape[1])
+            keep = 0
+        out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, cache=cache,
+                    use_cache=True, logits_to_keep=keep)
+        cache.advance(ids.shape[1])
+        return out.logits[..., : self.vocab]
+
+    def _write(self, idx, keep, token, from_teacher, divergence):
+        """Scatter [B, k] values at response indices idx where keep, else into the scratch column."""
+        idx = torch.where(keep & (idx < self.n), idx, torch.full_like(idx, self.n))
+        self.tokens.scatter_(1, idx, token)
+        self.from_teacher.scatter_(1, idx, from_teacher)
+        self.divergence.scatter_(1, idx, divergence)
+
+    def step(self, use_student: bool) -> None:
+        """One token per row: forward on `last`, fused_step, write, advance."""
+        x = self.last[:, None]
+        ls = self._forward(self.student, self.caches["student"], x)[:, 0] if use_student else None
+        lt = self._forward(self.teacher, self.caches["teacher"], x)[:, 0] if self.run_teacher else None
+        out = fused_step(ls, lt, self.policy, self.state, seed=self.seed, keys=self.keys, position=self.pos,
+                         eos_token_id=self.eos, pad_token_id=self.pad, impl=self.impl)
+        keep = torch.ones_like(self.pos, dtype=torch.bool)[:, None]
+        self._write(self.pos[:, None], keep, out.token[:, None], out.from_teacher[:, None],
+                    out.divergence[:, None])
+        self.last.copy_(out.token)
+        self.pos += 1
+
+    def block(self) -> None:
+        """Lookahead: G student drafts, one teacher forward, fused_lookahead, write, roll back."""
+        g, student, teacher = self.g, self.caches["student"], self.caches["teacher"]
+        offsets = torch.arange(g, device=self.device)
+        cur, drafts, student_logits = self.last, [], []
+        for j in range(g):
+            ls = self._forward(self.student, student, cur[:, None])[:, 0]
+            cur = rng.sample(ls, self.policy.student_sampling, seed=self.seed, keys=self.keys,
+                             positions=self.pos + j, stream=rng.STREAM_STUDENT)
+            drafts.append(cur)
+            student_logits.append(ls)
+        draft = torch.stack(drafts, 1)
+        lt = self._forward(self.teacher, teacher, torch.cat([self.last[:, None], draft[:, :-1]], 1))
+        out = fused_lookahead(torch.stack(student_logits, 1), lt, draft, self.policy, self.state,
+                              seed=self.seed, keys=self.keys, position=self.pos, eos_token_id=self.eos,
+                              pad_token_id=self.pad, impl=self.impl)
+        a = out.accepted
+        at_stop = (offsets[None, :] == a[:, None]) & out.from_teacher[:, None]
+        keep = (offsets[None, :] < a[:, None]) | at_stop
+        token = torch.where(at_stop, out.token[:, None], draft)
+        self._write(self.pos[:, None] + offsets, keep, token, at_stop, out.divergence)
+        produced = a + out.from_teacher.long()
+        # `last` becomes the newest kept token; rows that produced nothing (finished) keep theirs.
+        newest = token.gather(1, (produced - 1).clamp(min=0)[:, None])[:, 0]
+        self.last.copy_(torch.where(produced > 0, newest, self.last))
+        # Both caches hold [last, d_0 .. d_{G-2}]; keep the first `produced` of them (at least `last`).
+        drop = (g - produced).clamp(max=g - 1)
+        student.rollback(drop)
+        teacher.rollback(drop)
+        self.pos += produced
+
+    def flags(self) -> tuple[bool, bool, int]:
+        """(all rows done, all live rows switched, least response position of unfinished rows): one read."""
+        live = ~self.state.finished & (self.pos < self.n)
+        done = ~live.any()
+        switched = (self.state.switched | ~live).all()
+        least = torch.where(live, self.pos, torch.full_like(self.pos, self.n)).min()
+        d, s, m = torch.stack([done.long(), switched.long(), least]).tolist()
+        return bool(d), bool(s), int(m)
+
+    def finish(self, input_ids, mask) -> GenerationOutput:
+        n = self.n
+        tokens, from_teacher = self.tokens[:, :n], self.from_teacher[:, :n]
+        divergence = self.divergence[:, :n]
+        if isinstance(self.policy, Mixed) and self.completions is not None:
+            comp = torch.full_like(tokens, self.pad)
+            width = min(n, self.completions.shape[1])
+            comp[:, :width] = self.completions[:, :width]
+            rows = self.dataset_rows[:, None]
+            tokens = torch.where(rows, comp, tokens)
+            from_teacher = from_teacher & ~rows
+            divergence = torch.where(rows, torch.full_like(divergence, math.nan), divergence)
+        is_eos = tokens == self.eos
+        before_eos = (is_eos.long().cumsum(1) - is_eos.long()) == 0  # up to and including the first EOS
+        eos_len = before_eos.long().sum(1)
+        lengths = torch.where(is_eos.any(1), eos_len, torch.full_like(eos_len, n))
+        if isinstance(self.policy, Mixed):  # dataset rows without EOS end at their padding
+            unended = self.dataset_rows & ~is_eos.any(1)
+            lengths = torch.where(unended, (tokens != self.pad).long().sum(1), lengths)
+        valid = torch.arange(n, device=self.device)[None, :] < lengths[:, None]
+        tokens = torch.where(valid, tokens, torch.full_like(tokens, self.pad))
+        from_teacher = from_teacher & valid
+        divergence = torch.where(valid, divergence, torch.full_like(divergence, math.nan))
+        sp = self.state.switch_pos
+        switch_position = torch.where((sp >= 0) & (sp < lengths), sp, torch.full_like(sp, -1))
+        return GenerationOutput(
+            sequences=torch.cat([input_ids, tokens], 1),
+            response=tokens,
+            attention_mask=torch.cat([mask, valid.long()], 1),
+            from_teacher=from_teacher,
+            switch_position=switch_position,
+            divergence=divergence,
+            lengths=lengths,
+            from_dataset=self.dataset_rows.clone(),
+            prompt_length=input_ids.shape[1],
+        )
+
+
+class _Graphs:
+    """Runs each kind of iteration eagerly once (warm-up), then captures it in a CUDA graph and replays."""
+
+    def __init__(self):
+        self.graphs: dict = {}
+        self.seen: set = set()
+
+    def __call__(self, key, fn) -> None:
+        if key in self.graphs:
+            self.graphs[key].replay()
+            return
+        if key not in self.seen:
+            self.seen.add(key)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                fn()
+            torch.cuda.current_stream().wait_stream(stream)
+            return
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        graph.replay()
+        self.graphs[key] = graph
+
+
+# ------------------------------------------------------------------------------------------ public
+
+@torch.no_grad()
+def generate(
+    student,
+    teacher,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    policy=None,
+    max_new_tokens: int = 128,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    seed: int = 0,
+    example_keys=None,
+    lookahead: int = 0,
+    sync_every: int = 16,
+    completions: torch.Tensor | None = None,
+    cuda_graph: bool = False,
+    vocab_size: int | None = None,
+    impl: str | None = None,
+) -> GenerationOutput:
+    """Generate responses for a batch of left-padded prompts under a distillation policy.
+
+    Args:
+        student, teacher: Hugging Face causal LMs sharing a tokenizer (any sizes / architectures); the
+            model a policy does not use may be None (e.g. the student for `Teacher`).
+        input_ids: int64 [B, P] left-padded prompts; attention_mask: [B, P] 0/1 (None: no padding).
+        policy: `Student`, `Teacher`, `Mixed`, `SKD` or `AdaSwitch` (default `AdaSwitch()`).
+        max_new_tokens: N, response length budget; prompt length + N must fit both models' positions.
+        eos_token_id, pad_token_id: default to the models' config values; an error if neither has them.
+        seed, example_keys: the counter-based RNG's seed and per-row keys (default: row index); pass
+            stable keys (e.g. dataset indices) to make a row's tokens independent of its batch.
+        lookahead: G > 0 drafts G student tokens per teacher forward (AdaSwitch, SKD); same tokens.
+        sync_every: iterations between the host's reads of the "all finished" flag.
+        completions: int64 [B, M] dataset responses (right-padded with pad) for `Mixed` rows that use
+            the dataset.
+        cuda_graph: capture the per-iteration work in CUDA graphs (CUDA tensors only).
+        vocab_size: the tokenizer's vocabulary size (logits are cut to it); default min of the models'.
+        impl: implementation of the fused step op ("auto", "triton", "torch").
+
+    Returns:
+        GenerationOutput (fixed shapes [B, P + N] / [B, N]).
+    """
+    policy = AdaSwitch() if policy is None else policy
+    check_policy(policy)
+    needs_student = isinstance(policy, (Student, SKD, AdaSwitch)) or (
+        isinstance(policy, Mixed) and policy.lmbda > 0)
+    _check_model("student", student, needs_student, policy)
+    _check_model("teacher", teacher, policy.uses_teacher, policy)
+    models = [m for m, used in ((student, needs_student), (teacher, policy.uses_teacher))
+              if used and m is not None]
+    if not needs_student:
+        student = None
+    if not policy.uses_teacher:
+        teacher = None
+    if student is not None and teacher is not None:
+        _check_shared_tokenizer(student, teacher)
+    for name, value, low in (("max_new_tokens", max_new_tokens, 1), ("lookahead", lookahead, 0),
+                             ("sync_every", sync_every, 1)):
+        if not _is_int(value) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if lookahead > 0 and not isinstance(policy, (AdaSwitch, SKD)):
+        raise ValueError("lookahead > 0 applies to the AdaSwitch and SKD policies, got "
+                         f"{type(policy).__name__}")
+    if not isinstance(cuda_graph, bool):
+        raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
+    rng.check_seed(seed)
+
+    mask = _check_prompt(input_ids, attention_mask)
+    device = input_ids.device
+    for m in models:
+        model_device = next(m.parameters()).device
+        if model_device != device:
+            raise ValueError(f"input_ids are on {device} but a model is on {model_device}; "
+                             "move them to one device")
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs CUDA tensors and models, got {device}")
+
+    model_vocab = min(_vocab(m) for m in models) if models else None
+    if vocab_size is None:
+        if model_vocab is None:
+            raise ValueError("vocab_size is required when the policy runs no model")
+        vocab_size = model_vocab
+    elif not _is_int(vocab_size) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be an int >= 1, got {vocab_size!r}")
+    elif model_vocab is not None and vocab_size > model_vocab:
+        raise ValueError(f"vocab_size={vocab_size} exceeds a model's output vocabulary ({model_vocab})")
+    eos = _special_id("eos_token_id", eos_token_id, models, vocab_size)
+    pad = _special_id("pad_token_id", pad_token_id, models, vocab_size)
+    if bool(((input_ids < 0) | (input_ids >= vocab_size)).any()):
+        raise ValueError(f"input_ids must lie in [0, {vocab_size}) (the shared vocabulary)")
+
+    b, p = input_ids.shape
+    for m in models:
+        limit = getattr(_config(m), "max_position_embeddings", None)
+        if limit is not None and p + max_new_tokens > limit:
+            raise ValueError(f"prompt length {p} + max_new_tokens {max_new_tokens} exceeds the model's "
+                             f"max_position_embeddings {limit}")
+
+    if example_keys is None:
+        keys = torch.arange(b, device=device)
+    else:
+        keys = torch.as_tensor(example_keys, device=device)
+        if keys.dtype not in (torch.int64, torch.int32) or tuple(keys.shape) != (b,):
+            raise ValueError(f"example_keys must be {b} integers (one per row), got {keys.dtype} "
+                             f"{tuple(keys.shape)}")
+        keys = keys.long()
+
+    if isinstance(policy, Mixed) and policy.lmbda < 1:
+        if completions is None:
+            raise ValueError("completions are required by Mixed(lmbda < 1): the dataset's responses [B, M]")
+        if not isinstance(completions, torch.Tensor) or completions.dim() != 2 or completions.shape[0] != b \
+                or completions.dtype != torch.long:
+            raise ValueError(f"completions must be an int64 tensor [{b}, M], got "
+                             f"{getattr(completions, 'dtype', type(completions).__name__)} "
+                             f"{tuple(getattr(completions, 'shape', ()))}")
+        completions = completions.to(device)
+    elif completions is not None:
+        raise ValueError(f"completions apply to the Mixed policy (lmbda < 1), not {type(policy).__name__}")
+
+    run = _Run(student, teacher, input_ids, mask, policy, max_new_tokens, eos, pad, seed, keys, lookahead,
+               vocab_size, completions, impl)
+    graphs = _Graphs() if cuda_graph else None
+    mode_block = lookahead > 0
+    use_student = run.run_student
+    budget = max_new_tokens  # iterations that can still change anything (>= 1 token per unfinished row each)
+    done_iters = 0
+    if isinstance(policy, Mixed) and not run.run_student:
+        budget = 0  # every row is the dataset's completion
+    while budget > 0:
+        if mode_block:
+            kind, fn = ("block",), run.block
+        else:
+            kind, fn = ("step", use_student), functools.partial(run.step, use_student)
+        if graphs is None:
+            fn()
+        else:
+            graphs(kind, fn)
+        budget -= 1
+        done_iters += 1
+        if budget > 0 and done_iters % sync_every == 0:
+            done, all_switched, least = run.flags()
+            if done:
+                break
+            budget = max_new_tokens - least
+            if isinstance(policy, AdaSwitch) and all_switched:
+                mode_block, use_student = False, False
+    return run.finish(input_ids, mask)
