@@ -1,0 +1,635 @@
+"""The `adaswitch` command: distill, generate, evaluate, demo, bench.
+
+Every failure is one line on stderr and exit code 2 (set ADASWITCH_DEBUG=1 for the traceback).
+Models and tokenizers load from local directories (`AutoModelForCausalLM` / `AutoTokenizer`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+PROG = "adaswitch"
+EXIT_ERROR = 2
+
+# DistillConfig fields offered as options of `distill` (all others: --config run.yaml or --set KEY=VALUE).
+POLICY_FIELDS = (
+    "policy",
+    "lmbda",
+    "skd_top_k",
+    "window",
+    "k",
+    "switch_divergence",
+    "warmup",
+    "min_divergence",
+    "switch_temperature",
+)
+SAMPLING_FIELDS = (
+    "student_temperature",
+    "student_top_k",
+    "student_top_p",
+    "teacher_temperature",
+    "teacher_top_k",
+    "teacher_top_p",
+    "max_new_tokens",
+    "lookahead",
+)
+LOSS_FIELDS = ("loss_kind", "beta", "alpha", "loss_temperature", "token_mask", "max_prompt_length")
+TRAINING_FIELDS = (
+    "learning_rate",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "gradient_accumulation_steps",
+    "logging_steps",
+    "save_steps",
+    "save_total_limit",
+    "eval_strategy",
+    "eval_steps",
+    "seed",
+    "report_to",
+    "bf16",
+    "use_cpu",
+)
+PATH_KEYS = ("teacher", "student", "train", "eval", "output_dir")
+
+DESCRIPTION = """\
+Adaptive-switching knowledge distillation of small language models.
+
+commands:
+  distill    train a student from a teacher with a generation policy (student, teacher, dataset,
+             mixed, skd, adaswitch) on a prompt/completion file
+  generate   show what a policy generates: the teacher-produced span is marked, with the switch position
+  evaluate   accuracy (answer after a final-answer marker) and teacher-forced KL of a model on a file
+  demo       the end-to-end demo on the embedded task (teacher -> distilled students -> plots)
+  bench      run the benchmark scripts under benchmarks/
+
+examples:
+  adaswitch distill --teacher teacher/ --student student/ --train train.jsonl --output-dir out/ \\
+      --policy adaswitch --window 8 --k 2.0 --max-steps 200
+  adaswitch distill --config run.yaml
+  adaswitch generate --teacher teacher/ --student student/ --prompt "what is two plus two ?"
+  adaswitch evaluate --model out/ --data test.jsonl --teacher teacher/
+
+`adaswitch COMMAND --help` lists each command's options.
+"""
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (with a pointer to --help) instead of usage + error."""
+
+    def error(self, message):
+        raise CliError(f"{message} (see `{self.prog} --help`)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# options built from DistillConfig's documented fields
+
+
+def _config_fields() -> dict[str, dataclasses.Field]:
+    from adaswitch.train.config import DistillConfig
+
+    return {f.name: f for f in dataclasses.fields(DistillConfig)}
+
+
+def _field_type(f: dataclasses.Field):
+    default = f.default
+    if isinstance(default, bool):
+        return bool
+    if isinstance(default, float) or (isinstance(f.type, str) and f.type.startswith("float")):
+        return _float
+    if isinstance(default, int) or (isinstance(f.type, str) and f.type.startswith("int")):
+        return int
+    return str
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)  # accepts "inf"
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _add_fields(parser, group_title: str, names, fields) -> None:
+    group = parser.add_argument_group(group_title)
+    for name in names:
+        f = fields[name]
+        flag = "--" + name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        kind = _field_type(f)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if name == "report_to":
+            group.add_argument(
+                flag,
+                dest=name,
+                nargs="+",
+                default=argparse.SUPPRESS,
+                metavar="TOOL",
+                help="integrations to log to, e.g. tensorboard wandb (default: none)",
+            )
+        elif kind is bool:
+            group.add_argument(
+                flag, dest=name, action="store_true", default=argparse.SUPPRESS, help=help_text
+            )
+        else:
+            choices = f.metadata.get("choices")
+            shown = getattr(default, "value", default)
+            group.add_argument(
+                flag,
+                dest=name,
+                type=kind,
+                choices=choices,
+                default=argparse.SUPPRESS,
+                metavar=None if choices else {int: "N", _float: "X"}.get(kind, "VALUE"),
+                help=f"{help_text} (default: {shown})",
+            )
+
+
+# ---------------------------------------------------------------------------------------------------
+# loading
+
+
+def _model_dir(option: str, path) -> Path:
+    p = Path(str(path)).expanduser()
+    if not p.is_dir():
+        raise CliError(f"{option}: not a directory: {str(p)!r}")
+    if not (p / "config.json").is_file():
+        raise CliError(
+            f"{option}: {str(p)!r} is not a saved model (no config.json); save one with "
+            "model.save_pretrained(dir)"
+        )
+    return p
+
+
+def load_model(option: str, path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(_model_dir(option, path)))
+
+
+def load_tokenizer(option: str, path):
+    from transformers import AutoTokenizer
+
+    p = _model_dir(option, path)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p))
+    except (OSError, ValueError) as exc:
+        raise CliError(
+            f"{option}: no tokenizer in {str(p)!r} (save it with tokenizer.save_pretrained(dir)): "
+            f"{_first_line(exc)}"
+        ) from exc
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise CliError(f"{option}: the tokenizer in {str(p)!r} has neither a pad nor an EOS token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------------------
+# distill
+
+
+def _distill_parser(sub, fields):
+    p = sub.add_parser(
+        "distill",
+        help="train a student from a teacher with a generation policy",
+        description="Distil a teacher into a student. Paths and any DistillConfig field can also come from "
+        "--config run.yaml (keys: teacher, student, train, eval, output_dir and DistillConfig "
+        "fields); options given on the command line override the file. The final model and "
+        "tokenizer are saved to --output-dir; checkpoints go to --output-dir/checkpoint-N.",
+    )
+    g = p.add_argument_group("inputs and outputs")
+    g.add_argument("--config", metavar="RUN.YAML", help="YAML file of settings (see above)")
+    g.add_argument(
+        "--teacher",
+        metavar="DIR",
+        default=argparse.SUPPRESS,
+        help="teacher model directory (save_pretrained); its tokenizer is used unless the student "
+        "directory holds one",
+    )
+    g.add_argument("--student", metavar="DIR", default=argparse.SUPPRESS, help="student model directory")
+    g.add_argument(
+        "--train",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="training data: .jsonl/.json/.parquet/.csv with a prompt column (and completion, for "
+        "policies dataset and mixed)",
+    )
+    g.add_argument("--eval", metavar="FILE", default=argparse.SUPPRESS, help="evaluation data, same format")
+    g.add_argument(
+        "--output-dir",
+        dest="output_dir",
+        metavar="DIR",
+        default=argparse.SUPPRESS,
+        help="where checkpoints and the final model go",
+    )
+    g.add_argument(
+        "--resume-from-checkpoint",
+        dest="resume",
+        metavar="DIR|last",
+        default=None,
+        help="resume from a checkpoint directory, or `last` for the newest under --output-dir",
+    )
+    g.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="any other DistillConfig/TrainingArguments field, value parsed as YAML (repeatable)",
+    )
+    _add_fields(p, "policy (where response tokens come from)", POLICY_FIELDS, fields)
+    _add_fields(p, "sampling", SAMPLING_FIELDS, fields)
+    _add_fields(p, "loss", LOSS_FIELDS, fields)
+    _add_fields(p, "training (transformers.TrainingArguments)", TRAINING_FIELDS, fields)
+    p.set_defaults(run=_run_distill)
+    return p
+
+
+def _read_yaml(path: str) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise CliError(f"--config: file not found: {path!r}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise CliError(f"--config: {path!r} is not valid YAML: {_first_line(exc)}") from exc
+    if not isinstance(data, dict):
+        raise CliError(f"--config: {path!r} must hold a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def _parse_override(text: str):
+    import yaml
+
+    if "=" not in text:
+        raise CliError(f"--set: expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip().replace("-", "_"), yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise CliError(f"--set {key}: cannot parse {value!r}: {_first_line(exc)}") from exc
+
+
+def distill_settings(args, fields) -> dict:
+    """The merged settings: YAML file, then --set, then explicit options (later wins)."""
+    settings = _read_yaml(args.config) if args.config else {}
+    settings = {str(k).replace("-", "_"): v for k, v in settings.items()}
+    settings.update(dict(_parse_override(o) for o in args.overrides))
+    skip = {"config", "overrides", "resume", "run", "command"}
+    settings.update({k: v for k, v in vars(args).items() if k not in skip})
+    unknown = sorted(k for k in settings if k not in fields and k not in PATH_KEYS)
+    if unknown:
+        raise CliError(f"unknown setting(s) {unknown}: not DistillConfig fields nor one of {list(PATH_KEYS)}")
+    for key in ("teacher", "student", "train", "output_dir"):
+        if settings.get(key) in (None, ""):
+            raise CliError(f"missing --{key.replace('_', '-')} (or `{key}:` in --config)")
+    if isinstance(settings.get("k"), str):  # YAML reads `inf` as a string
+        settings["k"] = _float(settings["k"])
+    return settings
+
+
+def _run_distill(args) -> int:
+    fields = _config_fields()
+    settings = distill_settings(args, fields)
+    paths = {k: settings.pop(k) for k in PATH_KEYS if k in settings and k != "output_dir"}
+    from adaswitch.train.config import DistillConfig
+    from adaswitch.train.data import load_prompt_completion
+
+    config = DistillConfig(**settings)  # validates every field before any model is loaded
+    # Data files are read (and their columns checked) before the models load.
+    load_prompt_completion(paths["train"], name="train dataset", require_completion=config.uses_completions)
+    if paths.get("eval"):
+        load_prompt_completion(paths["eval"], name="eval dataset", require_completion=config.uses_completions)
+    student_dir = _model_dir("--student", paths["student"])
+    teacher_dir = _model_dir("--teacher", paths["teacher"])
+    has_tok = any((student_dir / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = load_tokenizer(
+        "--student" if has_tok else "--teacher", student_dir if has_tok else teacher_dir
+    )
+    student = load_model("--student", student_dir)
+    teacher = load_model("--teacher", teacher_dir)
+
+    from adaswitch.train.distiller import Distiller
+
+    trainer = Distiller(
+        model=student,
+        teacher_model=teacher,
+        args=config,
+        train_dataset=paths["train"],
+        eval_dataset=paths.get("eval"),
+        processing_class=tokenizer,
+    )
+    resume = args.resume
+    if resume == "last":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resume = get_last_checkpoint(config.output_dir) if os.path.isdir(config.output_dir) else None
+        if resume is None:
+            raise CliError(f"--resume-from-checkpoint last: no checkpoint-N under {config.output_dir!r}")
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(config.output_dir)
+    if trainer.is_world_process_zero():
+        print(f"saved the distilled student to {config.output_dir}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# generate
+
+
+def _generate_parser(sub, fields):
+    p = sub.add_parser(
+        "generate",
+        help="show the mixed sequences a policy generates",
+        description="Generate responses with a policy and print them with the teacher-produced tokens marked "
+        "([[...]], or yellow on a terminal) and each row's switch position.",
+    )
+    p.add_argument("--teacher", metavar="DIR", required=True, help="teacher model directory")
+    p.add_argument("--student", metavar="DIR", required=True, help="student model directory")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeatable)")
+    src.add_argument(
+        "--prompts", metavar="FILE", help="a .jsonl/.json/.parquet/.csv file with a prompt column"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the random draws (default: 0)")
+    p.add_argument(
+        "--color",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="colour the teacher span instead of brackets (default: auto = when stdout is a terminal)",
+    )
+    _add_fields(p, "policy", POLICY_FIELDS, fields)
+    _add_fields(p, "sampling", SAMPLING_FIELDS, fields)
+    p.set_defaults(run=_run_generate)
+    return p
+
+
+def _spans(flags: list[bool]) -> list[tuple[int, int, bool]]:
+    """Maximal runs (start, end, flag) of equal flags."""
+    out, start = [], 0
+    for i in range(1, len(flags) + 1):
+        if i == len(flags) or flags[i] != flags[start]:
+            out.append((start, i, flags[start]))
+            start = i
+    return out
+
+
+def render_response(tokenizer, ids: list[int], from_teacher: list[bool], color: bool) -> str:
+    """The response text with the teacher-produced runs marked. Spans are cut from the decoding of growing
+    prefixes, so tokenizers whose pieces merge across boundaries still render correctly."""
+    text, pieces = "", []
+    for start, end, teacher in _spans(from_teacher):
+        full = tokenizer.decode(ids[:end], skip_special_tokens=True)
+        piece = (
+            full[len(text) :]
+            if full.startswith(text)
+            else tokenizer.decode(ids[start:end], skip_special_tokens=True)
+        )
+        text = full
+        if teacher and piece.strip():
+            lead = piece[: len(piece) - len(piece.lstrip())]
+            body = piece.strip()
+            piece = f"{lead}\033[33m{body}\033[0m" if color else f"{lead}[[{body}]]"
+        pieces.append(piece)
+    return "".join(pieces)
+
+
+def _run_generate(args) -> int:
+    fields = _config_fields()
+    settings = {k: v for k, v in vars(args).items() if k in fields}
+    from adaswitch.train.config import DistillConfig
+
+    config = DistillConfig(output_dir=os.devnull, report_to=[], use_cpu=True, **settings)
+    policy = config.build_policy()
+    if policy is None:
+        raise CliError("--policy dataset generates nothing; choose student, teacher, mixed, skd or adaswitch")
+    if config.policy == "mixed":
+        raise CliError(
+            "--policy mixed needs dataset completions; `generate` shows student, teacher, skd and adaswitch"
+        )
+    if args.prompts:
+        from adaswitch.train.data import load_prompt_completion
+
+        prompts = list(
+            load_prompt_completion(args.prompts, name="--prompts", require_completion=False)["prompt"]
+        )
+    else:
+        prompts = args.prompt
+    tokenizer = load_tokenizer("--teacher", args.teacher)
+    student, teacher = load_model("--student", args.student), load_model("--teacher", args.teacher)
+    from adaswitch.train.data import DistillCollator, encode_example
+
+    rows = [
+        {"prompt_ids": encode_example(tokenizer, p, None, row=i, name="prompts")[0], "example_key": i}
+        for i, p in enumerate(prompts)
+    ]
+    batch = DistillCollator(tokenizer.pad_token_id)(rows)
+    import torch
+
+    from adaswitch.engine.generate import generate
+
+    with torch.no_grad():
+        out = generate(
+            student.eval(),
+            teacher.eval(),
+            batch["prompt_input_ids"],
+            batch["prompt_attention_mask"],
+            policy=policy,
+            max_new_tokens=config.max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            seed=args.seed,
+            example_keys=batch["example_keys"],
+            lookahead=config.lookahead,
+        )
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    for i, prompt in enumerate(prompts):
+        n = int(out.lengths[i])
+        ids = out.response[i, :n].tolist()
+        flags = out.from_teacher[i, :n].tolist()
+        shown = prompt if isinstance(prompt, str) else json.dumps(prompt)
+        print(f"[{i}] prompt: {shown}")
+        print(f"    response: {render_response(tokenizer, ids, flags, color)}")
+        switch = int(out.switch_position[i])
+        teacher_tokens = sum(flags)
+        where = f"switch at response token {switch}" if switch >= 0 else "no switch"
+        print(f"    {where}; {teacher_tokens}/{n} tokens from the teacher")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# evaluate
+
+
+def _evaluate_parser(sub):
+    p = sub.add_parser(
+        "evaluate",
+        help="accuracy and teacher-forced KL of a model on a prompt/completion file",
+        description="Greedy-decode every prompt and compare the text after the final-answer marker with the "
+        "reference completion's; with --teacher also report the mean token KL(teacher || model) "
+        "on the reference completions. Prints the results as JSON.",
+    )
+    p.add_argument(
+        "--model", metavar="DIR", required=True, help="model directory (e.g. a distill --output-dir)"
+    )
+    p.add_argument(
+        "--data",
+        metavar="FILE",
+        required=True,
+        help=".jsonl/.json/.parquet/.csv with prompt and completion columns",
+    )
+    p.add_argument("--teacher", metavar="DIR", help="teacher model directory for the teacher-forced KL")
+    p.add_argument("--answer-marker", default="####", help="final-answer marker (default: ####)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="greedy decoding budget (default: 256)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default: 8)")
+    p.add_argument("--output", metavar="FILE", help="also write the results (with every example) as JSON")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(run=_run_evaluate)
+    return p
+
+
+def _run_evaluate(args) -> int:
+    from adaswitch.train.evaluate import evaluate
+
+    model_dir = _model_dir("--model", args.model)
+    tokenizer = load_tokenizer("--model", model_dir)
+    model = load_model("--model", model_dir)
+    teacher = load_model("--teacher", args.teacher) if args.teacher else None
+    results = evaluate(
+        model,
+        tokenizer,
+        args.data,
+        answer_marker=args.answer_marker,
+        teacher=teacher,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        output_path=args.output,
+        progress=not args.no_progress,
+    )
+    summary = {k: v for k, v in results.items() if k != "examples"}
+    if isinstance(summary.get("teacher_kl"), float) and math.isnan(summary["teacher_kl"]):
+        summary["teacher_kl"] = None
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# demo and bench
+
+
+def _run_demo(argv: list[str]) -> int:
+    try:
+        from adaswitch.demo.run import main as demo_main
+    except ImportError as exc:
+        raise CliError(f"the demo is not available in this installation ({_first_line(exc)})") from exc
+    return int(demo_main(argv) or 0)
+
+
+def benchmarks_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _bench_parser(sub):
+    p = sub.add_parser(
+        "bench",
+        help="run the benchmark scripts under benchmarks/",
+        description="Run benchmarks/bench_NAME.py scripts of a source checkout (all of them, or the NAMEs "
+        "given), each in its own Python process. Each prints ratios against baselines measured "
+        "in the same run and writes its results to benchmarks/results/.",
+    )
+    p.add_argument(
+        "names", nargs="*", metavar="NAME", help="benchmarks to run, e.g. divergence loss (default: all)"
+    )
+    p.add_argument("--list", action="store_true", help="list the available benchmarks and exit")
+    p.set_defaults(run=_run_bench)
+    return p
+
+
+def _run_bench(args) -> int:
+    root = benchmarks_dir()
+    scripts = {s.stem.removeprefix("bench_"): s for s in sorted(root.glob("bench_*.py"))}
+    if not scripts:
+        raise CliError(f"no benchmark scripts found under {str(root)!r} (they ship with a source checkout)")
+    if args.list:
+        print("\n".join(scripts))
+        return 0
+    unknown = [n for n in args.names if n not in scripts]
+    if unknown:
+        raise CliError(f"unknown benchmark(s) {unknown}; available: {sorted(scripts)}")
+    failed = []
+    for name in args.names or list(scripts):
+        print(f"== bench {name} ({scripts[name].relative_to(root.parent)})", flush=True)
+        if subprocess.call([sys.executable, str(scripts[name])], cwd=root.parent) != 0:
+            failed.append(name)
+    if failed:
+        raise CliError(f"benchmark(s) failed: {failed}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fields = _config_fields()
+    parser = _Parser(prog=PROG, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from adaswitch import __version__
+
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _distill_parser(sub, fields)
+    _generate_parser(sub, fields)
+    _evaluate_parser(sub)
+    sub.add_parser(
+        "demo", help="the end-to-end demo (`adaswitch demo --help` for its options)", add_help=False
+    )
+    _bench_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv else None
+    try:
+        if command == "demo":  # the demo parses its own options
+            return _run_demo(argv[1:])
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return EXIT_ERROR
+        return args.run(args)
+    except SystemExit as exc:  # --help / --version
+        return exc.code if isinstance(exc.code, int) else 0
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one readable line, not a traceback
+        if os.environ.get("ADASWITCH_DEBUG"):
+            raise
+        where = f"{PROG} {command}" if command and not command.startswith("-") else PROG
+        kind = "" if isinstance(exc, (CliError, ValueError, TypeError)) else f"{type(exc).__name__}: "
+        print(f"{where}: error: {kind}{_first_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Tiny distillation runs shared by the training tests and the scripts they launch (torchrun, SIGKILL).
+
+Models come from tests/tiny_models.py (built from configs, fixed seeds), saved with save_pretrained so
+the command line and `from_pretrained` paths are exercised too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent.parent
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+
+from tiny_models import tiny_student, tiny_teacher, tiny_tokenizer  # noqa: E402
+
+NUMBERS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+
+
+def rows(n: int, *, same_length: bool = False) -> list[dict]:
+    """Prompt/completion rows of the tiny vocabulary; `same_length` makes every prompt 5 tokens."""
+    out = []
+    for i in range(n):
+        a, b = NUMBERS[i % 10], NUMBERS[(3 * i + 1) % 10]
+        prompt = (
+            f"what is {a} plus {b}" if same_length else " ".join(["what is", a] + ["plus", b] * (1 + i % 2))
+        )
+        out.append({"prompt": prompt, "completion": f"{a} plus {b} equals answer {i % 10}"})
+    return out
+
+
+def write_jsonl(path, data: list[dict]) -> str:
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in data))
+    return str(path)
+
+
+def write_models(root) -> tuple[str, str]:
+    """Saves the tiny teacher and student (each with the shared tokenizer) under root; returns their dirs."""
+    root = Path(root)
+    tok = tiny_tokenizer()
+    dirs = []
+    for name, model in (
+        ("teacher", tiny_teacher(max_positions=64)),
+        ("student", tiny_student(max_positions=64)),
+    ):
+        d = root / name
+        model.save_pretrained(d)
+        tok.save_pretrained(d)
+        dirs.append(str(d))
+    return dirs[0], dirs[1]
+
+
+def state_dict_file(model, path) -> None:
+    """Float64 copies of the weights, for exact comparisons across processes."""
+    import torch
+
+    torch.save({k: v.detach().double().cpu() for k, v in model.state_dict().items()}, path)
+
+
+def env_flag(name: str, default: str = "") -> str:
+    return os.environ.get(name, default)

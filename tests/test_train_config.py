@@ -1,0 +1,96 @@
+"""DistillConfig: every bad field is a ValueError naming it; the policy object matches the fields."""
+
+import math
+
+import pytest
+
+from adaswitch import SKD, AdaSwitch, DistillConfig, Mixed, Sampling, Student, Teacher
+
+
+def make(**kw):
+    return DistillConfig(output_dir="unused", report_to=[], use_cpu=True, **kw)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("policy", "greedy"),
+        ("lmbda", 1.5),
+        ("skd_top_k", -1),
+        ("window", 0),
+        ("k", 0.0),
+        ("k", math.nan),
+        ("switch_divergence", "kl"),
+        ("warmup", -2),
+        ("min_divergence", -0.1),
+        ("switch_temperature", 0.0),
+        ("student_temperature", -1.0),
+        ("teacher_top_k", 1.5),
+        ("student_top_p", 0.0),
+        ("max_new_tokens", 0),
+        ("lookahead", -1),
+        ("sync_every", 0),
+        ("max_prompt_length", 0),
+        ("loss_kind", "mse"),
+        ("beta", 2.0),
+        ("alpha", -0.5),
+        ("loss_temperature", math.inf),
+        ("token_mask", "prompt"),
+        ("remove_unused_columns", True),
+    ],
+)
+def test_bad_field_names_itself(field, value):
+    with pytest.raises(ValueError, match=field):
+        make(**{field: value})
+
+
+def test_combinations_that_make_no_sense():
+    with pytest.raises(ValueError, match="lookahead"):
+        make(policy="student", lookahead=4)
+    with pytest.raises(ValueError, match="token_mask"):
+        make(policy="dataset", token_mask="student")
+
+
+def test_build_policy():
+    s = Sampling(0.7, 5, 0.9)
+    t = Sampling(0.0, 0, 1.0)
+    kw = dict(student_temperature=0.7, student_top_k=5, student_top_p=0.9, teacher_temperature=0.0)
+    assert make(policy="dataset").build_policy() is None
+    assert make(policy="student", **kw).build_policy() == Student(sampling=s)
+    assert make(policy="teacher", **kw).build_policy() == Teacher(sampling=t)
+    assert make(policy="mixed", lmbda=0.25, **kw).build_policy() == Mixed(lmbda=0.25, sampling=s)
+    assert make(policy="skd", skd_top_k=3, **kw).build_policy() == SKD(
+        top_k=3, student_sampling=s, teacher_sampling=t
+    )
+    got = make(
+        policy="adaswitch",
+        window=4,
+        k=math.inf,
+        switch_divergence="jsd",
+        warmup=6,
+        min_divergence=0.5,
+        switch_temperature=2.0,
+        beta=0.3,
+        alpha=0.2,
+        **kw,
+    ).build_policy()
+    assert got == AdaSwitch(
+        window=4,
+        k=math.inf,
+        divergence="jsd",
+        warmup=6,
+        min_divergence=0.5,
+        divergence_temperature=2.0,
+        beta=0.3,
+        alpha=0.2,
+        student_sampling=s,
+        teacher_sampling=t,
+    )
+
+
+def test_fields_are_documented_and_completions_flag():
+    import dataclasses
+
+    ours = [f for f in dataclasses.fields(DistillConfig) if f.name in DistillConfig.__annotations__]
+    assert len(ours) > 20 and all(f.metadata.get("help") for f in ours)
+    assert make(policy="mixed").uses_completions and not make(policy="adaswitch").uses_completions
