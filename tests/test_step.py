@@ -25,8 +25,9 @@ def run(policy, student, teacher, impl, *, keys=None, seed=0, eos=NEVER, pad=0, 
         state = SwitchState.new(batch, policy.window if isinstance(policy, AdaSwitch) else 1)
     outs = []
     for i in range(n):
-        outs.append(fused_step(None if student is None else student[i], None if teacher is None else teacher[i],
-                               policy, state, seed=seed, keys=keys, position=torch.full((batch,), i),
+        s = None if student is None else student[i]
+        t = None if teacher is None else teacher[i]
+        outs.append(fused_step(s, t, policy, state, seed=seed, keys=keys, position=torch.full((batch,), i),
                                eos_token_id=eos, pad_token_id=pad, impl=impl))
     stack = lambda name: torch.stack([getattr(o, name) for o in outs], 1)
     return stack("token"), stack("from_teacher"), stack("divergence"), state
@@ -86,7 +87,8 @@ def test_adaswitch_switches_exactly_by_the_rule(impl, warmup, floor, expected):
     for b, at in enumerate(expected):
         at = N if at < 0 else at
         assert not from_teacher[b, :at].any() and from_teacher[b, at:].all()  # at most once, never reverts
-        assert torch.equal(tokens[b, :at], s_tokens[b, :at]) and torch.equal(tokens[b, at:], t_tokens[b, at:])
+        assert torch.equal(tokens[b, :at], s_tokens[b, :at])
+        assert torch.equal(tokens[b, at:], t_tokens[b, at:])
         assert torch.allclose(div[b, :at + 1], d_all[b, :at + 1], rtol=1e-5, atol=1e-6)  # incl. switch pos
         assert torch.isnan(div[b, at + 1:]).all()
         assert state.count[b] == at  # the window only grows before the switch
@@ -98,8 +100,8 @@ def test_adaswitch_switches_exactly_by_the_rule(impl, warmup, floor, expected):
 def test_k_inf_is_the_student_policy(impl):
     student, teacher = torch.randn(2, 10, 3, V).unbind(0)
     sampling = Sampling(temperature=0.8, top_k=20)
-    tok, ft, div, state = run(AdaSwitch(window=2, k=math.inf, student_sampling=sampling), student * 3, teacher,
-                              impl)
+    policy = AdaSwitch(window=2, k=math.inf, student_sampling=sampling)
+    tok, ft, div, state = run(policy, student * 3, teacher, impl)
     assert torch.equal(tok, run(Student(sampling), student * 3, None, impl)[0])
     assert not ft.any() and not torch.isnan(div).any() and state.switch_pos.tolist() == [-1] * 3
 
@@ -198,12 +200,12 @@ def test_no_host_sync(policy):
     keys, position = torch.arange(4), torch.zeros(4, dtype=torch.long)
     with SyncCounter() as counter:
         for _ in range(3):
-            fused_step(student, teacher, policy, state, seed=1, keys=keys, position=position, eos_token_id=3,
-                       pad_token_id=0, impl="torch")
+            fused_step(student, teacher, policy, state, seed=1, keys=keys, position=position,
+                       eos_token_id=3, pad_token_id=0, impl="torch")
             position = position + 1
         fused_lookahead(student[:, None].expand(4, 2, V), teacher[:, None].expand(4, 2, V),
-                        torch.zeros(4, 2, dtype=torch.long), policy, state, seed=1, keys=keys, position=position,
-                        eos_token_id=3, pad_token_id=0, impl="torch")
+                        torch.zeros(4, 2, dtype=torch.long), policy, state, seed=1, keys=keys,
+                        position=position, eos_token_id=3, pad_token_id=0, impl="torch")
     assert counter.count == 0
 
 
@@ -213,8 +215,8 @@ def test_bad_input():
     state = SwitchState.new(3, 4)
     ok = dict(seed=0, keys=keys, position=pos, eos_token_id=1, pad_token_id=0)
 
-    def call(student=s, teacher=t, policy=AdaSwitch(window=4), st=state, **kw):
-        return fused_step(student, teacher, policy, st, **{**ok, **kw})
+    def call(student=s, teacher=t, policy=None, st=state, **kw):
+        return fused_step(student, teacher, policy or AdaSwitch(window=4), st, **{**ok, **kw})
 
     cases = [
         (ValueError, "teacher_logits are required", dict(teacher=None)),
@@ -239,7 +241,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="window"):
         SwitchState.new(3, 0)
     with pytest.raises(ValueError, match="draft"):
-        fused_lookahead(s[:, None], t[:, None], torch.zeros(3, 2, dtype=torch.long), AdaSwitch(window=4), state,
-                        **ok)
+        fused_lookahead(s[:, None], t[:, None], torch.zeros(3, 2, dtype=torch.long), AdaSwitch(window=4),
+                        state, **ok)
     with pytest.raises(ValueError, match=r"\[B, G, V\]"):
         fused_lookahead(s, t, torch.zeros(3, 1, dtype=torch.long), AdaSwitch(window=4), state, **ok)
