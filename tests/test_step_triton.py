@@ -1,0 +1,181 @@
+"""The Triton step kernels (interpreter on CPU) against the PyTorch reference, and fused_lookahead against
+sequential fused_step calls on both backends (SPEC.md section 3: same tokens on every backend and mode)."""
+
+import math
+
+import pytest
+import torch
+
+from adaswitch._validation import KINDS
+from adaswitch.engine.policies import SKD, AdaSwitch, Mixed, Sampling, Student, Teacher
+from adaswitch.ops import SwitchState, fused_lookahead, fused_step, rng
+
+EOS, PAD = 4, 0
+
+
+def random_logits(n, batch, vocab, dtype, masked=True):
+    """Student and teacher logits [n, B, V]: a shared masked tail, scattered -inf, one peaked row."""
+    s, t = (torch.randn(2, n, batch, vocab) * 2).unbind(0)
+    if masked:
+        s[..., vocab - 3:] = t[..., vocab - 3:] = -math.inf  # padded vocabulary
+        t[:, 0, 7] = -math.inf  # teacher-only -inf: forward KL stays finite
+        s[:, 1, ::5] = s[:, 1, ::5] - 4.0
+    t[:, -1] *= 6  # a confident teacher row
+    return s.to(dtype), t.to(dtype)
+
+
+POLICIES = [
+    Student(Sampling(0.7, top_p=0.8)),
+    Teacher(Sampling(1.3, top_k=6)),
+    Mixed(0.5, Sampling(0)),
+    SKD(top_k=4, student_sampling=Sampling(0.5, top_p=0.5), teacher_sampling=Sampling(0.2, top_p=0.5)),
+    *[AdaSwitch(window=2, k=1.15, divergence=kind, beta=0.3, alpha=0.2, divergence_temperature=1.5,
+                teacher_sampling=Sampling(0))
+      for kind in KINDS],
+    AdaSwitch(window=3, k=1.1, warmup=4, min_divergence=0.2, divergence="jsd", beta=0.0),
+]
+
+
+def run_both(policy, s, t, **kw):
+    """Step both backends through the positions; return their per-position outputs and final states."""
+    n, batch = s.shape[:2]
+    window = policy.window if isinstance(policy, AdaSwitch) else 1
+    results = {}
+    for impl in ("torch", "triton"):
+        state = SwitchState.new(batch, window)
+        keys = torch.arange(batch) * 3
+        outs = [fused_step(s[i], t[i], policy, state, seed=17, keys=keys, position=torch.full((batch,), i),
+                           eos_token_id=EOS, pad_token_id=PAD, impl=impl, **kw)
+                for i in range(n)]
+        results[impl] = outs, state
+    return results
+
+
+def assert_same(results):
+    (ref_outs, ref_state), (tri_outs, tri_state) = results["torch"], results["triton"]
+    for a, b in zip(ref_outs, tri_outs):
+        assert torch.equal(a.token, b.token)
+        assert torch.equal(a.from_teacher, b.from_teacher)
+        assert torch.allclose(a.divergence, b.divergence, rtol=1e-5, atol=1e-5, equal_nan=True)
+    for name in ("count", "switched", "switch_pos", "finished"):
+        assert torch.equal(getattr(ref_state, name), getattr(tri_state, name)), name
+    assert torch.allclose(ref_state.window, tri_state.window, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: type(p).__name__ + getattr(p, "divergence", ""))
+def test_triton_matches_reference_fp32(policy):
+    s, t = random_logits(6, 5, 97, torch.float32)
+    assert_same(run_both(policy, s, t))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_matches_reference_half(dtype):
+    s, t = random_logits(5, 4, 130, dtype)
+    for policy in (POLICIES[3], POLICIES[4], POLICIES[6]):
+        assert_same(run_both(policy, s, t))
+
+
+def test_triton_multi_tile_rows():
+    """V above the kernel's 4096-wide tile: the running argmax / log-sum-exp cross tile borders."""
+    s, t = random_logits(3, 2, 4096 + 77, torch.float32)
+    s[:, 0, 4100] = t[:, 0, 4100] = 30.0  # the maximum lives in the ragged second tile
+    assert_same(run_both(AdaSwitch(window=1, k=1.05, divergence="jsd"), s, t))
+    assert_same(run_both(SKD(top_k=3), s, t))
+
+
+def test_triton_strided_rows():
+    s, t = random_logits(3, 3, 64, torch.float32, masked=False)
+    wide_s = torch.zeros(3, 3, 80)
+    wide_s[..., :64] = s
+    assert_same(run_both(AdaSwitch(window=1, k=1.5), wide_s[..., :64], t))
+
+
+# ------------------------------------------------------------------------------------------- lookahead
+
+def draft_tokens(s, policy, keys, position):
+    batch, g, _ = s.shape
+    return torch.stack([rng.sample(s[:, j], policy.student_sampling, seed=5, keys=keys,
+                                   positions=position + j, stream=rng.STREAM_STUDENT)
+                        for j in range(g)], 1)
+
+
+def sequential(s, t, policy, state, keys, position):
+    """What G fused_step calls give, row by row, stopping where the lookahead contract stops."""
+    batch, g, _ = s.shape
+    accepted, token, from_t = [], [], []
+    div = torch.full((batch, g), math.nan)
+    for b in range(batch):
+        st = SwitchState(*(getattr(state, f)[b:b + 1].clone() for f in
+                           ("window", "count", "switched", "switch_pos", "finished")))
+        n, tok, ft = 0, PAD, False
+        for j in range(g):
+            if st.finished[0]:
+                break
+            o = fused_step(s[b:b + 1, j], t[b:b + 1, j], policy, st, seed=5, keys=keys[b:b + 1],
+                           position=position[b:b + 1] + j, eos_token_id=EOS, pad_token_id=PAD, impl="torch")
+            div[b, j] = o.divergence[0]
+            if o.from_teacher[0]:
+                tok, ft = int(o.token[0]), True
+                break
+            n += 1
+        for f in ("window", "count", "switched", "switch_pos", "finished"):
+            getattr(state, f)[b] = getattr(st, f)[0]
+        accepted.append(n)
+        token.append(tok)
+        from_t.append(ft)
+    return torch.tensor(accepted), torch.tensor(token), torch.tensor(from_t), div
+
+
+def lookahead_setup(policy, batch=6, g=4, vocab=40):
+    torch.manual_seed(3)
+    s, t = (torch.randn(2, batch, g, vocab) * 2).unbind(0)
+    keys = torch.arange(batch) + 100
+    position = torch.tensor([0, 3, 5, 2, 7, 1])[:batch]
+    window = policy.window if isinstance(policy, AdaSwitch) else 1
+    state = SwitchState.new(batch, window)
+    state.count[:] = torch.tensor([0, 3, 5, 2, 7, 1])[:batch]
+    state.window.uniform_(0.5, 1.5)
+    state.finished[2] = True
+    state.switched[3] = True  # already switched: the teacher decides from draft index 0
+    s[4, 1, EOS] = 50.0  # row 4 drafts EOS at index 1: it finishes there if it gets that far
+    draft = draft_tokens(s, policy, keys, position)
+    return s, t, draft, state, keys, position
+
+
+LOOKAHEAD_POLICIES = [AdaSwitch(window=2, k=1.3), AdaSwitch(window=2, k=2.6), AdaSwitch(window=2, k=math.inf),
+                      AdaSwitch(window=3, k=1.6, divergence="tvd"), SKD(top_k=8), Student(), Teacher()]
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("policy", LOOKAHEAD_POLICIES, ids=lambda p: f"{type(p).__name__}-{getattr(p, 'k', '')}")
+def test_lookahead_equals_sequential_steps(policy, impl):
+    s, t, draft, state, keys, position = lookahead_setup(policy)
+    expected_state = SwitchState(*(getattr(state, f).clone() for f in
+                                   ("window", "count", "switched", "switch_pos", "finished")))
+    accepted, token, from_t, div = sequential(s, t, policy, expected_state, keys, position)
+    out = fused_lookahead(s, t, draft, policy, state, seed=5, keys=keys, position=position, eos_token_id=EOS,
+                          pad_token_id=PAD, impl=impl)
+    assert torch.equal(out.accepted, accepted)
+    assert torch.equal(out.token, token)
+    assert torch.equal(out.from_teacher, from_t)
+    assert torch.allclose(out.divergence, div, rtol=1e-5, atol=1e-5, equal_nan=True)
+    for f in ("count", "switched", "switch_pos", "finished"):
+        assert torch.equal(getattr(state, f), getattr(expected_state, f)), f
+    assert torch.allclose(state.window, expected_state.window, rtol=1e-5, atol=1e-5)
+    assert out.accepted[2] == 0 and out.token[2] == PAD  # finished before the call
+
+
+def test_lookahead_scan_sees_switches_and_eos():
+    """The setup above exercises what it claims: some rows switch mid-draft, one accepts all G."""
+    policy = AdaSwitch(window=2, k=2.6)
+    s, t, draft, state, keys, position = lookahead_setup(policy)
+    out = fused_lookahead(s, t, draft, policy, state, seed=5, keys=keys, position=position, eos_token_id=EOS,
+                          pad_token_id=PAD, impl="torch")
+    assert out.from_teacher[3] and out.accepted[3] == 0
+    switched_mid = (out.accepted > 0) & out.from_teacher
+    assert switched_mid.any()
+    assert (out.accepted == draft.shape[1]).any()
+    s, t, draft, state, keys, position = lookahead_setup(Student())
+    out = fused_lookahead(s, t, draft, Student(), state, seed=5, keys=keys, position=position,
+                          eos_token_id=EOS, pad_token_id=PAD, impl="torch")
+    assert draft[4, 1] == EOS and out.accepted[4] == 2 and state.finished[4] and not out.from_teacher[4]
