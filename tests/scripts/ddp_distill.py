@@ -1,4 +1,5 @@
-"""A few Distiller steps (plain SGD, so weights compare linearly in the gradients) on a fixed global batch of 4, under torchrun (2 x batch 2) or alone (1 x batch 4).
+"""A few Distiller steps on a fixed global batch of 4, under torchrun (2 x batch 2) or alone (1 x batch 4).
+Plain SGD, so the weights compare linearly in the gradients (Adam would amplify rounding in tiny ones).
 
     torchrun --nproc_per_node 2 tests/scripts/ddp_distill.py OUT     # gloo on CPU
     python tests/scripts/ddp_distill.py OUT
