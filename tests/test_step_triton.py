@@ -147,7 +147,8 @@ LOOKAHEAD_POLICIES = [AdaSwitch(window=2, k=1.3), AdaSwitch(window=2, k=2.6), Ad
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
-@pytest.mark.parametrize("policy", LOOKAHEAD_POLICIES, ids=lambda p: f"{type(p).__name__}{getattr(p, 'k', '')}")
+@pytest.mark.parametrize("policy", LOOKAHEAD_POLICIES,
+                         ids=lambda p: f"{type(p).__name__}{getattr(p, 'k', '')}")
 def test_lookahead_equals_sequential_steps(policy, impl):
     s, t, draft, state, keys, position = lookahead_setup(policy)
     expected_state = SwitchState(*(getattr(state, f).clone() for f in
