@@ -173,10 +173,12 @@ class Distiller(Trainer):
     # responses
 
     def _generation_seed(self) -> int:
-        """The draws depend on (seed, example key, position): varying the seed per epoch gives each epoch
-        fresh samples while a resumed run repeats exactly what an uninterrupted one does."""
-        epoch = int(self.state.epoch or 0) if self.model.training else 0
-        return (int(self.args.seed) + 1_000_003 * epoch) % (2**31 - 1)
+        """The draws depend on (seed, example key, position): a seed per optimizer step gives a row fresh
+        samples each time it is seen, and a resumed run repeats exactly what an uninterrupted one does.
+        Evaluation uses the fixed seed, so successive evaluations are comparable."""
+        if not self.model.training:
+            return int(self.args.seed) % (2**31 - 1)
+        return (int(self.args.seed) + 1_000_003 * (self.state.global_step + 1)) % (2**31 - 1)
 
     @torch.no_grad()
     def _responses(self, model, inputs):
