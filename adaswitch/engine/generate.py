@@ -374,7 +374,8 @@ def generate(
         isinstance(policy, Mixed) and policy.lmbda > 0)
     _check_model("student", student, needs_student, policy)
     _check_model("teacher", teacher, policy.uses_teacher, policy)
-    models = [m for m, used in ((student, needs_student), (teacher, policy.uses_teacher))
+    # Models that define the vocabulary and special ids (Mixed(0) runs none but may still get a student).
+    models = [m for m, used in ((student, policy.uses_student), (teacher, policy.uses_teacher))
               if used and m is not None]
     if not needs_student:
         student = None

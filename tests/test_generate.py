@@ -1,0 +1,257 @@
+"""adaswitch.generate on tiny random-init models (CPU): the equalities of SPEC.md section 3, EOS handling,
+host-sync bounds, bad inputs. A Qwen2-style teacher whose embedding is padded past the tokenizer's
+vocabulary (320 vs 300) and a Llama-style student, left-padded prompts of different lengths."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from tiny_models import EOS_ID, PAD_ID, VOCAB_SIZE, random_prompts, tiny_student, tiny_teacher
+
+from adaswitch import SKD, AdaSwitch, Mixed, Sampling, Student, Teacher, generate
+from adaswitch.engine.sync import SyncCounter
+from adaswitch.ops import rng
+
+N = 16
+B, P = 4, 6
+SWITCHY = AdaSwitch(window=3, k=1.1)  # switches within a few tokens on random models
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: intra-op threads only add contention (60x slower on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return tiny_teacher(vocab_size=VOCAB_SIZE + 20)  # embedding padded past the tokenizer vocabulary
+
+
+@pytest.fixture(scope="module")
+def student():
+    return tiny_student()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return random_prompts(B, P, min_len=2, seed=5)
+
+
+def run(student, teacher, prompts, policy, **kw):
+    ids, mask = prompts
+    kw.setdefault("max_new_tokens", N)
+    kw.setdefault("impl", "torch")
+    kw.update(policy=policy, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    return generate(student, teacher, ids, mask, **kw)
+
+
+def assert_same(a, b):
+    assert torch.equal(a.response, b.response)
+    assert torch.equal(a.from_teacher, b.from_teacher)
+    assert torch.equal(a.switch_position, b.switch_position)
+    assert torch.equal(a.lengths, b.lengths)
+    torch.testing.assert_close(a.divergence, b.divergence, equal_nan=True, atol=1e-5, rtol=1e-4)
+
+
+def test_output_shapes_and_semantics(student, teacher, prompts):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no deprecation warnings from our calls into transformers
+        out = run(student, teacher, prompts, SWITCHY)
+    ids, mask = prompts
+    assert out.sequences.shape == (B, P + N) and out.response.shape == (B, N)
+    assert torch.equal(out.sequences[:, :P], ids) and torch.equal(out.sequences[:, P:], out.response)
+    assert out.prompt_length == P
+    assert (out.response < VOCAB_SIZE).all()  # the teacher's padded logits are never sampled
+    sw = out.switch_position
+    assert (sw >= 0).any(), "the forced policy should switch on some row"
+    for r in range(B):
+        s = sw[r].item()
+        expected = torch.arange(N) >= s if s >= 0 else torch.zeros(N, dtype=torch.bool)
+        assert torch.equal(out.from_teacher[r], expected)
+        explored = torch.arange(N) <= s if s >= 0 else torch.ones(N, dtype=torch.bool)
+        assert torch.equal(~out.divergence[r].isnan(), explored)  # divergence at exploration positions
+    assert torch.equal(out.attention_mask, torch.cat([mask, torch.ones(B, N, dtype=torch.long)], 1))
+
+
+def test_teacher_greedy_matches_transformers_generate_with_eos():
+    teacher = tiny_teacher()
+    ids, mask = random_prompts(B, P, min_len=1, seed=7)
+    probe = teacher.generate(ids, attention_mask=mask, max_new_tokens=N, do_sample=False, pad_token_id=PAD_ID,
+                             eos_token_id=None)
+    eos = int(probe[0, P + 5])  # a token row 0 emits: makes row 0 end early
+    assert eos != PAD_ID
+    ref = teacher.generate(ids, attention_mask=mask, max_new_tokens=N, do_sample=False, pad_token_id=PAD_ID,
+                           eos_token_id=eos)
+    out = generate(None, teacher, ids, mask, policy=Teacher(Sampling(temperature=0)), max_new_tokens=N,
+                   eos_token_id=eos, pad_token_id=PAD_ID, impl="torch")
+    width = ref.shape[1] - P
+    assert torch.equal(out.response[:, :width], ref[:, P:])
+    assert (out.response[:, width:] == PAD_ID).all()
+    first = (out.response[0] == eos).nonzero()[0, 0].item()
+    assert out.lengths[0].item() == first + 1 <= 6
+    assert (out.response[0, first + 1:] == PAD_ID).all() and not out.from_teacher[0, first + 1:].any()
+    assert out.attention_mask[0, P:].sum().item() == first + 1
+    assert out.from_teacher[0, : first + 1].all()
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [SWITCHY, AdaSwitch(window=2, k=1.05, warmup=4, student_sampling=Sampling(0.7, top_p=0.9)),
+     SKD(top_k=5), SKD(top_k=40, student_sampling=Sampling(top_k=30), teacher_sampling=Sampling(0.5))],
+    ids=["adaswitch", "adaswitch-warmup-topp", "skd5", "skd40-filtered"],
+)
+@pytest.mark.parametrize("g", [1, 3, 5])
+def test_lookahead_equals_step(student, teacher, prompts, policy, g):
+    step = run(student, teacher, prompts, policy)
+    look = run(student, teacher, prompts, policy, lookahead=g, sync_every=3)
+    assert_same(step, look)
+
+
+def test_adaswitch_infinite_k_is_student(student, teacher, prompts):
+    ref = run(student, teacher, prompts, Student())
+    for g in (0, 4):
+        out = run(student, teacher, prompts, AdaSwitch(k=math.inf), lookahead=g)
+        assert torch.equal(out.response, ref.response)
+        assert not out.from_teacher.any() and (out.switch_position == -1).all()
+        assert not out.divergence.isnan().any()  # every position explored
+
+
+def test_skd_extremes(student, teacher, prompts):
+    ref_student = run(student, teacher, prompts, Student())
+    all_kept = run(student, teacher, prompts, SKD(top_k=VOCAB_SIZE + 20))
+    assert torch.equal(all_kept.response, ref_student.response) and not all_kept.from_teacher.any()
+    ts = Sampling(temperature=0.8)
+    # Teacher alone would sample its padded vocabulary too; SKD cuts both models to the shared 300.
+    ref_teacher = run(student, teacher, prompts, Teacher(ts), vocab_size=VOCAB_SIZE)
+    for g in (0, 3):
+        none_kept = run(student, teacher, prompts, SKD(top_k=0, teacher_sampling=ts), lookahead=g)
+        assert torch.equal(none_kept.response, ref_teacher.response)
+        assert none_kept.from_teacher.all()
+
+
+def test_batch_invariance_with_example_keys(student, teacher):
+    ids, mask = random_prompts(5, 7, min_len=2, seed=11)
+    keys = torch.tensor([40, 41, 42, 43, 44])
+    for policy, g in ((SWITCHY, 0), (SWITCHY, 3), (SKD(top_k=5), 0)):
+        kw = dict(policy=policy, max_new_tokens=N, eos_token_id=EOS_ID, pad_token_id=PAD_ID, lookahead=g,
+                  impl="torch")
+        full = generate(student, teacher, ids, mask, example_keys=keys, **kw)
+        # Row 3 alone, unpadded, then rows (3, 0) reordered with extra left padding.
+        n3 = int(mask[3].sum())
+        alone = generate(student, teacher, ids[3:4, -n3:], None, example_keys=[43], **kw)
+        pad = torch.full((2, 3), PAD_ID)
+        re_ids = torch.cat([pad, ids[[3, 0]]], 1)
+        re_mask = torch.cat([torch.zeros(2, 3, dtype=torch.long), mask[[3, 0]]], 1)
+        mixed = generate(student, teacher, re_ids, re_mask, example_keys=keys[[3, 0]], **kw)
+        for other, row in ((alone, 0), (mixed, 0)):
+            assert torch.equal(other.response[row], full.response[3])
+            assert torch.equal(other.from_teacher[row], full.from_teacher[3])
+            assert other.switch_position[row] == full.switch_position[3]
+        assert torch.equal(mixed.response[1], full.response[0])
+
+
+def test_mixed_rows(student, teacher, prompts):
+    completions = torch.randint(4, VOCAB_SIZE, (B, 10))
+    completions[1, 7:] = PAD_ID  # a shorter completion
+    completions[2, 4] = EOS_ID
+    policy = Mixed(lmbda=0.5)
+    out = run(student, teacher, prompts, policy, completions=completions)
+    coin = rng.mixed_coin(0, torch.arange(B), 0.5)
+    assert torch.equal(out.from_dataset, ~coin) and coin.any() and (~coin).any()
+    ref = run(student, teacher, prompts, Student())
+    for r in range(B):
+        if coin[r]:
+            assert torch.equal(out.response[r], ref.response[r])
+        else:
+            n = int(out.lengths[r])
+            assert torch.equal(out.response[r, :n], completions[r, :n])
+            assert (out.response[r, n:] == PAD_ID).all()
+            assert n == {1: 7, 2: 5}.get(r, 10)
+    assert not out.from_teacher.any()
+    everything = run(student, teacher, prompts, Mixed(lmbda=0.0), completions=completions)
+    assert everything.from_dataset.all()
+
+
+SYNC_POLICIES = [
+    (Student(), 0), (Teacher(), 0), (Mixed(0.5), 0), (SKD(top_k=5), 0), (SKD(top_k=5), 4),
+    (SWITCHY, 0), (SWITCHY, 4), (AdaSwitch(k=math.inf), 2),
+]
+
+
+@pytest.mark.parametrize("policy,g", SYNC_POLICIES, ids=lambda x: type(x).__name__ if not isinstance(x, int) else str(x))
+def test_host_syncs_bounded(student, teacher, prompts, policy, g):
+    n, every = 24, 4
+    kw = {"completions": torch.randint(4, VOCAB_SIZE, (B, 5))} if isinstance(policy, Mixed) else {}
+    with SyncCounter() as counter:
+        run(student, teacher, prompts, policy, max_new_tokens=n, lookahead=g, sync_every=every, **kw)
+    # ceil(n / every) loop reads + 2 argument checks (prompt padding, token range) before the loop
+    assert counter.count <= math.ceil(n / every) + 2, dict(counter.by_op)
+
+
+def test_sync_counter_counts_host_reads():
+    x = torch.arange(6.0)
+    with SyncCounter() as counter:
+        x[1].item()
+        bool(x[2] > 1)
+        x.tolist()
+        x[x > 2]
+        torch.equal(x, x)
+        y = x * 2  # no read
+    assert counter.count == 5, dict(counter.by_op)
+    assert y.tolist() == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0]  # Tensor.tolist restored
+
+
+def test_triton_matches_reference(student, teacher):
+    ids, mask = random_prompts(2, 4, min_len=2, seed=3)
+    for policy, g in ((SWITCHY, 0), (SKD(top_k=5), 2)):
+        kw = dict(policy=policy, max_new_tokens=6, eos_token_id=EOS_ID, pad_token_id=PAD_ID, lookahead=g)
+        ref = generate(student, teacher, ids, mask, impl="torch", **kw)
+        tri = generate(student, teacher, ids, mask, impl="triton", **kw)
+        assert_same(ref, tri)
+
+
+def _bad(models, prompts, match, **kw):
+    """generate(...) with one argument changed from a valid call raises an error matching `match`."""
+    args = dict(student=models[0], teacher=models[1], input_ids=prompts[0], attention_mask=prompts[1],
+                policy=SWITCHY, max_new_tokens=N, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    args.update(kw)
+    with pytest.raises((ValueError, TypeError), match=match):
+        generate(**args)
+
+
+def test_bad_inputs(student, teacher, prompts):
+    ids, mask = prompts
+    no_eos = tiny_student()
+    no_eos.config.eos_token_id = None
+    no_eos.config.pad_token_id = None
+    other_tok = tiny_student()
+    other_tok.config.eos_token_id = 5
+    small_vocab = tiny_student(vocab_size=100)
+    short = tiny_student(max_positions=P + 4)
+    _bad((student, teacher), prompts, "policy must be", policy="adaswitch")
+    _bad((student, teacher), prompts, "student is required", student=None)
+    _bad((student, teacher), prompts, "teacher is required", teacher=None)
+    _bad((no_eos, teacher), prompts, "eos_token_id is missing", eos_token_id=None, teacher=None, policy=Student())
+    _bad((no_eos, teacher), prompts, "pad_token_id is missing", pad_token_id=None, teacher=None, policy=Student())
+    _bad((other_tok, teacher), prompts, "share a tokenizer")
+    _bad((small_vocab, teacher), prompts, r"input_ids must lie in \[0, 100\)")
+    _bad((student, teacher), prompts, "vocab_size=400 exceeds", vocab_size=400)
+    _bad((student, teacher), prompts, "eos_token_id must be an int", eos_token_id=VOCAB_SIZE)
+    _bad((short, teacher), prompts, "max_position_embeddings", max_new_tokens=5)
+    _bad((student, teacher), prompts, "max_new_tokens must be", max_new_tokens=0)
+    _bad((student, teacher), prompts, "left padding", attention_mask=mask.flip(1))
+    _bad((student, teacher), prompts, "input_ids must be an int64", input_ids=ids.float())
+    _bad((student, teacher), prompts, "lookahead > 0 applies", policy=Student(), lookahead=2)
+    _bad((student, teacher), prompts, "sync_every must be", sync_every=0)
+    _bad((student, teacher), prompts, "cuda_graph=True needs CUDA", cuda_graph=True)
+    _bad((student, teacher), prompts, "completions are required", policy=Mixed(0.5))
+    _bad((student, teacher), prompts, "completions apply", completions=ids)
+    _bad((student, teacher), prompts, "example_keys must be", example_keys=[1, 2])
+    sliding = tiny_teacher()
+    sliding.config.layer_types = ["sliding_attention"] * sliding.config.num_hidden_layers
+    _bad((student, sliding), prompts, "full-attention layers only")
