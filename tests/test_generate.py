@@ -183,7 +183,7 @@ SYNC_POLICIES = [
 ]
 
 
-@pytest.mark.parametrize("policy,g", SYNC_POLICIES, ids=lambda x: type(x).__name__ if not isinstance(x, int) else str(x))
+@pytest.mark.parametrize("policy,g", SYNC_POLICIES, ids=[f"{type(p).__name__}-{g}" for p, g in SYNC_POLICIES])
 def test_host_syncs_bounded(student, teacher, prompts, policy, g):
     n, every = 24, 4
     kw = {"completions": torch.randint(4, VOCAB_SIZE, (B, 5))} if isinstance(policy, Mixed) else {}
@@ -236,8 +236,8 @@ def test_bad_inputs(student, teacher, prompts):
     _bad((student, teacher), prompts, "policy must be", policy="adaswitch")
     _bad((student, teacher), prompts, "student is required", student=None)
     _bad((student, teacher), prompts, "teacher is required", teacher=None)
-    _bad((no_eos, teacher), prompts, "eos_token_id is missing", eos_token_id=None, teacher=None, policy=Student())
-    _bad((no_eos, teacher), prompts, "pad_token_id is missing", pad_token_id=None, teacher=None, policy=Student())
+    _bad((no_eos, None), prompts, "eos_token_id is missing", eos_token_id=None, policy=Student())
+    _bad((no_eos, None), prompts, "pad_token_id is missing", pad_token_id=None, policy=Student())
     _bad((other_tok, teacher), prompts, "share a tokenizer")
     _bad((small_vocab, teacher), prompts, r"input_ids must lie in \[0, 100\)")
     _bad((student, teacher), prompts, "vocab_size=400 exceeds", vocab_size=400)
