@@ -7,6 +7,7 @@ import pytest
 import torch
 from adaswitch.kernels.triton.step import uniform_triton
 
+from adaswitch._backend import native_available, native_ops
 from adaswitch.engine.policies import Sampling
 from adaswitch.ops import rng
 
@@ -114,3 +115,36 @@ def test_seed_validation():
     for bad in (1.5, True, 2**64, -(2**63) - 1, "0"):
         with pytest.raises(TypeError, match="seed"):
             rng.check_seed(bad)
+
+
+NO_NATIVE = not (native_available() and hasattr(native_ops(), "gumbel_argmax"))
+
+
+@pytest.mark.skipif(NO_NATIVE, reason="adaswitch._C not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_native_draws_match_reference(dtype):
+    """kernels/csrc/step.cpp draws the same tokens as rng.sample (same bits, same score arithmetic)."""
+    x = (torch.randn(48, 1500) * 3).to(dtype)
+    x[:, 1400:] = -math.inf
+    keys, pos = torch.arange(48) * 5 - 7, torch.arange(48)
+    samplings = (Sampling(), Sampling(0.7), Sampling(1.3, top_k=20), Sampling(0.9, top_p=0.8), Sampling(0))
+    for sampling in samplings:
+        thr = None
+        if sampling.filtered:
+            scaled = rng.scale_logits(x, sampling.temperature)
+            thr = rng.filter_threshold(scaled, sampling.top_k, sampling.top_p)
+        inv = 1.0 if sampling.greedy else 1.0 / sampling.temperature
+        got = native_ops().gumbel_argmax(x, keys, pos, rng.seed_hash(11), 1, inv, thr, sampling.greedy)
+        assert torch.equal(got, rng.sample(x, sampling, seed=11, keys=keys, positions=pos, stream=1))
+
+
+@pytest.mark.skipif(NO_NATIVE, reason="adaswitch._C not built")
+def test_native_op_checks_its_arguments():
+    op = native_ops().gumbel_argmax
+    x, keys = torch.randn(3, 10), torch.arange(3)
+    with pytest.raises(RuntimeError, match="keys"):
+        op(x, keys.int(), keys, 0, 0, 1.0, None, False)
+    with pytest.raises(RuntimeError, match="threshold"):
+        op(x, keys, keys, 0, 0, 1.0, torch.zeros(2), False)
+    with pytest.raises(RuntimeError, match="logits"):
+        op(x[0], keys, keys, 0, 0, 1.0, None, False)

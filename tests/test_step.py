@@ -8,10 +8,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from adaswitch import reference
+from adaswitch._backend import native_available, native_ops
 from adaswitch.engine.policies import SKD, AdaSwitch, Mixed, Sampling, Student, Teacher
 from adaswitch.ops import SwitchState, fused_lookahead, fused_step
 
-IMPLS = ["torch", "triton"]
+NO_NATIVE = not (native_available() and hasattr(native_ops(), "gumbel_argmax"))
+NATIVE = pytest.param("native", marks=pytest.mark.skipif(NO_NATIVE, reason="adaswitch._C not built"))
+IMPLS = ["torch", "triton", NATIVE]
 V = 50
 NEVER = V  # an eos id no row ever emits
 
@@ -191,21 +194,22 @@ class SyncCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("impl", ["torch", NATIVE])
 @pytest.mark.parametrize("policy", [Student(Sampling(top_p=0.9)), Teacher(Sampling(0.7, top_k=5)), Mixed(),
                                     SKD(top_k=3), AdaSwitch(window=2, divergence="jsd")],
                          ids=lambda p: type(p).__name__)
-def test_no_host_sync(policy):
+def test_no_host_sync(policy, impl):
     student, teacher = torch.randn(2, 4, V).unbind(0)
     state = SwitchState.new(4, getattr(policy, "window", 1))
     keys, position = torch.arange(4), torch.zeros(4, dtype=torch.long)
     with SyncCounter() as counter:
         for _ in range(3):
             fused_step(student, teacher, policy, state, seed=1, keys=keys, position=position,
-                       eos_token_id=3, pad_token_id=0, impl="torch")
+                       eos_token_id=3, pad_token_id=0, impl=impl)
             position = position + 1
         fused_lookahead(student[:, None].expand(4, 2, V), teacher[:, None].expand(4, 2, V),
                         torch.zeros(4, 2, dtype=torch.long), policy, state, seed=1, keys=keys,
-                        position=position, eos_token_id=3, pad_token_id=0, impl="torch")
+                        position=position, eos_token_id=3, pad_token_id=0, impl=impl)
     assert counter.count == 0
 
 
@@ -232,7 +236,6 @@ def test_bad_input():
         (TypeError, "state", dict(st=None)),
         (TypeError, "seed", dict(seed=0.5)),
         (TypeError, "eos_token_id", dict(eos_token_id=None)),
-        (ValueError, "impl", dict(impl="native")),
         (ValueError, "impl", dict(impl="cuda")),
     ]
     for exc, match, kw in cases:

@@ -1,16 +1,21 @@
-"""The Triton step kernels (interpreter on CPU) against the PyTorch reference, and fused_lookahead against
-sequential fused_step calls on both backends (SPEC.md section 3: same tokens on every backend and mode)."""
+"""The Triton step kernels (interpreter on CPU) and the native CPU path against the PyTorch reference, and
+fused_lookahead against sequential fused_step calls on every backend (SPEC.md section 3: same tokens on
+every backend and mode)."""
 
 import math
 
 import pytest
 import torch
 
+from adaswitch._backend import native_available, native_ops
 from adaswitch._validation import KINDS
 from adaswitch.engine.policies import SKD, AdaSwitch, Mixed, Sampling, Student, Teacher
 from adaswitch.ops import SwitchState, fused_lookahead, fused_step, rng
 
 EOS, PAD = 4, 0
+NO_NATIVE = not (native_available() and hasattr(native_ops(), "gumbel_argmax"))
+NATIVE = pytest.param("native", marks=pytest.mark.skipif(NO_NATIVE, reason="adaswitch._C not built"))
+FAST = ["triton", NATIVE]  # the implementations checked against the reference
 
 
 def random_logits(n, batch, vocab, dtype, masked=True):
@@ -36,23 +41,23 @@ POLICIES = [
 ]
 
 
-def run_both(policy, s, t, **kw):
-    """Step both backends through the positions; return their per-position outputs and final states."""
+def run_both(policy, s, t, impl):
+    """Step the reference and `impl` through the positions; return their per-position outputs and states."""
     n, batch = s.shape[:2]
     window = policy.window if isinstance(policy, AdaSwitch) else 1
     results = {}
-    for impl in ("torch", "triton"):
+    for which in ("torch", impl):
         state = SwitchState.new(batch, window)
         keys = torch.arange(batch) * 3
         outs = [fused_step(s[i], t[i], policy, state, seed=17, keys=keys, position=torch.full((batch,), i),
-                           eos_token_id=EOS, pad_token_id=PAD, impl=impl, **kw)
+                           eos_token_id=EOS, pad_token_id=PAD, impl=which)
                 for i in range(n)]
-        results[impl] = outs, state
+        results[which if which == "torch" else "fast"] = outs, state
     return results
 
 
 def assert_same(results):
-    (ref_outs, ref_state), (tri_outs, tri_state) = results["torch"], results["triton"]
+    (ref_outs, ref_state), (tri_outs, tri_state) = results["torch"], results["fast"]
     for a, b in zip(ref_outs, tri_outs):
         assert torch.equal(a.token, b.token)
         assert torch.equal(a.from_teacher, b.from_teacher)
@@ -63,31 +68,35 @@ def assert_same(results):
 
 
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: type(p).__name__ + getattr(p, "divergence", ""))
-def test_triton_matches_reference_fp32(policy):
+@pytest.mark.parametrize("impl", FAST)
+def test_matches_reference_fp32(policy, impl):
     s, t = random_logits(6, 5, 97, torch.float32)
-    assert_same(run_both(policy, s, t))
+    assert_same(run_both(policy, s, t, impl))
 
 
+@pytest.mark.parametrize("impl", FAST)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_triton_matches_reference_half(dtype):
+def test_matches_reference_half(dtype, impl):
     s, t = random_logits(5, 4, 130, dtype)
     for policy in (POLICIES[3], POLICIES[4], POLICIES[6]):
-        assert_same(run_both(policy, s, t))
+        assert_same(run_both(policy, s, t, impl))
 
 
-def test_triton_multi_tile_rows():
-    """V above the kernel's 4096-wide tile: the running argmax / log-sum-exp cross tile borders."""
+@pytest.mark.parametrize("impl", FAST)
+def test_multi_tile_rows(impl):
+    """V above the kernels' 4096-wide tile (and 512-wide native block): argmax / log-sum-exp cross borders."""
     s, t = random_logits(3, 2, 4096 + 77, torch.float32)
     s[:, 0, 4100] = t[:, 0, 4100] = 30.0  # the maximum lives in the ragged second tile
-    assert_same(run_both(AdaSwitch(window=1, k=1.05, divergence="jsd"), s, t))
-    assert_same(run_both(SKD(top_k=3), s, t))
+    assert_same(run_both(AdaSwitch(window=1, k=1.05, divergence="jsd"), s, t, impl))
+    assert_same(run_both(SKD(top_k=3), s, t, impl))
 
 
-def test_triton_strided_rows():
+@pytest.mark.parametrize("impl", FAST)
+def test_strided_rows(impl):
     s, t = random_logits(3, 3, 64, torch.float32, masked=False)
     wide_s = torch.zeros(3, 3, 80)
     wide_s[..., :64] = s
-    assert_same(run_both(AdaSwitch(window=1, k=1.5), wide_s[..., :64], t))
+    assert_same(run_both(AdaSwitch(window=1, k=1.5), wide_s[..., :64], t, impl))
 
 
 # ------------------------------------------------------------------------------------------- lookahead
@@ -146,7 +155,7 @@ LOOKAHEAD_POLICIES = [AdaSwitch(window=2, k=1.3), AdaSwitch(window=2, k=2.6), Ad
                       AdaSwitch(window=3, k=1.6, divergence="tvd"), SKD(top_k=8), Student(), Teacher()]
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["torch", *FAST])
 @pytest.mark.parametrize("policy", LOOKAHEAD_POLICIES,
                          ids=lambda p: f"{type(p).__name__}{getattr(p, 'k', '')}")
 def test_lookahead_equals_sequential_steps(policy, impl):

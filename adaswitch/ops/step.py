@@ -2,8 +2,9 @@
 device, every row's next token under a generation policy (SPEC.md sections 2-4) and updates the rows'
 switching state. `fused_lookahead` does the same for G drafted positions at once (lookahead mode).
 
-Dispatch: the Triton kernel (kernels/triton/step.py) or this file's PyTorch reference; both draw with
-the counter-based RNG of adaswitch.ops.rng, so they give the same tokens. No host sync anywhere here:
+Dispatch: the Triton kernel (kernels/triton/step.py), the native CPU path (the draws by the fused C++ op
+kernels/csrc/step.cpp, the rest in PyTorch ops) or this file's PyTorch reference; all draw with the
+counter-based RNG of adaswitch.ops.rng, so they give the same tokens. No host sync anywhere here:
 every decision is a tensor operation, Python branches only on the policy (a config, not data).
 """
 
@@ -15,10 +16,11 @@ from dataclasses import dataclass
 import torch
 
 from adaswitch import reference
-from adaswitch._backend import resolve_impl
+from adaswitch._backend import native_ops, resolve_impl
 from adaswitch._validation import FLOAT_DTYPES
 from adaswitch.engine.policies import SKD, AdaSwitch, Mixed, Student, Teacher, check_policy
 from adaswitch.ops import rng
+from adaswitch.ops.divergence import token_divergence
 
 
 @dataclass
@@ -143,9 +145,9 @@ def _check_inputs(student_logits, teacher_logits, policy, state, keys, position,
 
 
 def _impl(impl, device) -> str:
-    if impl == "native":
-        raise ValueError("impl='native': fused_step has no native CPU op; use 'torch' or 'triton'")
-    return resolve_impl(impl, device, native_op="fused_step")
+    """"triton", "native" (the draws by the fused C++ op, the divergence by token_divergence's native op,
+    the decisions in PyTorch) or "torch"."""
+    return resolve_impl(impl, device, native_op="gumbel_argmax")
 
 
 # ------------------------------------------------------------------------------------- shared pieces
@@ -158,7 +160,11 @@ def _thresholds(logits, sampling):
     return rng.filter_threshold(scaled, sampling.top_k, sampling.top_p)
 
 
-def _draw(logits, sampling, thr, seed, keys, positions, stream):
+def _draw(logits, sampling, thr, seed, keys, positions, stream, native=False):
+    if native:
+        inv = 1.0 if sampling.greedy else 1.0 / sampling.temperature
+        return native_ops().gumbel_argmax(logits, keys, positions, rng.seed_hash(seed), stream, inv, thr,
+                                          sampling.greedy)
     if sampling.greedy:
         return torch.argmax(logits.float(), dim=-1)
     x = rng.scale_logits(logits, sampling.temperature)
@@ -175,7 +181,10 @@ def _teacher_rank(teacher_logits, token):
     return ((t > ty) | ((t == ty) & (ids < token[:, None]))).sum(-1)
 
 
-def _divergence(student_logits, teacher_logits, policy: AdaSwitch):
+def _divergence(student_logits, teacher_logits, policy: AdaSwitch, native=False):
+    if native and hasattr(native_ops(), "token_divergence"):
+        return token_divergence(student_logits, teacher_logits, policy.divergence, beta=policy.beta,
+                                alpha=policy.alpha, temperature=policy.divergence_temperature, impl="native")
     return reference.divergence_rows(student_logits, teacher_logits, policy.divergence, beta=policy.beta,
                                      alpha=policy.alpha, temperature=policy.divergence_temperature,
                                      dtype=torch.float32)
@@ -199,7 +208,8 @@ def _switch_rule(d, state: SwitchState, policy: AdaSwitch, explore, position):
 
 # -------------------------------------------------------------------------------------- reference
 
-def _step_torch(student_logits, teacher_logits, policy, state, seed, keys, position, eos, pad):
+def _step_eager(student_logits, teacher_logits, policy, state, seed, keys, position, eos, pad, native):
+    """The step in PyTorch ops (the reference when native is False)."""
     batch = keys.shape[0]
     device = keys.device
     ss, ts = policy.student_sampling, policy.teacher_sampling
@@ -207,10 +217,10 @@ def _step_torch(student_logits, teacher_logits, policy, state, seed, keys, posit
     ys = yt = None
     if student_logits is not None and policy.uses_student:
         ys = _draw(student_logits, ss, _thresholds(student_logits, ss), seed, keys, position,
-                   rng.STREAM_STUDENT)
+                   rng.STREAM_STUDENT, native)
     if teacher_logits is not None and policy.uses_teacher:
         yt = _draw(teacher_logits, ts, _thresholds(teacher_logits, ts), seed, keys, position,
-                   rng.STREAM_TEACHER)
+                   rng.STREAM_TEACHER, native)
     if isinstance(policy, (Student, Mixed)):
         token, from_teacher = ys, torch.zeros(batch, dtype=torch.bool, device=device)
     elif isinstance(policy, Teacher):
@@ -221,7 +231,7 @@ def _step_torch(student_logits, teacher_logits, policy, state, seed, keys, posit
     elif ys is None:  # AdaSwitch without student logits: every live row has switched
         token, from_teacher = yt, torch.ones(batch, dtype=torch.bool, device=device)
     else:
-        d = _divergence(student_logits, teacher_logits, policy)
+        d = _divergence(student_logits, teacher_logits, policy, native)
         explore = ~state.switched & ~state.finished
         _switch_rule(d, state, policy, explore, position)
         from_teacher = state.switched.clone()
@@ -234,7 +244,8 @@ def _step_torch(student_logits, teacher_logits, policy, state, seed, keys, posit
     return StepOutput(token, from_teacher, divergence)
 
 
-def _lookahead_torch(student_logits, teacher_logits, draft, policy, state, seed, keys, position, eos, pad):
+def _lookahead_eager(student_logits, teacher_logits, draft, policy, state, seed, keys, position, eos, pad,
+                     native):
     batch, g, vocab = teacher_logits.shape
     device = keys.device
     positions = position[:, None] + torch.arange(g, device=device)
@@ -242,10 +253,10 @@ def _lookahead_torch(student_logits, teacher_logits, draft, policy, state, seed,
     flat_t = teacher_logits.reshape(batch * g, vocab)
     ts = policy.teacher_sampling
     yt = _draw(flat_t, ts, _thresholds(flat_t, ts), seed, flat_keys, positions.reshape(-1),
-               rng.STREAM_TEACHER).view(batch, g)
+               rng.STREAM_TEACHER, native).view(batch, g)
     divergence = torch.full((batch, g), math.nan, device=device)
     if isinstance(policy, AdaSwitch):
-        d_all = _divergence(student_logits.reshape(batch * g, vocab), flat_t, policy).view(batch, g)
+        d_all = _divergence(student_logits.reshape(batch * g, vocab), flat_t, policy, native).view(batch, g)
     if isinstance(policy, SKD):
         keep_all = (_teacher_rank(flat_t, draft.reshape(-1)) < policy.top_k).view(batch, g)
     active = ~state.finished
@@ -293,7 +304,8 @@ def fused_step(student_logits, teacher_logits, policy, state: SwitchState, *, se
         seed, keys: the RNG's seed and each row's example key (int64 [B]).
         position: int64 [B], each row's response index i (the RNG counter and the switch position).
         eos_token_id: a row that emits it finishes; pad_token_id: what finished rows emit.
-        impl: "auto" (Triton on CUDA, else PyTorch), "triton" or "torch".
+        impl: "auto" (Triton on CUDA, the native op on CPU when built, else PyTorch), "triton", "native"
+            or "torch".
 
     Returns:
         StepOutput(token, from_teacher, divergence).
@@ -305,13 +317,14 @@ def fused_step(student_logits, teacher_logits, policy, state: SwitchState, *, se
         raise ValueError(f"logits must be [B, V] tensors, got {getattr(ref, 'shape', type(ref).__name__)}")
     _check_inputs(student_logits, teacher_logits, policy, state, keys, position, (ref.shape[0],), seed,
                   eos_token_id, pad_token_id)
-    if _impl(impl, ref.device) == "triton":
+    which = _impl(impl, ref.device)
+    if which == "triton":
         from adaswitch.kernels.triton.step import fused_step_triton
 
         return fused_step_triton(student_logits, teacher_logits, policy, state, seed, keys, position,
                                  eos_token_id, pad_token_id)
-    return _step_torch(student_logits, teacher_logits, policy, state, seed, keys, position, eos_token_id,
-                       pad_token_id)
+    return _step_eager(student_logits, teacher_logits, policy, state, seed, keys, position, eos_token_id,
+                       pad_token_id, which == "native")
 
 
 @torch.no_grad()
@@ -347,11 +360,12 @@ def fused_lookahead(student_logits, teacher_logits, draft, policy, state: Switch
         raise ValueError(f"draft must be an int64 tensor of shape {(batch, g)}, got {got}")
     if draft.device != teacher_logits.device:
         raise ValueError(f"draft must be on {teacher_logits.device}, got {draft.device}")
-    if _impl(impl, teacher_logits.device) == "triton":
+    which = _impl(impl, teacher_logits.device)
+    if which == "triton":
         from adaswitch.kernels.triton.step import fused_lookahead_triton
 
         return fused_lookahead_triton(student_logits, teacher_logits, draft, policy, state, seed, keys,
                                       position, eos_token_id, pad_token_id)
-    return _lookahead_torch(student_logits, teacher_logits, draft, policy, state, seed, keys, position,
-                            eos_token_id, pad_token_id)
+    return _lookahead_eager(student_logits, teacher_logits, draft, policy, state, seed, keys, position,
+                            eos_token_id, pad_token_id, which == "native")
 

@@ -1,0 +1,160 @@
+// torch.ops.adaswitch.gumbel_argmax: the decode step's per-row Gumbel-max draw on CPU, fused.
+//
+// token[r] = argmax_i(logits[r, i] * inv_temperature + g[r, i]) over entries >= threshold[r] (top_k /
+// top_p, when given), g = -log(-log u) with u the counter-based uniform of adaswitch/ops/rng.py for
+// (seed, keys[r], positions[r], stream, i); greedy: argmax of the raw logits. Ties go to the lowest id.
+// The PyTorch reference needs ~40 passes over [B, V] int64 tensors for the hash; here the hash, the
+// two logs and the argmax run in one pass over L1-sized blocks (hash loop auto-vectorised in uint32,
+// logs with at::vec, i.e. the same Sleef routine torch.log uses), rows in parallel.
+//
+// Same bits as the reference and kernels/triton/step.py: murmur3 fmix32 chained over the counters,
+// u = ((bits >> 9) + 0.5) / 2^23. Scores are formed as (x * inv_t) + g with no FMA contraction, as
+// PyTorch does, so tokens agree with the reference up to a last-ulp difference of log in a near-tie.
+
+#if !defined(CPU_CAPABILITY)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#else
+#define CPU_CAPABILITY DEFAULT
+#endif
+#endif
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <limits>
+
+namespace adaswitch {
+namespace {
+
+using at::vec::Vectorized;
+
+constexpr uint32_t kM1 = 0x85EBCA6Bu;
+constexpr uint32_t kM2 = 0xC2B2AE35u;
+constexpr uint32_t kGolden = 0x9E3779B1u;
+constexpr int64_t kBlock = 512;
+
+inline uint32_t fmix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= kM1;
+  h ^= h >> 13;
+  h *= kM2;
+  return h ^ (h >> 16);
+}
+
+inline uint32_t combine(uint32_t h, uint32_t word) { return fmix32((h * kGolden) ^ word); }
+
+inline uint32_t row_hash(uint32_t seed_hash, int64_t key, int64_t position, uint32_t stream) {
+  const uint64_t k = static_cast<uint64_t>(key);
+  uint32_t h = combine(seed_hash, static_cast<uint32_t>(k));
+  h = combine(h, static_cast<uint32_t>(k >> 32));
+  h = combine(h, static_cast<uint32_t>(static_cast<uint64_t>(position)));
+  return combine(h, stream);
+}
+
+template <typename scalar_t>
+int64_t greedy_row(const scalar_t* x, int64_t vocab) {
+  float best = -std::numeric_limits<float>::infinity();
+  int64_t arg = 0;
+  for (int64_t i = 0; i < vocab; ++i) {
+    const float v = static_cast<float>(x[i]);
+    if (v > best) {
+      best = v;
+      arg = i;
+    }
+  }
+  return arg;
+}
+
+template <typename scalar_t>
+__attribute__((optimize("fp-contract=off"))) int64_t gumbel_row(const scalar_t* x, int64_t vocab, uint32_t rowh,
+                                                                 float inv_t, float thr) {
+  using Vec = Vectorized<float>;
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const uint32_t twist = (rowh >> 7) | ((rowh & 0x7Fu) << 25);
+  alignas(64) float scaled[kBlock];
+  alignas(64) float score[kBlock];
+  float best = kNegInf;
+  int64_t arg = 0;
+  for (int64_t start = 0; start < vocab; start += kBlock) {
+    const int64_t n = std::min(kBlock, vocab - start);
+    for (int64_t j = 0; j < n; ++j) {
+      const float s = static_cast<float>(x[start + j]) * inv_t;
+      scaled[j] = s >= thr ? s : kNegInf;
+      const uint32_t t = fmix32((static_cast<uint32_t>(start + j) * kGolden) ^ rowh);
+      const uint32_t bits = fmix32(t ^ twist);
+      score[j] = (static_cast<float>(bits >> 9) + 0.5f) * (1.0f / 8388608.0f);
+    }
+    int64_t j = 0;
+    for (; j + Vec::size() <= n; j += Vec::size()) {
+      const Vec g = Vec::loadu(score + j).log().neg().log().neg();
+      (Vec::loadu(scaled + j) + g).store(score + j);
+    }
+    for (; j < n; ++j) score[j] = scaled[j] + (-std::log(-std::log(score[j])));
+    for (int64_t k = 0; k < n; ++k) {
+      if (score[k] > best) {
+        best = score[k];
+        arg = start + k;
+      }
+    }
+  }
+  return arg;
+}
+
+at::Tensor gumbel_argmax(const at::Tensor& logits, const at::Tensor& keys, const at::Tensor& positions,
+                         int64_t seed_hash, int64_t stream, double inv_temperature,
+                         const std::optional<at::Tensor>& threshold, bool greedy) {
+  TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0, "gumbel_argmax: logits must be [N, V], got ",
+              logits.sizes());
+  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  TORCH_CHECK(keys.scalar_type() == at::kLong && keys.numel() == rows, "gumbel_argmax: keys must be int64 [N]");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.numel() == rows,
+              "gumbel_argmax: positions must be int64 [N]");
+  TORCH_CHECK(!threshold || (threshold->scalar_type() == at::kFloat && threshold->numel() == rows),
+              "gumbel_argmax: threshold must be float32 [N]");
+  const at::Tensor x = logits.contiguous();
+  const at::Tensor k = keys.contiguous(), p = positions.contiguous();
+  const at::Tensor thr = threshold ? threshold->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({rows}, keys.options());
+  const int64_t* kp = k.data_ptr<int64_t>();
+  const int64_t* pp = p.data_ptr<int64_t>();
+  const float* tp = thr.defined() ? thr.data_ptr<float>() : nullptr;
+  int64_t* op = out.data_ptr<int64_t>();
+  const float inv_t = static_cast<float>(inv_temperature);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gumbel_argmax", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* row = xp + r * vocab;
+        if (greedy) {
+          op[r] = greedy_row(row, vocab);
+        } else {
+          const uint32_t rowh = row_hash(static_cast<uint32_t>(seed_hash), kp[r], pp[r],
+                                         static_cast<uint32_t>(stream));
+          op[r] = gumbel_row(row, vocab, rowh, inv_t, tp ? tp[r] : -std::numeric_limits<float>::infinity());
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(adaswitch, m) {
+  m.def(
+      "gumbel_argmax(Tensor logits, Tensor keys, Tensor positions, int seed_hash, int stream, "
+      "float inv_temperature, Tensor? threshold, bool greedy) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(adaswitch, CPU, m) { m.impl("gumbel_argmax", &gumbel_argmax); }
+
+}  // namespace adaswitch
