@@ -38,7 +38,6 @@ def _divergence_kernel(
     MODE _KL: KL(p_x || p_y). _JSD: w KL(p_x||m) + (1-w) KL(p_y||m), m = w p_x + (1-w) p_y.
     _TVD: 1/2 sum |p_x - p_y|. _SKEW: KL(p_x || w p_x + (1-w) p_y). `scale` = log2(e) / t.
     """
-    NEG_INF: tl.constexpr = float("-inf")
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_x_row
     y_row = Y + row * stride_y_row
@@ -54,23 +53,23 @@ def _divergence_kernel(
     for start in range(0, V, BLOCK):
         cols = start + offs
         mask = cols < V
-        x = tl.load(x_row + cols * stride_x_col, mask=mask, other=NEG_INF).to(tl.float32) * scale
-        y = tl.load(y_row + cols * stride_y_col, mask=mask, other=NEG_INF).to(tl.float32) * scale
+        x = tl.load(x_row + cols * stride_x_col, mask=mask, other=float("-inf")).to(tl.float32) * scale
+        y = tl.load(y_row + cols * stride_y_col, mask=mask, other=float("-inf")).to(tl.float32) * scale
         bad += tl.sum(((x != x) | (y != y)).to(tl.float32), axis=0)
 
         mx_new = tl.maximum(m_x, tl.max(x, axis=0))
-        mx_ref = tl.where(mx_new == NEG_INF, 0.0, mx_new)  # avoids (-inf) - (-inf)
+        mx_ref = tl.where(mx_new == float("-inf"), 0.0, mx_new)  # avoids (-inf) - (-inf)
         r_x = tl.exp2(m_x - mx_ref)
         e_x = tl.exp2(x - mx_ref)
         z_x = z_x * r_x + tl.sum(e_x, axis=0)
 
         my_new = tl.maximum(m_y, tl.max(y, axis=0))
-        my_ref = tl.where(my_new == NEG_INF, 0.0, my_new)
+        my_ref = tl.where(my_new == float("-inf"), 0.0, my_new)
         z_y = z_y * tl.exp2(m_y - my_ref) + tl.sum(tl.exp2(y - my_ref), axis=0)
 
         if MODE == 0:
             # entries with p_x = 0 contribute 0 (no 0 * inf); p_x > 0 with y = -inf gives +inf
-            term = tl.where(x == NEG_INF, 0.0, e_x * (x - y))
+            term = tl.where(x == float("-inf"), 0.0, e_x * (x - y))
             acc = acc * r_x + tl.sum(term, axis=0)
         m_x = mx_new
         m_y = my_new
@@ -86,8 +85,8 @@ def _divergence_kernel(
         for start in range(0, V, BLOCK):
             cols = start + offs
             mask = cols < V
-            x = tl.load(x_row + cols * stride_x_col, mask=mask, other=NEG_INF).to(tl.float32) * scale
-            y = tl.load(y_row + cols * stride_y_col, mask=mask, other=NEG_INF).to(tl.float32) * scale
+            x = tl.load(x_row + cols * stride_x_col, mask=mask, other=float("-inf")).to(tl.float32) * scale
+            y = tl.load(y_row + cols * stride_y_col, mask=mask, other=float("-inf")).to(tl.float32) * scale
             lx = x - lse_x  # base-2 log-probabilities
             ly = y - lse_y
             px = tl.exp2(lx)
