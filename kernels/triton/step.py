@@ -8,7 +8,8 @@ position, B*G programs, fully parallel) and `_lookahead_scan_kernel` (one progra
 loop over G that replays the step decision, stopping at the switch).
 
 Random bits are the counter hash of adaswitch/ops/rng.py run in uint32, bit-identical to the PyTorch
-reference. The divergence is accumulated in fp32 (forward/reverse KL in one pass over the row; JSD,
+reference; scores are (x * (1/T)) - log(-log u) with FMA fusion off (enable_fp_fusion=False) and, on a GPU,
+libdevice's log, so they follow PyTorch's own float32 arithmetic. The divergence is accumulated in fp32 (forward/reverse KL in one pass over the row; JSD,
 TVD and the skewed KLs read the row a second time for the exact per-entry mixture). The switch rule's
 mean and threshold are fp64 so that both backends decide identically. Semantics: adaswitch/ops/step.py.
 """
@@ -21,7 +22,9 @@ import struct
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
+from adaswitch._backend import triton_interpreted
 from adaswitch._validation import KIND_CODES
 from adaswitch.engine.policies import SKD, AdaSwitch, Mixed, Student, Teacher
 from adaswitch.ops import rng
@@ -64,7 +67,7 @@ def _uniform(rowh, cols):
     return ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_hash", "V"])
 def _uniform_kernel(KEYS, POS, OUT, seed_hash, V, stream: tl.constexpr, BLOCK: tl.constexpr):
     """OUT[b, :V] = rng.uniform(...): exposes the in-kernel bits to the tests."""
     row = tl.program_id(0).to(tl.int64)
@@ -77,7 +80,19 @@ def _uniform_kernel(KEYS, POS, OUT, seed_hash, V, stream: tl.constexpr, BLOCK: t
 # ----------------------------------------------------------------------------------------- row pieces
 
 @triton.jit
-def _score(x, cols, mask, rowh, inv_temp, thr, GREEDY: tl.constexpr, FILTER: tl.constexpr):
+def _log(x, PRECISE: tl.constexpr):
+    """Natural log for the Gumbel noise: libdevice's (the routine torch's CUDA log calls) on a GPU, where
+    tl.log is a faster approximation; the interpreter's numpy log otherwise."""
+    if PRECISE:
+        y = libdevice.log(x)
+    else:
+        y = tl.log(x)
+    return y
+
+
+@triton.jit
+def _score(x, cols, mask, rowh, inv_temp, thr, GREEDY: tl.constexpr, FILTER: tl.constexpr,
+           PRECISE: tl.constexpr):
     """Gumbel-max score of one tile (greedy: the raw logit); -inf outside the row or the filter."""
     if GREEDY:
         score = x
@@ -85,7 +100,7 @@ def _score(x, cols, mask, rowh, inv_temp, thr, GREEDY: tl.constexpr, FILTER: tl.
         score = x * inv_temp
         if FILTER:
             score = tl.where(score >= thr, score, float("-inf"))
-        score = score - tl.log(-tl.log(_uniform(rowh, cols)))
+        score = score - _log(-_log(_uniform(rowh, cols), PRECISE), PRECISE)
     return tl.where(mask, score, float("-inf"))
 
 
@@ -128,7 +143,7 @@ def _row_stats(
     inv_td, log_w, log_1mw, w,
     NEED_YS: tl.constexpr, NEED_YT: tl.constexpr, GREEDY_S: tl.constexpr, GREEDY_T: tl.constexpr,
     FILTER_S: tl.constexpr, FILTER_T: tl.constexpr, KIND: tl.constexpr, RANK: tl.constexpr,
-    BLOCK: tl.constexpr,
+    PRECISE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One row: the student's draw ys, the teacher's draw yt, the divergence d and the teacher rank of
     the draft (RANK 1: of ys, in a second pass over the teacher's logits; RANK 2: of the given `draft`,
@@ -155,11 +170,11 @@ def _row_stats(
         if NEED_YT or KIND >= 0 or RANK == 2:
             t = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
         if NEED_YS:
-            best_s, ys = _argmax_update(_score(s, cols, mask, rowh_s, inv_ts, thr_s, GREEDY_S, FILTER_S),
-                                        start, best_s, ys)
+            best_s, ys = _argmax_update(
+                _score(s, cols, mask, rowh_s, inv_ts, thr_s, GREEDY_S, FILTER_S, PRECISE), start, best_s, ys)
         if NEED_YT:
-            best_t, yt = _argmax_update(_score(t, cols, mask, rowh_t, inv_tt, thr_t, GREEDY_T, FILTER_T),
-                                        start, best_t, yt)
+            best_t, yt = _argmax_update(
+                _score(t, cols, mask, rowh_t, inv_tt, thr_t, GREEDY_T, FILTER_T, PRECISE), start, best_t, yt)
         if RANK == 2:
             above = (t > t_draft) | ((t == t_draft) & (cols < draft))
             rank += tl.sum((above & mask).to(tl.int64), axis=0)
@@ -228,14 +243,14 @@ def _switch_rule(d, explore, position, ring, lanes, count, switched, switch_pos,
 
 # -------------------------------------------------------------------------------------------- kernels
 
-@triton.jit
+@triton.jit(do_not_specialize=["V", "seed_hash", "L", "min_hist", "k_bits", "f_bits", "skd_k", "eos", "pad"])
 def _fused_step_kernel(
     S, T, stride_s, stride_t, V, THR_S, THR_T, KEYS, POS, seed_hash,
     WINDOW, COUNT, SWITCHED, SWITCH_POS, FINISHED, TOKEN, FROM_T, DIV,
     inv_ts, inv_tt, inv_td, log_w, log_1mw, w, L, min_hist, k_bits, f_bits, skd_k, eos, pad,
     CODE: tl.constexpr, NEED_YS: tl.constexpr, NEED_YT: tl.constexpr, GREEDY_S: tl.constexpr,
     GREEDY_T: tl.constexpr, FILTER_S: tl.constexpr, FILTER_T: tl.constexpr, KIND: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_L: tl.constexpr,
+    PRECISE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     key = tl.load(KEYS + row)
@@ -251,7 +266,7 @@ def _fused_step_kernel(
     ys, yt, d, rank = _row_stats(
         S + row * stride_s, T + row * stride_t, V, rowh_s, rowh_t, inv_ts, inv_tt, thr_s, thr_t, 0,
         inv_td, log_w, log_1mw, w, NEED_YS, NEED_YT, GREEDY_S, GREEDY_T, FILTER_S, FILTER_T, KIND,
-        1 if CODE == 3 else 0, BLOCK)
+        1 if CODE == 3 else 0, PRECISE, BLOCK)
     finished = tl.load(FINISHED + row) != 0
     div = float("nan")
     if CODE == 0 or CODE == 2:
@@ -290,12 +305,12 @@ def _fused_step_kernel(
     tl.store(FINISHED + row, (finished | (live & (token == eos))).to(tl.int8))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["V", "G", "seed_hash", "skd_k"])
 def _lookahead_stats_kernel(
     S, T, DRAFT, V, G, THR_T, KEYS, POS, seed_hash, YT, D, KEEP,
     inv_tt, inv_td, log_w, log_1mw, w, skd_k,
     GREEDY_T: tl.constexpr, FILTER_T: tl.constexpr, KIND: tl.constexpr, RANK: tl.constexpr,
-    BLOCK: tl.constexpr,
+    PRECISE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Program r = b * G + j: the teacher's draw, the divergence and (SKD) the draft's acceptance at
     drafted position j of row b."""
@@ -308,13 +323,13 @@ def _lookahead_stats_kernel(
     draft = tl.load(DRAFT + r)
     _, yt, d, rank = _row_stats(
         S + r * V, T + r * V, V, rowh_t, rowh_t, 1.0, inv_tt, thr_t, thr_t, draft, inv_td, log_w, log_1mw,
-        w, False, True, True, GREEDY_T, False, FILTER_T, KIND, RANK, BLOCK)
+        w, False, True, True, GREEDY_T, False, FILTER_T, KIND, RANK, PRECISE, BLOCK)
     tl.store(YT + r, yt)
     tl.store(D + r, d)
     tl.store(KEEP + r, (rank < skd_k).to(tl.int8))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["G", "L", "min_hist", "k_bits", "f_bits", "eos", "pad"])
 def _lookahead_scan_kernel(
     DRAFT, YT, D, KEEP, POS, G, WINDOW, COUNT, SWITCHED, SWITCH_POS, FINISHED,
     ACCEPTED, TOKEN, FROM_T, DIV, L, min_hist, k_bits, f_bits, eos, pad,
@@ -447,8 +462,8 @@ def fused_step_triton(student_logits, teacher_logits, policy, state, seed, keys,
         _inv(ss), _inv(ts), inv_td, log_w, log_1mw, w, length, min_hist, k_bits, f_bits,
         policy.top_k if isinstance(policy, SKD) else 0, eos, pad,
         CODE=policy.code, NEED_YS=need_ys, NEED_YT=need_yt, GREEDY_S=ss.greedy, GREEDY_T=ts.greedy,
-        FILTER_S=thr_s is not None, FILTER_T=thr_t is not None, KIND=kind, BLOCK=_block(vocab),
-        BLOCK_L=triton.next_power_of_2(length),
+        FILTER_S=thr_s is not None, FILTER_T=thr_t is not None, KIND=kind, PRECISE=not triton_interpreted(),
+        BLOCK=_block(vocab), BLOCK_L=triton.next_power_of_2(length), enable_fp_fusion=False,
     )
     from adaswitch.ops.step import StepOutput
 
@@ -474,7 +489,7 @@ def fused_lookahead_triton(student_logits, teacher_logits, draft, policy, state,
         yt, d, _as_i8(keep), _inv(ts), inv_td, log_w, log_1mw, w,
         policy.top_k if isinstance(policy, SKD) else 0,
         GREEDY_T=ts.greedy, FILTER_T=thr_t is not None, KIND=kind, RANK=2 if isinstance(policy, SKD) else 0,
-        BLOCK=_block(vocab),
+        PRECISE=not triton_interpreted(), BLOCK=_block(vocab), enable_fp_fusion=False,
     )
     length, min_hist, k_bits, f_bits = _rule_args(policy, state)
     accepted = torch.empty(batch, dtype=torch.int64, device=device)
