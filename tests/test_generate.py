@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny_models import EOS_ID, PAD_ID, VOCAB_SIZE, random_prompts, tiny_student, tiny_teacher
 
-from adaswitch import SKD, AdaSwitch, Mixed, Sampling, Student, Teacher, generate
+from adaswitch import SKD, AdaSwitch, Mixed, Sampling, Student, Teacher, generate, native_available
 from adaswitch.engine.sync import SyncCounter
 from adaswitch.ops import rng
 
@@ -45,7 +45,6 @@ def prompts():
 def run(student, teacher, prompts, policy, **kw):
     ids, mask = prompts
     kw.setdefault("max_new_tokens", N)
-    kw.setdefault("impl", "torch")
     kw.update(policy=policy, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
     return generate(student, teacher, ids, mask, **kw)
 
@@ -88,7 +87,7 @@ def test_teacher_greedy_matches_transformers_generate_with_eos():
     ref = teacher.generate(ids, attention_mask=mask, max_new_tokens=N, do_sample=False, pad_token_id=PAD_ID,
                            eos_token_id=eos)
     out = generate(None, teacher, ids, mask, policy=Teacher(Sampling(temperature=0)), max_new_tokens=N,
-                   eos_token_id=eos, pad_token_id=PAD_ID, impl="torch")
+                   eos_token_id=eos, pad_token_id=PAD_ID)
     width = ref.shape[1] - P
     assert torch.equal(out.response[:, :width], ref[:, P:])
     assert (out.response[:, width:] == PAD_ID).all()
@@ -138,8 +137,7 @@ def test_batch_invariance_with_example_keys(student, teacher):
     ids, mask = random_prompts(5, 7, min_len=2, seed=11)
     keys = torch.tensor([40, 41, 42, 43, 44])
     for policy, g in ((SWITCHY, 0), (SWITCHY, 3), (SKD(top_k=5), 0)):
-        kw = dict(policy=policy, max_new_tokens=N, eos_token_id=EOS_ID, pad_token_id=PAD_ID, lookahead=g,
-                  impl="torch")
+        kw = dict(policy=policy, max_new_tokens=N, eos_token_id=EOS_ID, pad_token_id=PAD_ID, lookahead=g)
         full = generate(student, teacher, ids, mask, example_keys=keys, **kw)
         # Row 3 alone, unpadded, then rows (3, 0) reordered with extra left padding.
         n3 = int(mask[3].sum())
@@ -206,13 +204,16 @@ def test_sync_counter_counts_host_reads():
     assert y.tolist() == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0]  # Tensor.tolist restored
 
 
-def test_triton_matches_reference(student, teacher):
+def test_backends_match_reference(student, teacher):
+    """Triton (interpreter) and the native CPU op give the PyTorch reference's tokens (the other tests run
+    impl="auto": native when built)."""
     ids, mask = random_prompts(2, 4, min_len=2, seed=3)
+    impls = ["triton"] + (["native"] if native_available() else [])
     for policy, g in ((SWITCHY, 0), (SKD(top_k=5), 2)):
         kw = dict(policy=policy, max_new_tokens=6, eos_token_id=EOS_ID, pad_token_id=PAD_ID, lookahead=g)
         ref = generate(student, teacher, ids, mask, impl="torch", **kw)
-        tri = generate(student, teacher, ids, mask, impl="triton", **kw)
-        assert_same(ref, tri)
+        for impl in impls:
+            assert_same(ref, generate(student, teacher, ids, mask, impl=impl, **kw))
 
 
 def _bad(models, prompts, match, **kw):

@@ -11,11 +11,12 @@ Design (gpt-fast style: prefill, then a short per-token loop; details fixed here
   `adaswitch.ops.fused_step` picks every row's token (finished rows get pad), the token is scattered
   into the output buffers at each row's response position (device tensors, never a Python int).
 * Lookahead mode (lookahead=G, AdaSwitch and SKD), per iteration ("block"): the student drafts G tokens
-  with G one-token forwards, drawing with `adaswitch.ops.rng.sample` on stream 0 at the same positions
-  as step mode; the teacher scores [last, d_0 .. d_{G-2}] in one forward; `fused_lookahead` finds each
-  row's first switch / rejection; each row keeps `accepted` drafts plus, where it stopped, the teacher's
-  token; both caches roll back the rejected drafts (validity bits and positions only). A row that has
-  already switched takes one teacher token per block.
+  with G one-token forwards, each drawn by `fused_step` under `Student(policy.student_sampling)` (stream
+  0 at the same positions as step mode, same implementation); the teacher scores [last, d_0 .. d_{G-2}]
+  in one forward; `fused_lookahead` finds each row's first switch / rejection; each row keeps
+  `accepted` drafts plus, where it stopped, the teacher's token; both caches roll back the rejected
+  drafts (validity bits and positions only). A row that has already switched takes one teacher token
+  per block.
 * Host reads: every `sync_every` iterations the host reads one small tensor (all rows done?, all rows
   switched?, least response position of unfinished rows) -- one device-to-host sync. It stops early
   when all rows are done, and an AdaSwitch run stops running the student (and lookahead) once every row
@@ -179,6 +180,9 @@ class _Run:
             self.dataset_rows = ~rng.mixed_coin(seed, keys, policy.lmbda)
             self.state.finished |= self.dataset_rows
         self.completions = completions
+        if lookahead:
+            self.draft_policy = Student(policy.student_sampling)
+            self.draft_state = SwitchState.new(b, 1, device)
         capacity = p - 1 + n * max(1, lookahead)
         self.caches = {}
         for name, model, used in (("student", student, self.run_student),
@@ -226,10 +230,14 @@ class _Run:
         g, student, teacher = self.g, self.caches["student"], self.caches["teacher"]
         offsets = torch.arange(g, device=self.device)
         cur, drafts, student_logits = self.last, [], []
+        self.draft_state.finished.zero_()
         for j in range(g):
             ls = self._forward(self.student, student, cur[:, None])[:, 0]
-            cur = rng.sample(ls, self.policy.student_sampling, seed=self.seed, keys=self.keys,
-                             positions=self.pos + j, stream=rng.STREAM_STUDENT)
+            # The student's draw at response index pos + j (stream 0), by the same implementation as
+            # fused_step's; a draft after a drafted EOS is pad and never accepted.
+            cur = fused_step(ls, None, self.draft_policy, self.draft_state, seed=self.seed, keys=self.keys,
+                             position=self.pos + j, eos_token_id=self.eos, pad_token_id=self.pad,
+                             impl=self.impl).token
             drafts.append(cur)
             student_logits.append(ls)
         draft = torch.stack(drafts, 1)
