@@ -3,6 +3,9 @@ fused_lookahead against sequential fused_step calls on every backend (SPEC.md se
 every backend and mode)."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -189,3 +192,53 @@ def test_lookahead_scan_sees_switches_and_eos():
     out = fused_lookahead(s, t, draft, Student(), state, seed=5, keys=keys, position=position,
                           eos_token_id=EOS, pad_token_id=PAD, impl="torch")
     assert draft[4, 1] == EOS and out.accepted[4] == 2 and state.finished[4] and not out.from_teacher[4]
+
+
+_AOT_COMPILE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from adaswitch.kernels.triton import step as k
+
+def compile(fn, sig, consts, warps=8):
+    sig = {**{n: t for n, t in (a.split(":") for a in sig.split())}, **{n: "constexpr" for n in consts}}
+    out = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                         options={"num_warps": warps, "enable_fp_fusion": False})
+    assert out.asm["cubin"], (fn, consts)
+
+STEP = ("S:*bf16 T:*bf16 stride_s:i64 stride_t:i64 V:i32 THR_S:*fp32 THR_T:*fp32 KEYS:*i64 POS:*i64 "
+        "seed_hash:i64 WINDOW:*fp32 COUNT:*i64 SWITCHED:*i8 SWITCH_POS:*i64 FINISHED:*i8 TOKEN:*i64 "
+        "FROM_T:*i8 DIV:*fp32 inv_ts:fp32 inv_tt:fp32 inv_td:fp32 log_w:fp32 log_1mw:fp32 w:fp32 L:i32 "
+        "min_hist:i32 k_bits:i64 f_bits:i64 skd_k:i32 eos:i32 pad:i32")
+NAMES = ["CODE", "NEED_YS", "NEED_YT", "GREEDY_S", "GREEDY_T", "FILTER_S", "FILTER_T", "KIND"]
+for cfg in [(0, 1, 0, 0, 0, 1, 0, -1), (1, 0, 1, 0, 1, 0, 0, -1), (3, 1, 1, 0, 0, 1, 1, -1),
+            *[(4, 1, 1, 0, 0, 0, 0, kind) for kind in range(6)], (4, 1, 1, 1, 1, 0, 0, 1),
+            (4, 0, 1, 0, 0, 0, 0, -1)]:
+    consts = {**dict(zip(NAMES, cfg)), "PRECISE": True, "BLOCK": 4096, "BLOCK_L": 8}
+    compile(k._fused_step_kernel, STEP, consts)
+
+STATS = ("S:*bf16 T:*bf16 DRAFT:*i64 V:i32 G:i32 THR_T:*fp32 KEYS:*i64 POS:*i64 seed_hash:i64 YT:*i64 "
+         "D:*fp32 KEEP:*i8 inv_tt:fp32 inv_td:fp32 log_w:fp32 log_1mw:fp32 w:fp32 skd_k:i32")
+for greedy, filt, kind, rank in [(0, 1, 0, 0), (1, 0, 2, 0), (0, 0, -1, 2)]:
+    compile(k._lookahead_stats_kernel, STATS, dict(GREEDY_T=greedy, FILTER_T=filt, KIND=kind, RANK=rank,
+                                                   PRECISE=True, BLOCK=4096))
+SCAN = ("DRAFT:*i64 YT:*i64 D:*fp32 KEEP:*i8 POS:*i64 G:i32 WINDOW:*fp32 COUNT:*i64 SWITCHED:*i8 "
+        "SWITCH_POS:*i64 FINISHED:*i8 ACCEPTED:*i64 TOKEN:*i64 FROM_T:*i8 DIV:*fp32 L:i32 min_hist:i32 "
+        "k_bits:i64 f_bits:i64 eos:i32 pad:i32")
+for code in (0, 1, 3, 4):
+    compile(k._lookahead_scan_kernel, SCAN, {"CODE": code, "BLOCK_L": 8}, warps=1)
+compile(k._uniform_kernel, "KEYS:*i64 POS:*i64 OUT:*fp32 seed_hash:i64 V:i32", {"stream": 1, "BLOCK": 1024})
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_hopper():
+    """No GPU in CI: compile every step kernel ahead of time for sm_90 (bf16 logits, each policy and
+    divergence kind, libdevice log, FMA fusion off), so a construct only the interpreter accepts fails
+    here. In a subprocess: the interpreter (TRITON_INTERPRET=1) must be off."""
+    pytest.importorskip("triton.backends.nvidia", reason="Triton's NVIDIA backend is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    proc = subprocess.run([sys.executable, "-c", _AOT_COMPILE], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
