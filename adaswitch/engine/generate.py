@@ -19,8 +19,9 @@ Design (gpt-fast style: prefill, then a short per-token loop; details fixed here
   per block.
 * Host reads: every `sync_every` iterations the host reads one small tensor (all rows done?, all rows
   switched?, least response position of unfinished rows) -- one device-to-host sync. It stops early
-  when all rows are done, and an AdaSwitch run stops running the student (and lookahead) once every row
-  has switched. Every iteration moves each unfinished row forward by >= 1 token, so at most
+  when all rows are done; an AdaSwitch run leaves lookahead mode once some row has switched (that row
+  gains one token per block, so blocks would not shorten the run) and stops running the student once
+  every row has switched. Every iteration moves each unfinished row forward by >= 1 token, so at most
   max_new_tokens iterations run and the caches hold prompt + max_new_tokens x max(1, G) columns.
   Argument validation before the loop does a few more reads (prompt padding, token id range).
 * Mixed: the per-sequence coin is `adaswitch.ops.rng.mixed_coin`; rows that lose it take `completions`
@@ -260,14 +261,16 @@ class _Run:
         teacher.rollback(drop)
         self.pos += produced
 
-    def flags(self) -> tuple[bool, bool, int]:
-        """(all rows done, all live rows switched, least response position of unfinished rows): one read."""
+    def flags(self) -> tuple[bool, bool, bool, int]:
+        """(all rows done, all live rows switched, some live row switched, least response position of the
+        live rows): one host read."""
         live = ~self.state.finished & (self.pos < self.n)
         done = ~live.any()
-        switched = (self.state.switched | ~live).all()
+        all_switched = (self.state.switched | ~live).all()
+        any_switched = (self.state.switched & live).any()
         least = torch.where(live, self.pos, torch.full_like(self.pos, self.n)).min()
-        d, s, m = torch.stack([done.long(), switched.long(), least]).tolist()
-        return bool(d), bool(s), int(m)
+        flags = torch.stack([done.long(), all_switched.long(), any_switched.long(), least]).tolist()
+        return bool(flags[0]), bool(flags[1]), bool(flags[2]), int(flags[3])
 
     def finish(self, input_ids, mask) -> GenerationOutput:
         n = self.n
@@ -475,10 +478,13 @@ def generate(
         budget -= 1
         done_iters += 1
         if budget > 0 and done_iters % sync_every == 0:
-            done, all_switched, least = run.flags()
+            done, all_switched, any_switched, least = run.flags()
             if done:
                 break
             budget = max_new_tokens - least
-            if isinstance(policy, AdaSwitch) and all_switched:
-                mode_block, use_student = False, False
+            if isinstance(policy, AdaSwitch):
+                # A switched row gains one token per block, so the run needs as many iterations as in step
+                # mode, each costlier: step mode from here on; the student stops once all rows switched.
+                mode_block = mode_block and not any_switched
+                use_student = use_student and not all_switched
     return run.finish(input_ids, mask)

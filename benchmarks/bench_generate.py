@@ -1,0 +1,330 @@
+"""adaswitch.generate against the ways people generate distillation data today, measured in one run.
+
+    python benchmarks/bench_generate.py [--new-tokens 128] [--batch 8] [--sampling greedy|sample]
+                                        [--lookahead 2,4,8] [--device cpu] [--cuda-graph]
+
+Methods (all on the same random-init Qwen2-style models with the real vocabulary 151936: teacher 4 layers
+x 512, student 2 layers x 256; batch 8 left-padded prompts of 16-32 tokens; 128 new tokens, no early EOS):
+  naive        the research-code loop: both models' HF forward with DynamicCache every token,
+               torch.softmax / log_softmax, a per-row Python AdaSwitch rule with .item() per token
+  hf-student   transformers `generate` with the student (the on-policy baseline)
+  hf-teacher   transformers `generate` with the teacher (SeqKD data)
+  engine       adaswitch.generate, AdaSwitch in step mode (lookahead=0)
+  lookahead-G  adaswitch.generate, AdaSwitch with lookahead G
+AdaSwitch cases force the switch early (window 4, k=1: first spike after 4 divergences), late (the same
+with warmup 96) or never (k=inf). Host syncs are counted with adaswitch.engine.sync.SyncCounter on the
+tiny test models (tests/tiny_models.py) with the same batch, length and policies: the count depends on the
+loop, not on the model size, and counting every op of the large models would distort their timings.
+Reported per generated position: (syncs at N tokens - syncs at N/2 tokens) / (N/2), i.e. the per-token
+part without the per-call constant; the per-call total is in the CSV.
+
+Writes benchmarks/results/generate_<device>.{md,csv} with machine, date, commit and load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+import tiny_models  # noqa: E402
+
+from adaswitch import AdaSwitch, Sampling, generate  # noqa: E402
+from adaswitch.engine.sync import SyncCounter  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+VOCAB = 151936
+PAD, EOS = 151643, 151645
+
+
+def machine(device: torch.device) -> dict:
+    cpu = "unknown"
+    try:
+        for line in subprocess.check_output(["lscpu"], text=True).splitlines():
+            if line.startswith("Model name"):
+                cpu = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        cpu = platform.processor() or "unknown"
+    try:
+        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit,
+        "load_avg_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def qwen2(layers: int, hidden: int, heads: int, kv_heads: int, seed: int, device, dtype):
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=4096, tie_word_embeddings=True, pad_token_id=PAD,
+                         bos_token_id=PAD, eos_token_id=EOS, attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(config).to(device=device, dtype=dtype).eval()
+
+
+def policies(sampling: Sampling) -> dict:
+    kw = dict(student_sampling=sampling, teacher_sampling=sampling)
+    return {
+        "early": AdaSwitch(window=4, k=1.0, **kw),
+        "late": AdaSwitch(window=4, k=1.0, warmup=96, **kw),
+        "never": AdaSwitch(window=4, k=math.inf, **kw),
+    }
+
+
+@torch.no_grad()
+def naive_adaswitch(student, teacher, ids, mask, n, policy: AdaSwitch, greedy: bool):
+    """What research code does: HF forwards with DynamicCache, softmax, a Python rule per row, .item()."""
+    b = ids.shape[0]
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    caches = [DynamicCache(config=student.config), DynamicCache(config=teacher.config)]
+    ls = student(input_ids=ids, attention_mask=mask, position_ids=pos, cache=caches[0]).logits[:, -1]
+    lt = teacher(input_ids=ids, attention_mask=mask, position_ids=pos, cache=caches[1]).logits[:, -1]
+    history = [[] for _ in range(b)]
+    switched = [False] * b
+    out = []
+    attn = mask
+    next_pos = pos[:, -1:] + 1
+    need = policy.min_history
+    for _ in range(n):
+        log_ps = torch.log_softmax(ls.float(), -1)
+        log_pt = torch.log_softmax(lt.float(), -1)
+        tokens = []
+        for r in range(b):
+            if not switched[r]:
+                d = (log_pt[r].exp() * (log_pt[r] - log_ps[r])).sum().item()
+                h = history[r]
+                if len(h) >= need and d > policy.k * sum(h[-policy.window:]) / policy.window:
+                    switched[r] = True
+                else:
+                    h.append(d)
+            logp = log_pt[r] if switched[r] else log_ps[r]
+            if greedy:
+                tokens.append(logp.argmax().item())
+            else:
+                tokens.append(torch.multinomial(torch.softmax(logp, -1), 1).item())
+        x = torch.tensor(tokens, device=ids.device)[:, None]
+        out.append(x)
+        attn = torch.cat([attn, torch.ones_like(x)], 1)
+        ls = student(input_ids=x, attention_mask=attn, position_ids=next_pos, cache=caches[0]).logits[:, -1]
+        lt = teacher(input_ids=x, attention_mask=attn, position_ids=next_pos, cache=caches[1]).logits[:, -1]
+        next_pos = next_pos + 1
+    return torch.cat(out, 1), switched
+
+
+@torch.no_grad()
+def hf_generate(model, ids, mask, n, greedy: bool):
+    return model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=not greedy,
+                          top_k=0, top_p=1.0, temperature=1.0, pad_token_id=PAD, eos_token_id=EOS)
+
+
+def prompts(batch: int, device, vocab: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(16, 33, (batch,), generator=g)
+    ids = torch.randint(0, min(vocab, 150000), (batch, 32), generator=g)
+    mask = (torch.arange(32)[None, :] >= (32 - lengths)[:, None]).long()
+    ids = torch.where(mask.bool(), ids, torch.full_like(ids, PAD))
+    return ids.to(device), mask.to(device)
+
+
+def timed(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, result
+
+
+def count_syncs(cases: dict, batch: int, n: int, lookaheads, greedy: bool) -> dict:
+    """Host syncs per call at n and n/2 new tokens, on the tiny models (same loop, same policies)."""
+    student = tiny_models.tiny_student(max_positions=4096)
+    teacher = tiny_models.tiny_teacher(max_positions=4096)
+    ids, mask = tiny_models.random_prompts(batch, 32, min_len=16, seed=0)
+    eos = tiny_models.VOCAB_SIZE - 1  # a rare id: rows run to the end as in the timed runs
+    sampling = Sampling(temperature=0.0 if greedy else 1.0)
+    pols = policies(sampling)
+    counts = {}
+
+    def syncs(fn):
+        with SyncCounter() as counter:
+            fn()
+        return counter.count
+
+    for case in cases:
+        pol = pols[case]
+        for length in (n, n // 2):
+            counts[("naive", case, length)] = syncs(lambda length=length, pol=pol: naive_adaswitch(
+                student, teacher, ids, mask, length, pol, greedy))
+            counts[("engine", case, length)] = syncs(lambda length=length, pol=pol: generate(
+                student, teacher, ids, mask, policy=pol, max_new_tokens=length, eos_token_id=eos,
+                pad_token_id=tiny_models.PAD_ID))
+            for g in lookaheads:
+                counts[(f"lookahead-{g}", case, length)] = syncs(lambda length=length, pol=pol, g=g: generate(
+                    student, teacher, ids, mask, policy=pol, max_new_tokens=length, eos_token_id=eos,
+                    pad_token_id=tiny_models.PAD_ID, lookahead=g))
+    for name, model in (("hf-student", student), ("hf-teacher", teacher)):
+        for length in (n, n // 2):
+            with SyncCounter() as counter:
+                model.generate(ids, attention_mask=mask, max_new_tokens=length, min_new_tokens=length,
+                               do_sample=not greedy, top_k=0, pad_token_id=tiny_models.PAD_ID,
+                               eos_token_id=eos)
+            counts[(name, "-", length)] = counter.count
+    return counts
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--sampling", choices=("greedy", "sample"), default="greedy")
+    parser.add_argument("--lookahead", default="2,4,8")
+    parser.add_argument("--cases", default="early,late,never")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--cuda-graph", action="store_true", help="also time the engine with cuda_graph=True")
+    parser.add_argument("--out", default=None, help="results file stem (default generate_<device>)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (on a shared, loaded CPU 1 is faster for every method)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    greedy = args.sampling == "greedy"
+    n, batch = args.new_tokens, args.batch
+    lookaheads = [int(g) for g in args.lookahead.split(",") if g]
+    cases = args.cases.split(",")
+    info = machine(device)
+
+    teacher = qwen2(4, 512, 8, 2, seed=0, device=device, dtype=dtype)
+    student = qwen2(2, 256, 4, 2, seed=1, device=device, dtype=dtype)
+    ids, mask = prompts(batch, device, VOCAB)
+    sampling = Sampling(temperature=0.0 if greedy else 1.0)
+    pols = policies(sampling)
+
+    def engine(pol, g=0, graph=False, length=n):
+        return generate(student, teacher, ids, mask, policy=pol, max_new_tokens=length, eos_token_id=EOS,
+                        pad_token_id=PAD, lookahead=g, cuda_graph=graph)
+
+    runs = []  # (method, case, fn)
+    for case in cases:
+        pol = pols[case]
+        runs.append(("naive", case,
+                     lambda pol=pol: naive_adaswitch(student, teacher, ids, mask, n, pol, greedy)))
+    runs.append(("hf-student", "-", lambda: hf_generate(student, ids, mask, n, greedy)))
+    runs.append(("hf-teacher", "-", lambda: hf_generate(teacher, ids, mask, n, greedy)))
+    for case in cases:
+        pol = pols[case]
+        runs.append(("engine", case, lambda pol=pol: engine(pol)))
+        if args.cuda_graph:
+            runs.append(("engine-cudagraph", case, lambda pol=pol: engine(pol, graph=True)))
+        for g in lookaheads:
+            runs.append((f"lookahead-{g}", case, lambda pol=pol, g=g: engine(pol, g)))
+            if args.cuda_graph:
+                runs.append((f"lookahead-{g}-cudagraph", case,
+                             lambda pol=pol, g=g: engine(pol, g, graph=True)))
+
+    # Warm-up: one short engine call (Triton compile on CUDA, allocator) and one short HF call.
+    engine(pols[cases[0]], length=4)
+    hf_generate(teacher, ids, mask, 4, greedy)
+
+    rows = []
+    for method, case, fn in runs:
+        seconds, result = timed(fn, device)
+        switch = ""
+        if hasattr(result, "switch_position"):
+            sp = result.switch_position
+            switch = f"{(sp >= 0).sum().item()}/{batch} rows, mean {sp[sp >= 0].float().mean().item():.1f}" \
+                if (sp >= 0).any() else f"0/{batch} rows"
+        elif method == "naive":
+            switch = f"{sum(result[1])}/{batch} rows"
+        rows.append({"method": method, "case": case, "seconds": seconds,
+                     "tokens_per_s": batch * n / seconds, "switch": switch})
+        print(f"{method:>22} {case:>6}  {seconds:8.2f} s  {batch * n / seconds:9.1f} tok/s  {switch}",
+              flush=True)
+    info["load_avg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+    counts = count_syncs(cases, batch, n, lookaheads, greedy)
+    for row in rows:
+        key = row["method"].replace("-cudagraph", "")
+        full, half = counts.get((key, row["case"], n)), counts.get((key, row["case"], n // 2))
+        row["syncs_per_call"] = full
+        row["syncs_per_token"] = None if full is None else (full - half) / (n - n // 2)
+
+    naive = {r["case"]: r["tokens_per_s"] for r in rows if r["method"] == "naive"}
+    hf_teacher = next(r["tokens_per_s"] for r in rows if r["method"] == "hf-teacher")
+    hf_student = next(r["tokens_per_s"] for r in rows if r["method"] == "hf-student")
+    for row in rows:
+        row["vs_naive"] = row["tokens_per_s"] / naive[row["case"]] if row["case"] in naive else None
+        row["vs_hf_teacher"] = row["tokens_per_s"] / hf_teacher
+        row["vs_hf_student"] = row["tokens_per_s"] / hf_student
+    write(rows, info, args, device)
+
+
+def _fmt(x, spec):
+    return "" if x is None else format(x, spec)
+
+
+def write(rows, info, args, device) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = args.out or f"generate_{device.type}"
+    fields = ["method", "case", "seconds", "tokens_per_s", "vs_naive", "vs_hf_teacher", "vs_hf_student",
+              "syncs_per_token", "syncs_per_call", "switch"]
+    with open(RESULTS / f"{stem}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: row.get(k) for k in fields})
+    lines = [
+        f"# adaswitch.generate vs baselines ({device.type})",
+        "",
+        "Produced by `python benchmarks/bench_generate.py " + " ".join(sys.argv[1:]) + "` (one run).",
+        "",
+        *[f"- {k}: {v}" for k, v in info.items()],
+        f"- setup: batch {args.batch}, {args.new_tokens} new tokens, prompts 16-32 tokens left-padded, "
+        f"{args.sampling} sampling, {args.dtype}; teacher Qwen2 4x512 (8 heads, 2 KV), student Qwen2 2x256, "
+        f"vocabulary {VOCAB}, random init",
+        "- early / late / never: AdaSwitch(window=4, k=1) / the same with warmup=96 / k=inf",
+        "- syncs/token: marginal host syncs per generated position (tiny models, same loop); syncs/call: "
+        f"total at {args.new_tokens} tokens",
+        "",
+        "| method | case | tokens/s | vs naive | vs hf-teacher | vs hf-student | syncs/token | syncs/call "
+        "| switch |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        cells = [r["method"], r["case"], f"{r['tokens_per_s']:.1f}", _fmt(r["vs_naive"], ".2f"),
+                 f"{r['vs_hf_teacher']:.2f}", f"{r['vs_hf_student']:.2f}", _fmt(r["syncs_per_token"], ".3f"),
+                 _fmt(r["syncs_per_call"], "d"), r["switch"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
