@@ -9,11 +9,15 @@ gradients 1/64 relative (bf16 outputs of two matmuls).
 import pytest
 import torch
 
-from adaswitch._backend import triton_available
+from adaswitch._backend import native_available, native_ops, triton_available
 from adaswitch.ops import FusedLinearDistillLoss, fused_linear_distill_loss
 from adaswitch.ops.loss import reference_distill_loss
 
-IMPLS = ["torch"] + (["triton"] if triton_available(torch.device("cpu")) else [])
+IMPLS = (
+    ["torch"]
+    + (["native"] if native_available() and hasattr(native_ops(), "distill_loss_rows") else [])
+    + (["triton"] if triton_available(torch.device("cpu")) else [])
+)
 
 
 def _problem(dtype, n=13, hs=8, ht=12, v=29, bias=True):

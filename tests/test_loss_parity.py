@@ -7,13 +7,17 @@ import os
 import pytest
 import torch
 
-from adaswitch._backend import triton_available
+from adaswitch._backend import native_available, native_ops, triton_available
 from adaswitch.ops import distill_loss, fused_linear_distill_loss
 
 pytestmark = pytest.mark.compare
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 BETAS = [0.0, 0.1, 0.5, 0.9, 1.0]
-IMPLS = ["torch"] + (["triton"] if triton_available(torch.device("cpu")) else [])
+IMPLS = (
+    ["torch"]
+    + (["native"] if native_available() and hasattr(native_ops(), "distill_loss_rows") else [])
+    + (["triton"] if triton_available(torch.device("cpu")) else [])
+)
 
 
 def _grad(fn, x):

@@ -219,9 +219,7 @@ def fused_linear_distill_loss(
     lead_shape = student_hidden.shape[:-1]
     check_labels(labels, lead_shape, device, ignore_index)
     check_num_items(num_items_in_batch, reduction, device)
-    which = resolve_impl(impl, device)
-    if which == "native":
-        which = "torch"
+    which = resolve_impl(impl, device, native_op="distill_loss_rows")
     vocab = student_weight.shape[0]
     hs = student_hidden.reshape(-1, student_hidden.shape[-1])
     ht = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])

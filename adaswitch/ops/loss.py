@@ -24,7 +24,7 @@ import math
 import torch
 
 from adaswitch import reference
-from adaswitch._backend import resolve_impl
+from adaswitch._backend import native_ops, resolve_impl
 from adaswitch._validation import KINDS, check_divergence_args, check_logits_pair
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -163,12 +163,16 @@ def _rows_and_grad_torch(s, t, grad, loss_rows, valid, scale, code, w, log_w, lo
 
 
 def loss_rows_and_grad(s, t, *, kind_code, beta, alpha, temperature, valid, scale, want_grad, which):
-    """Per-row loss (float32, or float64 for float64 inputs) of 2-D `s`, `t` and, if `want_grad`, the
-    gradient w.r.t. `s` in `s.dtype`, multiplied by `scale` (one-element or [N] float32 tensor) / T.
-    Rows where `valid` is False get 0 and a zero gradient. Used per chunk by the fused-linear loss too."""
+    """Per-row loss (float32, or float64 for float64 inputs off Triton) of 2-D `s`, `t` and, if
+    `want_grad`, the gradient w.r.t. `s` in `s.dtype`, multiplied by `scale` (one-element or [N] float32
+    tensor) / T. Rows where `valid` is False get 0 and a zero gradient. `which`: "triton", "native"
+    or "torch". Used per chunk by the fused-linear loss too."""
     code, w, log_w, log_1mw = kernel_kind(kind_code, beta, alpha)
     s = s if s.stride(-1) == 1 else s.contiguous()
     t = t if t.stride(-1) == 1 else t.contiguous()
+    if which == "native":
+        rows, grad = native_ops().distill_loss_rows(s, t, valid, scale, code, w, temperature, want_grad)
+        return rows, (grad if want_grad else None)
     out_dtype = torch.float64 if (s.dtype == torch.float64 and which == "torch") else torch.float32
     loss_rows = torch.empty(s.shape[0], dtype=out_dtype, device=s.device)
     grad = torch.empty_like(s) if want_grad else None
@@ -282,7 +286,8 @@ def distill_loss(
             neither in the loss nor in the mean's divisor and get a zero gradient.
         reduction: "mean" (over valid tokens; `num_items_in_batch` replaces the count, as in TRL, for
             gradient accumulation), "sum", or "none" (per-position losses, 0 at ignored positions).
-        impl: "auto" (Triton on CUDA, else PyTorch), "triton" or "torch".
+        impl: "auto" (Triton on CUDA, the native op on CPU when built, else PyTorch), "triton",
+            "native" or "torch".
 
     Accumulates in float32 (float64 for float64 inputs on the PyTorch path); the gradient is returned
     in the student's dtype. If every position is ignored, the loss is 0 with a zero gradient.
@@ -294,8 +299,6 @@ def distill_loss(
     check_labels(labels, student_logits.shape[:-1], device, ignore_index)
     check_num_items(num_items_in_batch, reduction, device)
     which = resolve_impl(impl, device, native_op="distill_loss_rows")
-    if which == "native":  # no native op for the loss: the chunked PyTorch path is as fast on CPU
-        which = "torch"
     n_rows = student_logits.numel() // student_logits.shape[-1]
     valid = None if labels is None else (labels != ignore_index).reshape(-1)
     scale = reduction_scale(valid, n_rows, reduction, num_items_in_batch, device)

@@ -1,0 +1,228 @@
+"""Speed and peak memory of the distillation losses against the baselines of bench_loss.py, one
+subprocess per (op, shape, provider) so that peak memory is that case's alone; rows appended to a CSV
+and a ratio table printed (baseline time / adaswitch time, and adaswitch memory / baseline memory).
+
+    python benchmarks/loss_ratios.py [--out benchmarks/results/loss_cpu.csv] [--quick] [--providers a,b]
+    python benchmarks/loss_ratios.py --table benchmarks/results/loss_cpu.csv
+
+Time: median of --reps runs after one warm-up (torch.compile compiles in the warm-up), per mode:
+forward (loss only), backward (backward only, after an untimed forward), full (both). Peak memory:
+the largest resident-set size sampled every 0.5 ms during a timed full pass, minus the RSS just before it
+(large tensors are mmapped by glibc and returned on free, so RSS follows the live tensors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT.parent))
+
+# (op, N, V, H): the issue's CPU shapes; the logits-input op at N=4096, V=151936 (and the fused op there)
+# would need > 20 GB for the eager baselines on this 23 GB machine shared with other jobs, so it is cut.
+SHAPES = [
+    ("logits", 512, 32000, 0),
+    ("logits", 4096, 32000, 0),
+    ("logits", 512, 151936, 0),
+    ("fused", 512, 32000, 512),
+    ("fused", 4096, 32000, 512),
+    ("fused", 512, 151936, 512),
+]
+QUICK = [("logits", 512, 32000, 0), ("fused", 512, 32000, 512)]
+PROVIDERS = {
+    "logits": ["adaswitch", "torch", "torch_compile", "trl"],
+    "fused": ["adaswitch", "torch", "torch_compile", "trl", "liger"],
+}
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+class _PeakSampler:
+    def __init__(self):
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss())
+            time.sleep(0.0005)
+
+    def __enter__(self):
+        self.start = _rss()
+        self.peak = self.start
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+
+def run_case(op, n, v, h, provider, reps):
+    import bench_loss as B
+    import torch
+
+    torch.manual_seed(0)
+    x = B.make_logits(n, v) if op == "logits" else B.make_hidden(n, h, v)
+    providers = B.logits_providers() if op == "logits" else B.fused_providers()
+    fn = providers[provider]
+    ours = B.run(providers["adaswitch"], x, op, "forward").item()
+    loss = B.run(fn, x, op, "full").item()  # warm-up (compiles) and correctness check
+    if abs(loss - ours) > 1e-3 * abs(ours) + 1e-6:
+        raise AssertionError(f"{op}/{provider} loss {loss} != adaswitch {ours}")
+    times = {"forward": [], "backward": [], "full": []}
+    peak = 0
+    for _ in range(reps):
+        y = B.fresh_leaves(x, op)
+        t0 = time.perf_counter()
+        out = fn(y)
+        t1 = time.perf_counter()
+        out.backward()
+        t2 = time.perf_counter()
+        times["forward"].append(t1 - t0)
+        times["backward"].append(t2 - t1)
+        del out, y
+        y = B.fresh_leaves(x, op)
+        with _PeakSampler() as mem:  # the full pass, sampled for its peak RSS
+            t0 = time.perf_counter()
+            fn(y).backward()
+            times["full"].append(time.perf_counter() - t0)
+        peak = max(peak, mem.peak - mem.start)
+    return {
+        "ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
+        "peak_mb": peak / 2**20,
+        "loss": loss,
+    }
+
+
+def machine() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        name = next(
+            line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")
+        )
+    except (OSError, StopIteration):
+        name = platform.processor()
+    return f"{name}, {os.cpu_count()} cores"
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(ROOT / "results" / "loss_cpu.csv"))
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="the smallest shape of each op only")
+    ap.add_argument("--providers", help="comma-separated subset of providers (default: all)")
+    ap.add_argument("--table", metavar="CSV", help="only print the ratio table of an existing CSV")
+    ap.add_argument("--case", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.case:
+        op, n, v, h, provider = json.loads(args.case)
+        print(json.dumps(run_case(op, n, v, h, provider, args.reps)))
+        return
+    if args.table:
+        with open(args.table, newline="") as f:
+            print_ratios(list(csv.DictReader(f)))
+        return
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", TRL_EXPERIMENTAL_SILENCE="1")
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
+    mach, sha = machine(), commit()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for op, n, v, h in QUICK if args.quick else SHAPES:
+        for provider in PROVIDERS[op]:
+            if args.providers and provider not in args.providers.split(","):
+                continue
+            case = json.dumps([op, n, v, h, provider])
+            reps = args.reps if n * v <= 1 << 24 else 1  # the big shapes: one timed run per mode
+            cmd = [sys.executable, __file__, "--case", case, "--reps", str(reps)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                print(f"{op} N={n} V={v} {provider}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+                continue
+            res = json.loads(proc.stdout.strip().splitlines()[-1])
+            case_rows = [
+                {
+                    "op": op,
+                    "N": n,
+                    "V": v,
+                    "H": h,
+                    "dtype": "float32",
+                    "kind": "jsd",
+                    "provider": provider,
+                    "mode": mode,
+                    "ms": round(ms, 2),
+                    "peak_mb": round(res["peak_mb"], 1),
+                    "machine": mach,
+                    "date": stamp,
+                    "commit": sha,
+                }
+                for mode, ms in res["ms"].items()
+            ]
+            new = not out.exists()
+            with out.open("a", newline="") as f:  # row by row, so a cut-short run keeps what it measured
+                w = csv.DictWriter(f, fieldnames=list(case_rows[0]))
+                if new:
+                    w.writeheader()
+                w.writerows(case_rows)
+            rows += case_rows
+            print(
+                f"{op:6s} N={n:5d} V={v:6d} {provider:13s} fwd {res['ms']['forward']:9.1f} ms  "
+                f"bwd {res['ms']['backward']:9.1f} ms  full {res['ms']['full']:9.1f} ms  "
+                f"peak {res['peak_mb']:8.1f} MB",
+                flush=True,
+            )
+    print_ratios(rows)
+
+
+def print_ratios(rows):
+    """baseline time / adaswitch time (> 1: adaswitch faster) and adaswitch peak / baseline peak."""
+    key = lambda r: (r["op"], r["N"], r["V"])  # noqa: E731
+    head = ["op", "N", "V", "baseline", "fwd x", "bwd x", "full x", "mem ratio"]
+    print("\n{:6s} {:>5s} {:>6s} {:13s} {:>7s} {:>7s} {:>7s} {:>9s}".format(*head))
+    for k in sorted({key(r) for r in rows}):
+        case = [r for r in rows if key(r) == k]
+        ours = {r["mode"]: r for r in case if r["provider"] == "adaswitch"}
+        if not ours:
+            continue
+        for base in sorted({r["provider"] for r in case} - {"adaswitch"}):
+            b = {r["mode"]: r for r in case if r["provider"] == base}
+            ratio = {
+                m: float(b[m]["ms"]) / max(float(ours[m]["ms"]), 1e-9)
+                for m in ("forward", "backward", "full")
+            }
+            mem = float(ours["full"]["peak_mb"]) / max(float(b["full"]["peak_mb"]), 1e-9)
+            print(
+                f"{k[0]:6s} {int(k[1]):5d} {int(k[2]):6d} {base:13s} {ratio['forward']:7.2f} "
+                f"{ratio['backward']:7.2f} {ratio['full']:7.2f} {mem:9.2f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
