@@ -49,6 +49,10 @@ def test_combinations_that_make_no_sense():
         make(policy="student", lookahead=4)
     with pytest.raises(ValueError, match="token_mask"):
         make(policy="dataset", token_mask="student")
+    with pytest.raises(ValueError, match="token_mask='teacher' selects no tokens with policy 'mixed'"):
+        make(policy="mixed", token_mask="teacher")
+    with pytest.raises(ValueError, match="token_mask='student' selects no tokens with policy 'teacher'"):
+        make(policy="teacher", token_mask="student")
 
 
 def test_build_policy():

@@ -236,6 +236,12 @@ class DistillConfig(TrainingArguments):
                 "token_mask must be 'all' with policy 'dataset' (dataset tokens are sampled by neither "
                 f"model), got {self.token_mask!r}"
             )
+        never = {"student": ("teacher",), "teacher": ("student", "mixed")}.get(self.token_mask, ())
+        if self.policy in never:
+            raise ValueError(
+                f"token_mask={self.token_mask!r} selects no tokens with policy {self.policy!r} (the "
+                f"{self.token_mask} never samples there); use 'all' or another policy"
+            )
         if self.remove_unused_columns:
             raise ValueError(
                 "remove_unused_columns must be False for distillation: the prompt and completion "

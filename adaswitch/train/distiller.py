@@ -248,8 +248,7 @@ class Distiller(Trainer):
         return all(_linear_head(m) is not None and _accepts(m, "logits_to_keep") for m in (student, teacher))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        from adaswitch.ops.fused_linear import fused_linear_distill_loss
-        from adaswitch.ops.loss import distill_loss
+        from adaswitch.ops import distill_loss, fused_linear_distill_loss
 
         mode = "train" if model.training else "eval"
         device = inputs["prompt_input_ids"].device
