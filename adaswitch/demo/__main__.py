@@ -1,0 +1,5 @@
+"""`python -m adaswitch.demo` = `adaswitch demo`."""
+
+from adaswitch.demo.run import main
+
+raise SystemExit(main())

@@ -1,0 +1,286 @@
+"""One demo experiment: the shared set-up (data, tokenizer, shipped teacher, SFT-initialised student)
+and one distillation run per (method, seed) on a fixed budget of steps and prompts.
+
+Every method gets the same number of optimizer steps on the same prompts (a seeded draw per seed), the
+same optimizer and schedule (`sft.make_optimizer`) and the same loss (forward KL); only where the
+response tokens come from differs. "SFT only" spends that budget on more cross-entropy fine-tuning on
+the dataset's completions, the baseline distillation has to beat.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from adaswitch.demo.build_teacher import TEACHER_DIR, DataSpec
+
+# Display name -> DistillConfig overrides (None: cross-entropy SFT, no teacher). Filled in by
+# `method_overrides` with the AdaSwitch / SKD settings of the run.
+METHOD_NAMES = ("SFT only", "Supervised KD", "SeqKD", "On-policy (GKD)", "Mixed(0.5)", "SKD", "AdaSwitch")
+ON_POLICY = "On-policy (GKD)"
+
+
+def method_overrides(name: str, *, window: int, k: float, skd_top_k: int) -> dict | None:
+    table = {
+        "SFT only": None,
+        "Supervised KD": {"policy": "dataset"},
+        "SeqKD": {"policy": "teacher"},
+        "On-policy (GKD)": {"policy": "student"},
+        "Mixed(0.5)": {"policy": "mixed", "lmbda": 0.5},
+        "SKD": {"policy": "skd", "skd_top_k": skd_top_k},
+        "AdaSwitch": {"policy": "adaswitch", "window": window, "k": k},
+    }
+    if name not in table:
+        raise ValueError(f"method must be one of {METHOD_NAMES}, got {name!r}")
+    return table[name]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What every method gets: optimizer steps, prompts per step, learning rate, response budget."""
+
+    steps: int
+    batch_size: int
+    lr: float = 1e-3
+    max_new_tokens: int = 48
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "max_new_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+
+
+@dataclass
+class Context:
+    """Everything the runs share; each run starts from a copy of `student` (never modified)."""
+
+    tokenizer: object
+    teacher: object
+    student: object
+    train: object
+    eval: object
+    teacher_accuracy: float
+    student_accuracy: float
+    sft_seconds: float
+    info: dict = field(default_factory=dict)
+
+
+def prepare(
+    *,
+    student_preset: str,
+    sft_steps: int,
+    sft_batch_size: int = 64,
+    sft_lr: float = 3e-3,
+    num_eval: int | None = None,
+    teacher_dir: str | Path = TEACHER_DIR,
+    data: DataSpec | None = None,
+    max_new_tokens: int = 48,
+    progress: bool = True,
+) -> Context:
+    """Loads the teacher, builds the data, SFTs a fresh student (seed 0) and measures both."""
+    from adaswitch.demo.build_teacher import load_teacher
+    from adaswitch.demo.models import build_model, num_parameters, student_config
+    from adaswitch.demo.sft import sft
+
+    teacher, tokenizer = load_teacher(teacher_dir)
+    teacher.requires_grad_(False)
+    dataset = (data or DataSpec()).build()
+    eval_split = dataset["eval"]
+    if num_eval is not None:
+        if not isinstance(num_eval, int) or not 1 <= num_eval <= len(eval_split):
+            raise ValueError(f"num_eval must be an int in [1, {len(eval_split)}], got {num_eval!r}")
+        eval_split = eval_split.select(range(num_eval))
+    student = build_model(student_config(tokenizer, student_preset), seed=0)
+    fit = sft(
+        student,
+        tokenizer,
+        dataset["train"],
+        steps=sft_steps,
+        batch_size=sft_batch_size,
+        lr=sft_lr,
+        seed=0,
+        progress=progress,
+    )
+    student.eval()
+    ctx = Context(
+        tokenizer=tokenizer,
+        teacher=teacher,
+        student=student,
+        train=dataset["train"],
+        eval=eval_split,
+        teacher_accuracy=math.nan,
+        student_accuracy=math.nan,
+        sft_seconds=fit["seconds"],
+    )
+    ctx.teacher_accuracy = accuracy(ctx, teacher, max_new_tokens=max_new_tokens)["accuracy"]
+    ctx.student_accuracy = accuracy(ctx, student, max_new_tokens=max_new_tokens)["accuracy"]
+    ctx.info = {
+        "teacher_parameters": num_parameters(teacher),
+        "student_parameters": num_parameters(student),
+        "teacher_architecture": type(teacher).__name__,
+        "student_architecture": type(student).__name__,
+        "student_preset": student_preset,
+        "sft_steps": sft_steps,
+        "sft_seconds": round(fit["seconds"], 2),
+        "num_train": len(dataset["train"]),
+        "num_eval": len(eval_split),
+    }
+    return ctx
+
+
+def accuracy(ctx: Context, model, *, max_new_tokens: int = 48, with_kl: bool = False) -> dict:
+    """Greedy accuracy on the eval split (`adaswitch.evaluate`), plus the teacher-forced KL if asked."""
+    from adaswitch.train.evaluate import evaluate
+
+    out = evaluate(
+        model,
+        ctx.tokenizer,
+        ctx.eval,
+        teacher=ctx.teacher if with_kl else None,
+        max_new_tokens=max_new_tokens,
+        batch_size=256,
+        progress=False,
+    )
+    return {k: v for k, v in out.items() if k != "examples"}
+
+
+def _mean(history: list[dict], key: str) -> float:
+    values = [h[key] for h in history if key in h]
+    return float(sum(values) / len(values)) if values else math.nan
+
+
+def run_method(ctx: Context, name: str, overrides: dict | None, *, seed: int, budget: Budget) -> dict:
+    """Distils a copy of the initial student with one method; returns its metrics and the model.
+
+    Every method of a seed sees the same `steps x batch_size` training prompts (a seeded draw)."""
+    from adaswitch.demo.sft import sft
+
+    student = copy.deepcopy(ctx.student)
+    pool = ctx.train.shuffle(seed=seed).select(range(min(len(ctx.train), budget.steps * budget.batch_size)))
+    if overrides is None:
+        fit = sft(
+            student,
+            ctx.tokenizer,
+            pool,
+            steps=budget.steps,
+            batch_size=budget.batch_size,
+            lr=budget.lr,
+            seed=seed,
+            progress=False,
+        )
+        seconds, history = fit["seconds"], []
+    else:
+        seconds, history = _distill(ctx, student, pool, overrides, seed=seed, budget=budget)
+    metrics = accuracy(ctx, student, max_new_tokens=budget.max_new_tokens, with_kl=True)
+    return {
+        "method": name,
+        "seed": seed,
+        "accuracy": metrics["accuracy"],
+        "teacher_kl": metrics["teacher_kl"],
+        "seconds_per_step": seconds / budget.steps,
+        "switch_rate": _mean(history, "switch_rate"),
+        "mean_switch_position": _mean(history, "mean_switch_position"),
+        "teacher_token_fraction": _mean(history, "teacher_token_fraction"),
+        "response_tokens_per_step": _mean(history, "response_tokens"),
+        "model": student,
+    }
+
+
+class _StepTimer(TrainerCallback):
+    """Trainer callback summing the wall time inside training steps (generation, forwards, backward,
+    optimizer), leaving out Trainer's set-up, which would dominate short runs."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._start = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds += time.perf_counter() - self._start
+
+
+def _distill(
+    ctx: Context, student, pool, overrides: dict, *, seed: int, budget: Budget
+) -> tuple[float, list[dict]]:
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from adaswitch.demo.sft import make_optimizer
+    from adaswitch.train.config import DistillConfig
+    from adaswitch.train.distiller import Distiller
+
+    with tempfile.TemporaryDirectory(prefix="adaswitch-demo-") as tmp:
+        config = DistillConfig(
+            output_dir=tmp,
+            max_steps=budget.steps,
+            per_device_train_batch_size=budget.batch_size,
+            learning_rate=budget.lr,
+            max_grad_norm=1.0,
+            max_new_tokens=budget.max_new_tokens,
+            seed=seed,
+            data_seed=seed,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            use_cpu=True,
+            dataloader_num_workers=0,
+            **overrides,
+        )
+        trainer = Distiller(
+            model=student,
+            teacher_model=ctx.teacher,
+            args=config,
+            train_dataset=pool,
+            processing_class=ctx.tokenizer,
+            optimizers=make_optimizer(student, steps=budget.steps, lr=budget.lr),
+        )
+        for callback in (PrinterCallback, ProgressCallback):
+            trainer.remove_callback(callback)
+        timer = _StepTimer()
+        trainer.add_callback(timer)
+        trainer.train()
+    student.eval()
+    return timer.seconds, [h for h in trainer.state.log_history if "loss" in h]
+
+
+@torch.no_grad()
+def switch_trace(
+    ctx: Context, student, *, window: int, k: float, num_prompts: int, seed: int = 0, max_new_tokens: int = 48
+) -> dict:
+    """AdaSwitch generation on the first eval prompts: per-row switch positions and divergence traces."""
+    from adaswitch.engine.generate import generate
+    from adaswitch.engine.policies import AdaSwitch
+
+    prompts = ctx.eval["prompt"][:num_prompts]
+    batch = ctx.tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+    out = generate(
+        student,
+        ctx.teacher,
+        batch["input_ids"],
+        batch["attention_mask"],
+        policy=AdaSwitch(window=window, k=k),
+        max_new_tokens=max_new_tokens,
+        eos_token_id=ctx.tokenizer.eos_token_id,
+        pad_token_id=ctx.tokenizer.pad_token_id,
+        seed=seed,
+    )
+    return {
+        "prompts": prompts,
+        "switch_position": out.switch_position.tolist(),
+        "divergence": out.divergence.tolist(),
+        "lengths": out.lengths.tolist(),
+        "tokens": [ctx.tokenizer.convert_ids_to_tokens(row) for row in out.response.tolist()],
+        "from_teacher": out.from_teacher.tolist(),
+    }

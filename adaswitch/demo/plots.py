@@ -1,0 +1,115 @@
+"""The demo's figures (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy(
+    rows: list[dict], path: str | Path, *, teacher_accuracy: float, start_accuracy: float
+) -> Path:
+    """Bar per method: mean accuracy over seeds with a std error bar; teacher and SFT start as lines."""
+    plt = _pyplot()
+    names = [r["method"] for r in rows]
+    means = [100 * r["accuracy"] for r in rows]
+    stds = [100 * r["accuracy_std"] for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    colors = ["tab:red" if n == "AdaSwitch" else "tab:blue" for n in names]
+    ax.bar(range(len(names)), means, yerr=stds, capsize=4, color=colors, alpha=0.85)
+    ax.axhline(
+        100 * teacher_accuracy, color="black", ls="--", lw=1, label=f"teacher {100 * teacher_accuracy:.1f}%"
+    )
+    ax.axhline(
+        100 * start_accuracy,
+        color="gray",
+        ls=":",
+        lw=1,
+        label=f"student after SFT {100 * start_accuracy:.1f}%",
+    )
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+    ax.set_ylabel("eval accuracy (%), mean ± std over seeds")
+    ax.set_ylim(0, 100)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title("Distillation methods on the same budget")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_switch_histogram(groups: dict[str, list[int]], path: str | Path, *, max_position: int) -> Path:
+    """Histogram of AdaSwitch switch positions (response index) per group; rows that never switched are
+    counted in the legend."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    bins = range(0, max_position + 2)
+    for label, positions in groups.items():
+        switched = [p for p in positions if p >= 0]
+        ax.hist(
+            switched, bins=bins, alpha=0.55, label=f"{label} ({len(switched)}/{len(positions)} rows switched)"
+        )
+    ax.set_xlabel("switch position (response token index)")
+    ax.set_ylabel("rows")
+    ax.legend(fontsize=8)
+    ax.set_title("Where AdaSwitch hands over to the teacher")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def moving_threshold(
+    divergence: list[float], *, window: int, k: float, warmup: int | None = None
+) -> list[float]:
+    """K x mean of the last `window` exploration divergences at every position where a switch is
+    allowed (NaN before max(window, warmup) values exist), as the policy computes it."""
+    need = max(window, window if warmup is None else warmup)
+    out = []
+    for i in range(len(divergence)):
+        past = [d for d in divergence[:i] if not math.isnan(d)]
+        out.append(k * sum(past[-window:]) / window if len(past) >= need else math.nan)
+    return out
+
+
+def plot_divergence_trace(
+    divergence: list[float],
+    tokens: list[str],
+    switch_position: int,
+    path: str | Path,
+    *,
+    window: int,
+    k: float,
+    prompt: str = "",
+) -> Path:
+    """One row: divergence per generated token, its moving threshold, and the switch."""
+    plt = _pyplot()
+    n = len(tokens)
+    d = divergence[:n]
+    tau = moving_threshold(d, window=window, k=k)
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    xs = [i for i in range(n) if not math.isnan(d[i])]
+    ax.plot(xs, [d[i] for i in xs], "o-", ms=3, label="KL(teacher ‖ student)")
+    ax.plot(range(n), tau, "--", color="tab:orange", label=f"threshold {k:g} × mean of last {window}")
+    if switch_position >= 0:
+        ax.axvline(switch_position, color="tab:red", lw=1.5, label=f"switch at token {switch_position}")
+        ax.axvspan(switch_position, n - 0.5, color="tab:red", alpha=0.07)
+    ax.set_xticks(range(n), tokens, fontsize=7)
+    ax.set_yscale("symlog", linthresh=1e-3)
+    ax.set_xlabel("generated token (student before the switch, teacher after)")
+    ax.set_ylabel("divergence (nats)")
+    ax.set_title(f"Divergence trace for prompt {prompt!r}" if prompt else "Divergence trace")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,427 @@
+"""`adaswitch demo`: every distillation method on the embedded arithmetic task, one table.
+
+    adaswitch demo                 # quick preset (the default; minutes on 2 CPU cores)
+    adaswitch demo --full          # longer budget, tighter error bars
+    adaswitch demo --tiny          # seconds; what CI runs
+    adaswitch demo --ablation      # the window x k sweep that sets AdaSwitch's defaults
+    python -m adaswitch.demo ...   # the same
+
+Steps: load the shipped Qwen2-style teacher, SFT a fresh Llama-style student (about 10x smaller) on
+the task's worked completions, then distil that student with each method for the same number of steps
+and prompts, over several seeds; print the table, write results.json and the plots to --output-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from adaswitch.demo.build_teacher import TEACHER_DIR, DataSpec
+from adaswitch.demo.experiment import METHOD_NAMES, ON_POLICY, Budget
+
+
+@dataclass(frozen=True)
+class DemoPreset:
+    name: str
+    student: str
+    sft_steps: int
+    budget: Budget
+    seeds: tuple[int, ...]
+    num_eval: int | None
+    trace_prompts: int
+    num_train: int = DataSpec().num_train
+
+
+PRESETS = {
+    "tiny": DemoPreset(
+        name="tiny",
+        student="tiny",
+        sft_steps=2,
+        budget=Budget(steps=1, batch_size=4, max_new_tokens=40),
+        seeds=(0, 1),
+        num_eval=4,
+        trace_prompts=4,
+        num_train=500,
+    ),
+    "quick": DemoPreset(
+        name="quick",
+        student="demo",
+        sft_steps=300,
+        budget=Budget(steps=40, batch_size=32),
+        seeds=(0, 1, 2),
+        num_eval=300,
+        trace_prompts=128,
+    ),
+    "full": DemoPreset(
+        name="full",
+        student="demo",
+        sft_steps=300,
+        budget=Budget(steps=200, batch_size=32),
+        seeds=(0, 1, 2),
+        num_eval=None,
+        trace_prompts=256,
+    ),
+}
+# AdaSwitch settings when --window/--k are not given: the policy's shipped defaults (set by the ablation).
+SKD_TOP_K = 2
+
+
+def adaswitch_defaults() -> tuple[int, float]:
+    from adaswitch.engine.policies import AdaSwitch
+
+    policy = AdaSwitch()
+    return policy.window, policy.k
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            text=True,
+            stderr=subprocess.DEVNULL,
+        ).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    """One row per method (in METHOD_NAMES order): means over seeds, accuracy std, overhead vs on-policy."""
+    rows = []
+    for name in METHOD_NAMES:
+        mine = [r for r in runs if r["method"] == name]
+        if not mine:
+            continue
+        acc = [r["accuracy"] for r in mine]
+
+        def mean(key, mine=mine):
+            values = [r[key] for r in mine if not math.isnan(r[key])]
+            return statistics.fmean(values) if values else math.nan
+
+        rows.append(
+            {
+                "method": name,
+                "accuracy": statistics.fmean(acc),
+                "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+                "accuracies": acc,
+                "teacher_kl": mean("teacher_kl"),
+                "switch_rate": mean("switch_rate"),
+                "mean_switch_position": mean("mean_switch_position"),
+                "teacher_token_fraction": mean("teacher_token_fraction"),
+                "response_tokens_per_step": mean("response_tokens_per_step"),
+                "seconds_per_step": mean("seconds_per_step"),
+                "seeds": [r["seed"] for r in mine],
+            }
+        )
+    base = next((r["seconds_per_step"] for r in rows if r["method"] == ON_POLICY), math.nan)
+    for r in rows:
+        r["overhead_vs_on_policy"] = r["seconds_per_step"] / base if base > 0 else math.nan
+    return rows
+
+
+def _fmt(value, spec: str, scale: float = 1.0) -> str:
+    return (
+        "-"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else format(value * scale, spec)
+    )
+
+
+TABLE_COLUMNS = (
+    "method",
+    "accuracy % (mean ± std)",
+    "teacher KL",
+    "switch rate",
+    "mean switch pos",
+    "teacher tokens %",
+    "s / step",
+    "vs on-policy",
+)
+
+
+def format_table(rows: list[dict]) -> str:
+    """A Markdown table (so it pastes into the README as it is)."""
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"]
+    for r in rows:
+        cells = [
+            r["method"],
+            f"{100 * r['accuracy']:.1f} ± {100 * r['accuracy_std']:.1f}",
+            _fmt(r["teacher_kl"], ".4f"),
+            _fmt(r["switch_rate"], ".2f"),
+            _fmt(r["mean_switch_position"], ".1f"),
+            _fmt(r["teacher_token_fraction"], ".1f", 100),
+            _fmt(r["seconds_per_step"], ".3f"),
+            _fmt(r["overhead_vs_on_policy"], ".2f")
+            + ("x" if not math.isnan(r["overhead_vs_on_policy"]) else ""),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _json_safe(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def run_demo(
+    preset: str = "quick",
+    output_dir: str | Path = "demo_out",
+    *,
+    teacher_dir=TEACHER_DIR,
+    window: int | None = None,
+    k: float | None = None,
+    methods: tuple[str, ...] = METHOD_NAMES,
+    seeds: tuple[int, ...] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Runs the demo and writes results.json and the plots; returns the results dict."""
+    import datasets
+    from tqdm.auto import tqdm
+
+    from adaswitch.demo.experiment import prepare
+    from adaswitch.engine.policies import AdaSwitch
+
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    unknown = [m for m in methods if m not in METHOD_NAMES]
+    if not methods or unknown:
+        raise ValueError(f"methods must be a non-empty subset of {METHOD_NAMES}, got {methods!r}")
+    spec = PRESETS[preset]
+    seeds = spec.seeds if seeds is None else tuple(seeds)
+    if not seeds or any(not isinstance(s, int) or s < 0 for s in seeds):
+        raise ValueError(f"seeds must be non-negative ints, got {seeds!r}")
+    default_window, default_k = adaswitch_defaults()
+    window = default_window if window is None else window
+    k = default_k if k is None else k
+    AdaSwitch(window=window, k=k)  # a bad window / k is reported before any work
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    started = time.perf_counter()
+    say = tqdm.write if progress else print
+    bars_were_on = not datasets.utils.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # one tokenisation bar per run would drown the table's progress bar
+    try:
+        say(f"[adaswitch demo] preset={preset}: SFT of the student ({spec.sft_steps} steps) ...")
+        ctx = prepare(
+            student_preset=spec.student,
+            sft_steps=spec.sft_steps,
+            num_eval=spec.num_eval,
+            teacher_dir=teacher_dir,
+            data=DataSpec(num_train=spec.num_train),
+            max_new_tokens=spec.budget.max_new_tokens,
+            progress=progress,
+        )
+        results = _run(spec, ctx, methods, seeds, window, k, out, progress, say)
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
+    results["meta"]["total_seconds"] = round(time.perf_counter() - started, 1)
+    (out / "results.json").write_text(json.dumps(_json_safe(results), indent=2) + "\n")
+    results["table"] = format_table(results["results"])
+    return results
+
+
+def _run(spec, ctx, methods, seeds, window, k, out, progress, say) -> dict:
+    import torch
+    from tqdm.auto import tqdm
+
+    from adaswitch.demo.experiment import method_overrides, run_method, switch_trace
+
+    say(
+        f"[adaswitch demo] teacher {100 * ctx.teacher_accuracy:.1f}%, student after SFT "
+        f"{100 * ctx.student_accuracy:.1f}% on {len(ctx.eval)} eval problems"
+    )
+
+    runs, adaswitch_model = [], None
+    jobs = [(m, s) for m in methods for s in seeds]
+    bar = tqdm(jobs, desc="distilling", unit="run", disable=not progress)
+    for name, seed in bar:
+        bar.set_postfix_str(f"{name}, seed {seed}")
+        result = run_method(
+            ctx,
+            name,
+            method_overrides(name, window=window, k=k, skd_top_k=SKD_TOP_K),
+            seed=seed,
+            budget=spec.budget,
+        )
+        model = result.pop("model")
+        if name == "AdaSwitch" and adaswitch_model is None:
+            adaswitch_model = model
+        runs.append(result)
+    bar.close()
+
+    rows = summarise(runs)
+    trace_kw = dict(
+        window=window,
+        k=k,
+        num_prompts=min(spec.trace_prompts, len(ctx.eval)),
+        max_new_tokens=spec.budget.max_new_tokens,
+    )
+    traces = {"student after SFT": switch_trace(ctx, ctx.student, **trace_kw)}
+    if adaswitch_model is not None:
+        traces[f"after AdaSwitch distillation (seed {seeds[0]})"] = switch_trace(
+            ctx, adaswitch_model, **trace_kw
+        )
+    plots = _write_plots(out, rows, ctx, traces, window=window, k=k, max_position=spec.budget.max_new_tokens)
+    return {
+        "meta": {
+            "preset": spec.name,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "commit": git_commit(),
+            "machine": cpu_name(),
+            "torch_threads": torch.get_num_threads(),
+            "seeds": list(seeds),
+            "budget": asdict(spec.budget),
+            "adaswitch": {"window": window, "k": k},
+            "skd_top_k": SKD_TOP_K,
+            "teacher_accuracy": ctx.teacher_accuracy,
+            "student_after_sft_accuracy": ctx.student_accuracy,
+            **ctx.info,
+            "plots": [p.name for p in plots],
+        },
+        "results": rows,
+        "runs": runs,
+    }
+
+
+def _write_plots(out, rows, ctx, traces, *, window, k, max_position) -> list[Path]:
+    from adaswitch.demo.plots import plot_accuracy, plot_divergence_trace, plot_switch_histogram
+
+    paths = [
+        plot_accuracy(
+            rows,
+            out / "accuracy.png",
+            teacher_accuracy=ctx.teacher_accuracy,
+            start_accuracy=ctx.student_accuracy,
+        )
+    ]
+    paths.append(
+        plot_switch_histogram(
+            {label: t["switch_position"] for label, t in traces.items()},
+            out / "switch_positions.png",
+            max_position=max_position,
+        )
+    )
+    trace = traces["student after SFT"]
+    # The clearest example: a row that switched late enough to show the window filling up.
+    candidates = [i for i, p in enumerate(trace["switch_position"]) if p >= window + 2]
+    candidates = candidates or [i for i, p in enumerate(trace["switch_position"]) if p >= 0] or [0]
+    row = candidates[0]
+    n = trace["lengths"][row]
+    paths.append(
+        plot_divergence_trace(
+            trace["divergence"][row][:n],
+            trace["tokens"][row][:n],
+            trace["switch_position"][row],
+            out / "divergence_trace.png",
+            window=window,
+            k=k,
+            prompt=trace["prompts"][row],
+        )
+    )
+    return paths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adaswitch demo",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--tiny", action="store_true", help="seconds: a smoke test (CI)")
+    size.add_argument(
+        "--full", action="store_true", help="a longer budget (see docs/demo.md for its run time)"
+    )
+    parser.add_argument(
+        "--ablation",
+        action="store_true",
+        help="run the AdaSwitch window x K sweep instead (python -m adaswitch.demo.ablation; takes its "
+        "--windows/--ks; with --tiny: seconds)",
+    )
+    parser.add_argument("--output-dir", default="demo_out", help="where results.json and the plots go")
+    parser.add_argument("--teacher", default=str(TEACHER_DIR), help="teacher checkpoint directory")
+    parser.add_argument("--window", type=int, default=None, help="AdaSwitch L (default: the shipped default)")
+    parser.add_argument("--k", type=float, default=None, help="AdaSwitch K (default: the shipped default)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the preset's seeds")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        choices=METHOD_NAMES,
+        metavar="METHOD",
+        help=f"subset of {', '.join(METHOD_NAMES)}",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.ablation:
+        from adaswitch.demo import ablation
+
+        if args.full or args.window is not None or args.k is not None or args.methods:
+            parser.error("--ablation takes --tiny, --seeds, --output-dir, --teacher, --windows and --ks")
+        forwarded = ["--output-dir", args.output_dir, "--teacher", args.teacher, *rest]
+        forwarded += ["--tiny"] if args.tiny else []
+        forwarded += ["--seeds", *map(str, args.seeds)] if args.seeds else []
+        forwarded += ["--no-progress"] if args.no_progress else []
+        return ablation.main(forwarded)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    preset = "tiny" if args.tiny else "full" if args.full else "quick"
+    results = run_demo(
+        preset,
+        args.output_dir,
+        teacher_dir=args.teacher,
+        window=args.window,
+        k=args.k,
+        methods=tuple(args.methods) if args.methods else METHOD_NAMES,
+        seeds=tuple(args.seeds) if args.seeds else None,
+        progress=not args.no_progress,
+    )
+    meta = results["meta"]
+    print()
+    print(
+        f"adaswitch demo ({meta['preset']}): teacher {meta['teacher_architecture']} "
+        f"{meta['teacher_parameters']:,} params {100 * meta['teacher_accuracy']:.1f}%, student "
+        f"{meta['student_architecture']} {meta['student_parameters']:,} params "
+        f"{100 * meta['student_after_sft_accuracy']:.1f}% after SFT; {meta['budget']['steps']} steps x "
+        f"{meta['budget']['batch_size']} prompts per method, seeds {meta['seeds']}, "
+        f"{meta['num_eval']} eval problems"
+    )
+    print(results["table"])
+    print(
+        f"\nwrote {Path(args.output_dir) / 'results.json'} and {', '.join(meta['plots'])} "
+        f"in {meta['total_seconds']:.0f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

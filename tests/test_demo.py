@@ -1,0 +1,252 @@
+"""The embedded demo: task generator, tokenizer, teacher build script (tiny preset), the shipped
+teacher checkpoint, and the demo runner and ablation end to end (tiny presets, seconds)."""
+
+import json
+import math
+
+import pytest
+
+from adaswitch.demo.task import TaskConfig, build_dataset, extract_answer, is_correct, make_example, solve
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------------------ task
+
+
+def test_task_is_deterministic_per_seed():
+    a = build_dataset(200, 20, seed=7)
+    b = build_dataset(200, 20, seed=7)
+    c = build_dataset(200, 20, seed=8)
+    assert a["train"].to_list() == b["train"].to_list()
+    assert a["eval"].to_list() == b["eval"].to_list()
+    assert a["train"]["prompt"] != c["train"]["prompt"]
+    assert set(a["eval"]["prompt"]).isdisjoint(a["train"]["prompt"])
+
+
+def test_eval_split_does_not_depend_on_train_size():
+    assert build_dataset(50, 30, seed=0)["eval"].to_list() == build_dataset(400, 30, seed=0)["eval"].to_list()
+
+
+def test_worked_chain_is_correct_arithmetic():
+    import random
+
+    config = TaskConfig(min_operands=2, max_operands=6)
+    rng = random.Random(1)
+    for _ in range(300):
+        row = make_example(rng, config)
+        expression = row["prompt"].rstrip("=")
+        assert int(row["answer"]) == eval(expression)  # Python has the same precedence: * before + and -
+        steps = row["completion"].split("####")[0].split(";")
+        assert len(steps) == row["num_steps"] == sum(expression.count(op) for op in "+-*")
+        for step in steps:  # every step is a true equation whose values stay in range
+            lhs, rhs = step.split("=")
+            assert eval(lhs) == int(rhs) and 0 <= int(rhs) <= config.max_value
+        assert extract_answer(row["completion"]) == row["answer"]
+
+
+def test_solve_order_products_first():
+    steps, results = solve([12, 7, 3, 5], ["+", "*", "-"])
+    assert steps == ["7*3=21", "12+21=33", "33-5=28"] and results[-1] == 28
+
+
+def test_answer_extraction():
+    assert is_correct("1+2=3####3", "3")
+    assert not is_correct("1+2=3####4", "3")
+    assert not is_correct("1+2=3", "3")
+    assert extract_answer("a####1####12 ") == "12"
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(min_operands=1), "min_operands"),
+        (dict(min_operands=4, max_operands=3), "max_operands"),
+        (dict(max_operand=0), "max_operand"),
+        (dict(max_value=3), "max_value"),
+        (dict(ops="+/"), "ops"),
+    ],
+)
+def test_task_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TaskConfig(**kwargs)
+
+
+def test_build_dataset_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="num_train"):
+        build_dataset(0, 10)
+    with pytest.raises(TypeError, match="seed"):
+        build_dataset(10, 10, seed="1")
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+
+
+def test_tokenizer_round_trip_and_special_ids(tmp_path):
+    from transformers import AutoTokenizer
+
+    from adaswitch.demo.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+    text = "12+7*3-5=7*3=21;12+21=33;33-5=28####28"
+    ids = tok(text)["input_ids"]
+    assert len(ids) == len(text) and tok.decode(ids) == text  # one token per character, nothing added
+    tok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert again(text)["input_ids"] == ids and again.eos_token_id == 2
+    with pytest.raises(ValueError, match="chars"):
+        build_tokenizer("aa")
+
+
+# ------------------------------------------------------------------------------------------ teacher
+
+
+def test_build_teacher_tiny_preset(tmp_path):
+    from adaswitch.demo.build_teacher import load_teacher, main
+
+    assert main(["--preset", "tiny", "--output-dir", str(tmp_path), "--no-progress"]) == 0
+    info = json.loads((tmp_path / "build_info.json").read_text())
+    assert info["preset"] == "tiny" and info["architecture"] == "Qwen2ForCausalLM"
+    assert 0.0 <= info["eval_accuracy"] <= 1.0 and info["train_seconds"] > 0
+    model, tok = load_teacher(tmp_path)
+    assert model.config.vocab_size == len(tok) and info["parameters"] == sum(
+        p.numel() for p in model.parameters()
+    )
+
+
+def test_build_teacher_rejects_bad_preset(tmp_path):
+    from adaswitch.demo.build_teacher import build_teacher, load_teacher
+
+    with pytest.raises(ValueError, match="preset"):
+        build_teacher("huge", tmp_path)
+    with pytest.raises(ValueError, match="output_dir"):
+        build_teacher("tiny", None)
+    with pytest.raises(ValueError, match="no teacher checkpoint"):
+        load_teacher(tmp_path)
+
+
+def test_shipped_teacher_meets_the_bar():
+    from adaswitch.demo.build_teacher import MAX_CHECKPOINT_BYTES, TEACHER_DIR, DataSpec, load_teacher
+    from adaswitch.demo.sft import greedy_accuracy
+
+    assert (TEACHER_DIR / "model.safetensors").stat().st_size <= MAX_CHECKPOINT_BYTES
+    info = json.loads((TEACHER_DIR / "build_info.json").read_text())
+    assert info["eval_accuracy"] >= 0.9
+    model, tok = load_teacher()
+    sample = DataSpec(num_train=1).build()["eval"].select(range(0, 500, 4))  # 125 problems, one batch
+    assert greedy_accuracy(model, tok, sample, batch_size=128) >= 0.9
+
+
+# ------------------------------------------------------------------------------------------ runner
+
+
+def test_demo_tiny_end_to_end(tmp_path, capsys):
+    from matplotlib.image import imread
+
+    from adaswitch.demo.experiment import METHOD_NAMES
+    from adaswitch.demo.run import TABLE_COLUMNS, main
+
+    assert main(["--tiny", "--output-dir", str(tmp_path), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    table = [line for line in printed.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + len(METHOD_NAMES)
+    assert all(line.count("|") == len(TABLE_COLUMNS) + 1 for line in table)
+    assert [line.split("|")[1].strip() for line in table[2:]] == list(METHOD_NAMES)
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    entries = results["results"]
+    assert [e["method"] for e in entries] == list(METHOD_NAMES)
+    assert all(0.0 <= e["accuracy"] <= 1.0 and len(e["accuracies"]) == 2 for e in entries)
+    on_policy = next(e for e in entries if e["method"] == "On-policy (GKD)")
+    assert on_policy["overhead_vs_on_policy"] == 1.0
+    adaswitch = next(e for e in entries if e["method"] == "AdaSwitch")
+    assert 0.0 <= adaswitch["switch_rate"] <= 1.0
+    assert len(results["runs"]) == 2 * len(METHOD_NAMES)
+    assert results["meta"]["preset"] == "tiny" and results["meta"]["teacher_accuracy"] >= 0.9
+    for name in ("accuracy.png", "switch_positions.png", "divergence_trace.png"):
+        path = tmp_path / name
+        assert path.read_bytes()[:8] == PNG_MAGIC
+        image = imread(path)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_demo_rejects_bad_arguments_before_work(tmp_path):
+    from adaswitch.demo.experiment import Budget
+    from adaswitch.demo.run import run_demo
+
+    with pytest.raises(ValueError, match="preset"):
+        run_demo("huge", tmp_path)
+    with pytest.raises(ValueError, match="window"):
+        run_demo("tiny", tmp_path, window=0)
+    with pytest.raises(ValueError, match="methods"):
+        run_demo("tiny", tmp_path, methods=("GKD",))
+    with pytest.raises(ValueError, match="steps"):
+        Budget(steps=0, batch_size=4)
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_summary_means_std_and_overhead():
+    from adaswitch.demo.run import format_table, summarise
+
+    nan = math.nan
+
+    def run(method, seed, acc, sec):
+        return {
+            "method": method,
+            "seed": seed,
+            "accuracy": acc,
+            "teacher_kl": 0.1,
+            "switch_rate": nan,
+            "mean_switch_position": nan,
+            "teacher_token_fraction": nan,
+            "response_tokens_per_step": 10.0,
+            "seconds_per_step": sec,
+        }
+
+    runs = [
+        run("On-policy (GKD)", 0, 0.5, 1.0),
+        run("On-policy (GKD)", 1, 0.7, 3.0),
+        run("AdaSwitch", 0, 0.6, 3.0),
+        run("AdaSwitch", 1, 0.6, 3.0),
+    ]
+    rows = summarise(runs)
+    assert [r["method"] for r in rows] == ["On-policy (GKD)", "AdaSwitch"]
+    assert rows[0]["accuracy"] == pytest.approx(0.6) and rows[0]["accuracy_std"] == pytest.approx(
+        0.1414, abs=1e-4
+    )
+    assert rows[1]["overhead_vs_on_policy"] == pytest.approx(1.5)
+    assert "| AdaSwitch | 60.0 ± 0.0 |" in format_table(rows)
+
+
+def test_moving_threshold_matches_the_policy_rule():
+    from adaswitch.demo.plots import moving_threshold
+
+    d = [1.0, 2.0, 3.0, 4.0, 5.0]
+    tau = moving_threshold(d, window=2, k=3.0)
+    assert math.isnan(tau[0]) and math.isnan(tau[1])
+    assert tau[2:] == [3.0 * 1.5, 3.0 * 2.5, 3.0 * 3.5]  # K x mean of the 2 values before i
+    assert math.isnan(moving_threshold(d, window=2, k=3.0, warmup=4)[3])
+
+
+def test_ablation_tiny(tmp_path):
+    from adaswitch.demo.ablation import main
+
+    argv = [
+        "--tiny",
+        "--output-dir",
+        str(tmp_path),
+        "--windows",
+        "4",
+        "--ks",
+        "1.5",
+        "3",
+        "--seeds",
+        "0",
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "ablation.json").read_text())
+    assert [(c["window"], c["k"]) for c in result["cells"]] == [(4, 1.5), (4, 3.0)]
+    best = max(result["cells"], key=lambda c: (c["accuracy"], -c["teacher_kl"]))
+    assert (result["best"]["window"], result["best"]["k"]) == (best["window"], best["k"])
