@@ -230,6 +230,9 @@ def test_bad_inputs(student, teacher, prompts):
     no_eos = tiny_student()
     no_eos.config.eos_token_id = None
     no_eos.config.pad_token_id = None
+    many_eos = tiny_student()
+    many_eos.config.eos_token_id = [EOS_ID, 7]
+    _bad((many_eos, None), prompts, "eos_token_id is missing", eos_token_id=None, policy=Student())
     other_tok = tiny_student()
     other_tok.config.eos_token_id = 5
     small_vocab = tiny_student(vocab_size=100)

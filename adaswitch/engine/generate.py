@@ -113,10 +113,15 @@ def _check_model(name: str, model, needed: bool, policy) -> None:
 
 def _special_id(name: str, value, models, vocab: int) -> int:
     if value is None:
-        found = {getattr(_config(m), name, None) for m in models} - {None}
-        found = {v[0] if isinstance(v, (list, tuple)) and len(v) == 1 else v for v in found}
+        found = set()
+        for m in models:
+            v = getattr(_config(m), name, None)
+            if isinstance(v, (list, tuple)):  # e.g. Llama 3's several EOS ids: one is needed here
+                v = v[0] if len(v) == 1 else tuple(v)
+            if v is not None:
+                found.add(v)
         if len(found) != 1 or not _is_int(next(iter(found))):
-            raise ValueError(f"{name} is missing: pass {name}= explicitly (the models' configs give "
+            raise ValueError(f"{name} is missing: pass {name}= explicitly (one int; the models' configs give "
                              f"{sorted(map(str, found)) or 'none'})")
         value = next(iter(found))
     if not _is_int(value) or not 0 <= value < vocab:
