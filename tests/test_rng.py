@@ -135,6 +135,10 @@ def test_native_draws_match_reference(dtype):
             thr = rng.filter_threshold(scaled, sampling.top_k, sampling.top_p)
         inv = 1.0 if sampling.greedy else 1.0 / sampling.temperature
         got = native_ops().gumbel_argmax(x, keys, pos, rng.seed_hash(11), 1, inv, thr, sampling.greedy)
+        if not sampling.greedy:  # rows_needed: skipped rows give 0, the others are unchanged
+            need = torch.arange(48) % 3 == 0
+            part = native_ops().gumbel_argmax(x, keys, pos, rng.seed_hash(11), 1, inv, thr, False, need)
+            assert torch.equal(part, torch.where(need, got, 0))
         assert torch.equal(got, rng.sample(x, sampling, seed=11, keys=keys, positions=pos, stream=1))
 
 
@@ -148,3 +152,5 @@ def test_native_op_checks_its_arguments():
         op(x, keys, keys, 0, 0, 1.0, torch.zeros(2), False)
     with pytest.raises(RuntimeError, match="logits"):
         op(x[0], keys, keys, 0, 0, 1.0, None, False)
+    with pytest.raises(RuntimeError, match="rows_needed"):
+        op(x, keys, keys, 0, 0, 1.0, None, False, keys)

@@ -160,11 +160,14 @@ def _thresholds(logits, sampling):
     return rng.filter_threshold(scaled, sampling.top_k, sampling.top_p)
 
 
-def _draw(logits, sampling, thr, seed, keys, positions, stream, native=False):
+def _draw(logits, sampling, seed, keys, positions, stream, native=False, rows=None):
+    """Gumbel-max draws [B]. The native op skips rows where `rows` (bool [B]) is False (their token is
+    then meaningless: callers discard it); the reference draws every row."""
+    thr = _thresholds(logits, sampling)
     if native:
         inv = 1.0 if sampling.greedy else 1.0 / sampling.temperature
         return native_ops().gumbel_argmax(logits, keys, positions, rng.seed_hash(seed), stream, inv, thr,
-                                          sampling.greedy)
+                                          sampling.greedy, rows)
     if sampling.greedy:
         return torch.argmax(logits.float(), dim=-1)
     x = rng.scale_logits(logits, sampling.temperature)
@@ -209,35 +212,36 @@ def _switch_rule(d, state: SwitchState, policy: AdaSwitch, explore, position):
 # -------------------------------------------------------------------------------------- reference
 
 def _step_eager(student_logits, teacher_logits, policy, state, seed, keys, position, eos, pad, native):
-    """The step in PyTorch ops (the reference when native is False)."""
+    """The step in PyTorch ops (the reference when native is False). Decisions come before the draws so
+    that the native op only draws the rows whose token is used."""
     batch = keys.shape[0]
     device = keys.device
     ss, ts = policy.student_sampling, policy.teacher_sampling
+    live = ~state.finished
     divergence = torch.full((batch,), math.nan, device=device)
-    ys = yt = None
-    if student_logits is not None and policy.uses_student:
-        ys = _draw(student_logits, ss, _thresholds(student_logits, ss), seed, keys, position,
-                   rng.STREAM_STUDENT, native)
-    if teacher_logits is not None and policy.uses_teacher:
-        yt = _draw(teacher_logits, ts, _thresholds(teacher_logits, ts), seed, keys, position,
-                   rng.STREAM_TEACHER, native)
+
+    def student(rows):
+        return _draw(student_logits, ss, seed, keys, position, rng.STREAM_STUDENT, native, rows)
+
+    def teacher(rows):
+        return _draw(teacher_logits, ts, seed, keys, position, rng.STREAM_TEACHER, native, rows)
+
     if isinstance(policy, (Student, Mixed)):
-        token, from_teacher = ys, torch.zeros(batch, dtype=torch.bool, device=device)
-    elif isinstance(policy, Teacher):
-        token, from_teacher = yt, torch.ones(batch, dtype=torch.bool, device=device)
+        token, from_teacher = student(live), torch.zeros(batch, dtype=torch.bool, device=device)
+    elif isinstance(policy, Teacher) or (isinstance(policy, AdaSwitch) and student_logits is None):
+        # (AdaSwitch without student logits: every live row has switched)
+        token, from_teacher = teacher(live), torch.ones(batch, dtype=torch.bool, device=device)
     elif isinstance(policy, SKD):
+        ys = student(live)
         from_teacher = _teacher_rank(teacher_logits, ys) >= policy.top_k
-        token = torch.where(from_teacher, yt, ys)
-    elif ys is None:  # AdaSwitch without student logits: every live row has switched
-        token, from_teacher = yt, torch.ones(batch, dtype=torch.bool, device=device)
+        token = torch.where(from_teacher, teacher(live & from_teacher), ys)
     else:
         d = _divergence(student_logits, teacher_logits, policy, native)
-        explore = ~state.switched & ~state.finished
+        explore = ~state.switched & live
         _switch_rule(d, state, policy, explore, position)
         from_teacher = state.switched.clone()
-        token = torch.where(from_teacher, yt, ys)
+        token = torch.where(from_teacher, teacher(live & from_teacher), student(live & ~from_teacher))
         divergence = torch.where(explore, d, divergence)
-    live = ~state.finished
     token = torch.where(live, token, torch.full_like(token, pad))
     from_teacher = from_teacher & live
     state.finished |= live & (token == eos)
@@ -251,9 +255,8 @@ def _lookahead_eager(student_logits, teacher_logits, draft, policy, state, seed,
     positions = position[:, None] + torch.arange(g, device=device)
     flat_keys = keys[:, None].expand(batch, g).reshape(-1)
     flat_t = teacher_logits.reshape(batch * g, vocab)
-    ts = policy.teacher_sampling
-    yt = _draw(flat_t, ts, _thresholds(flat_t, ts), seed, flat_keys, positions.reshape(-1),
-               rng.STREAM_TEACHER, native).view(batch, g)
+    yt = _draw(flat_t, policy.teacher_sampling, seed, flat_keys, positions.reshape(-1), rng.STREAM_TEACHER,
+               native).view(batch, g)
     divergence = torch.full((batch, g), math.nan, device=device)
     if isinstance(policy, AdaSwitch):
         d_all = _divergence(student_logits.reshape(batch * g, vocab), flat_t, policy, native).view(batch, g)

@@ -7,6 +7,9 @@
 // two logs and the argmax run in one pass over L1-sized blocks (hash loop auto-vectorised in uint32,
 // logs with at::vec, i.e. the same Sleef routine torch.log uses), rows in parallel.
 //
+// `rows_needed` (bool [N], optional) skips rows whose draw the caller will discard (AdaSwitch needs the
+// teacher's draw only on switched rows, SKD only on rejected drafts): their token is 0.
+//
 // Same bits as the reference and kernels/triton/step.py: murmur3 fmix32 chained over the counters,
 // u = ((bits >> 9) + 0.5) / 2^23. Scores are formed as (x * inv_t) + g with no FMA contraction, as
 // PyTorch does, so tokens agree with the reference up to a last-ulp difference of log in a near-tie.
@@ -111,7 +114,8 @@ __attribute__((optimize("fp-contract=off"))) int64_t gumbel_row(const scalar_t* 
 
 at::Tensor gumbel_argmax(const at::Tensor& logits, const at::Tensor& keys, const at::Tensor& positions,
                          int64_t seed_hash, int64_t stream, double inv_temperature,
-                         const std::optional<at::Tensor>& threshold, bool greedy) {
+                         const std::optional<at::Tensor>& threshold, bool greedy,
+                         const std::optional<at::Tensor>& rows_needed) {
   TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0, "gumbel_argmax: logits must be [N, V], got ",
               logits.sizes());
   const int64_t rows = logits.size(0), vocab = logits.size(1);
@@ -120,13 +124,17 @@ at::Tensor gumbel_argmax(const at::Tensor& logits, const at::Tensor& keys, const
               "gumbel_argmax: positions must be int64 [N]");
   TORCH_CHECK(!threshold || (threshold->scalar_type() == at::kFloat && threshold->numel() == rows),
               "gumbel_argmax: threshold must be float32 [N]");
+  TORCH_CHECK(!rows_needed || (rows_needed->scalar_type() == at::kBool && rows_needed->numel() == rows),
+              "gumbel_argmax: rows_needed must be bool [N]");
   const at::Tensor x = logits.contiguous();
   const at::Tensor k = keys.contiguous(), p = positions.contiguous();
   const at::Tensor thr = threshold ? threshold->contiguous() : at::Tensor();
+  const at::Tensor need = rows_needed ? rows_needed->contiguous() : at::Tensor();
   at::Tensor out = at::empty({rows}, keys.options());
   const int64_t* kp = k.data_ptr<int64_t>();
   const int64_t* pp = p.data_ptr<int64_t>();
   const float* tp = thr.defined() ? thr.data_ptr<float>() : nullptr;
+  const bool* np = need.defined() ? need.data_ptr<bool>() : nullptr;
   int64_t* op = out.data_ptr<int64_t>();
   const float inv_t = static_cast<float>(inv_temperature);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gumbel_argmax", [&] {
@@ -134,7 +142,9 @@ at::Tensor gumbel_argmax(const at::Tensor& logits, const at::Tensor& keys, const
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* row = xp + r * vocab;
-        if (greedy) {
+        if (np && !np[r]) {
+          op[r] = 0;  // the caller discards this row's draw
+        } else if (greedy) {
           op[r] = greedy_row(row, vocab);
         } else {
           const uint32_t rowh = row_hash(static_cast<uint32_t>(seed_hash), kp[r], pp[r],
@@ -152,7 +162,7 @@ at::Tensor gumbel_argmax(const at::Tensor& logits, const at::Tensor& keys, const
 TORCH_LIBRARY_FRAGMENT(adaswitch, m) {
   m.def(
       "gumbel_argmax(Tensor logits, Tensor keys, Tensor positions, int seed_hash, int stream, "
-      "float inv_temperature, Tensor? threshold, bool greedy) -> Tensor");
+      "float inv_temperature, Tensor? threshold, bool greedy, Tensor? rows_needed=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(adaswitch, CPU, m) { m.impl("gumbel_argmax", &gumbel_argmax); }
