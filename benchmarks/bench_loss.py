@@ -31,19 +31,22 @@ KIND, BETA = "jsd", 0.5
 
 
 def make_logits(n, v, dtype=torch.float32, device="cpu", seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    s = torch.randn(n, v, generator=g).to(device=device, dtype=dtype)
-    t = torch.randn(n, v, generator=g).to(device=device, dtype=dtype)
-    labels = torch.randint(0, v, (n,), generator=g).to(device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    s = torch.randn(n, v, generator=g, device=device).to(dtype)
+    t = torch.randn(n, v, generator=g, device=device).to(dtype)
+    labels = torch.randint(0, v, (n,), generator=g, device=device)
     labels[: n // 8] = -100
     return {"s": s, "t": t, "labels": labels}
 
 
 def make_hidden(n, h, v, dtype=torch.float32, device="cpu", seed=0, h_teacher=None):
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     h_teacher = h_teacher or h
-    mk = lambda *shape: (torch.randn(*shape, generator=g) / shape[-1] ** 0.25).to(device=device, dtype=dtype)  # noqa: E731
-    labels = torch.randint(0, v, (n,), generator=g).to(device)
+
+    def mk(*shape):  # logits of about unit scale
+        return (torch.randn(*shape, generator=g, device=device) / shape[-1] ** 0.25).to(dtype)
+
+    labels = torch.randint(0, v, (n,), generator=g, device=device)
     labels[: n // 8] = -100
     return {"hs": mk(n, h), "ws": mk(v, h), "ht": mk(n, h_teacher), "wt": mk(v, h_teacher), "labels": labels}
 
@@ -69,7 +72,8 @@ def logits_providers(device="cpu"):
     out = {"adaswitch": ours, "torch": eager, "torch_compile": compiled}
     try:
         trl = _trl_loss()
-        out["trl"] = lambda x: trl(x["s"], x["t"], labels=x["labels"], beta=BETA)
+        # TRL keeps the input dtype: on bf16 logits its loss is ~2% off, so it gets fp32 logits
+        out["trl"] = lambda x: trl(x["s"].float(), x["t"].float(), labels=x["labels"], beta=BETA)
     except ImportError:
         pass
     if device == "cuda":
