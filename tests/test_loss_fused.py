@@ -8,6 +8,7 @@ gradients 1/64 relative (bf16 outputs of two matmuls).
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from adaswitch._backend import native_available, native_ops, triton_available
 from adaswitch.ops import FusedLinearDistillLoss, fused_linear_distill_loss
@@ -151,3 +152,27 @@ def test_bad_input(change, err, match):
         fused_linear_distill_loss(
             args["hs"], args["ws"], args["ht"], args["wt"], student_bias=args["bs"], **extra
         )
+
+
+class _SyncCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in {"_local_scalar_dense", "item", "is_nonzero", "equal"}:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_no_host_sync(reduction):
+    p = _problem(torch.float32)
+    hs = p["hs"].clone().requires_grad_()
+    labels = torch.randint(0, 29, (13,))
+    with _SyncCounter() as counter:
+        loss = fused_linear_distill_loss(
+            hs, p["ws"], p["ht"], p["wt"], "jsd", labels=labels, reduction=reduction, chunk_size=4
+        )
+        loss.backward(torch.ones_like(loss))
+    assert counter.count == 0
