@@ -248,3 +248,17 @@ def test_bad_input():
                         state, **ok)
     with pytest.raises(ValueError, match=r"\[B, G, V\]"):
         fused_lookahead(s, t, torch.zeros(3, 1, dtype=torch.long), AdaSwitch(window=4), state, **ok)
+
+
+@pytest.mark.skipif(NO_NATIVE, reason="adaswitch._C not built")
+def test_native_logit_rank():
+    from adaswitch.ops.step import _teacher_rank
+
+    logits = torch.randint(0, 5, (64, 37)).float()  # many ties
+    logits[:, 3] = -math.inf
+    token = torch.randint(0, 37, (64,))
+    for dtype in (torch.float32, torch.bfloat16):
+        x = logits.to(dtype)
+        assert torch.equal(native_ops().logit_rank(x, token), _teacher_rank(x, token))
+    with pytest.raises(RuntimeError, match="outside the vocabulary"):
+        native_ops().logit_rank(logits, torch.full((64,), 37))

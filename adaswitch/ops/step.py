@@ -176,8 +176,10 @@ def _draw(logits, sampling, seed, keys, positions, stream, native=False, rows=No
     return torch.argmax(x + rng.gumbel(seed, keys, positions, stream, x.shape[-1]), dim=-1)
 
 
-def _teacher_rank(teacher_logits, token):
+def _teacher_rank(teacher_logits, token, native=False):
     """Rank of `token` among the teacher's logits, ties to the lower id (0 = the teacher's argmax)."""
+    if native:
+        return native_ops().logit_rank(teacher_logits, token)
     t = teacher_logits.float()
     ty = t.gather(-1, token[:, None])
     ids = torch.arange(t.shape[-1], device=t.device)
@@ -233,7 +235,7 @@ def _step_eager(student_logits, teacher_logits, policy, state, seed, keys, posit
         token, from_teacher = teacher(live), torch.ones(batch, dtype=torch.bool, device=device)
     elif isinstance(policy, SKD):
         ys = student(live)
-        from_teacher = _teacher_rank(teacher_logits, ys) >= policy.top_k
+        from_teacher = _teacher_rank(teacher_logits, ys, native) >= policy.top_k
         token = torch.where(from_teacher, teacher(live & from_teacher), ys)
     else:
         d = _divergence(student_logits, teacher_logits, policy, native)
@@ -261,7 +263,7 @@ def _lookahead_eager(student_logits, teacher_logits, draft, policy, state, seed,
     if isinstance(policy, AdaSwitch):
         d_all = _divergence(student_logits.reshape(batch * g, vocab), flat_t, policy, native).view(batch, g)
     if isinstance(policy, SKD):
-        keep_all = (_teacher_rank(flat_t, draft.reshape(-1)) < policy.top_k).view(batch, g)
+        keep_all = (_teacher_rank(flat_t, draft.reshape(-1), native) < policy.top_k).view(batch, g)
     active = ~state.finished
     accepted = torch.zeros(batch, dtype=torch.int64, device=device)
     token = torch.full((batch,), pad, dtype=torch.int64, device=device)

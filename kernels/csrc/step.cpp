@@ -1,4 +1,5 @@
-// torch.ops.adaswitch.gumbel_argmax: the decode step's per-row Gumbel-max draw on CPU, fused.
+// torch.ops.adaswitch.gumbel_argmax: the decode step's per-row Gumbel-max draw on CPU, fused; and
+// torch.ops.adaswitch.logit_rank, SKD's teacher top-k membership test in one pass.
 //
 // token[r] = argmax_i(logits[r, i] * inv_temperature + g[r, i]) over entries >= threshold[r] (top_k /
 // top_p, when given), g = -log(-log u) with u the counter-based uniform of adaswitch/ops/rng.py for
@@ -157,14 +158,46 @@ at::Tensor gumbel_argmax(const at::Tensor& logits, const at::Tensor& keys, const
   return out;
 }
 
+// rank[r] = #{i : x[r, i] > x[r, y]} + #{i < y : x[r, i] == x[r, y]}, y = token[r]: the position of y in
+// the row sorted by logit, ties to the lower id (SKD keeps a draft whose teacher rank is < top_k).
+at::Tensor logit_rank(const at::Tensor& logits, const at::Tensor& token) {
+  TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0, "logit_rank: logits must be [N, V], got ", logits.sizes());
+  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  TORCH_CHECK(token.scalar_type() == at::kLong && token.numel() == rows, "logit_rank: token must be int64 [N]");
+  const at::Tensor x = logits.contiguous(), y = token.contiguous();
+  at::Tensor out = at::empty({rows}, token.options());
+  const int64_t* yp = y.data_ptr<int64_t>();
+  int64_t* op = out.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "logit_rank", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* row = xp + r * vocab;
+        const int64_t id = yp[r];
+        TORCH_CHECK(id >= 0 && id < vocab, "logit_rank: token ", id, " outside the vocabulary of ", vocab);
+        const float ty = static_cast<float>(row[id]);
+        int64_t above = 0;
+        for (int64_t i = 0; i < vocab; ++i) above += static_cast<float>(row[i]) > ty;
+        for (int64_t i = 0; i < id; ++i) above += static_cast<float>(row[i]) == ty;
+        op[r] = above;
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(adaswitch, m) {
   m.def(
       "gumbel_argmax(Tensor logits, Tensor keys, Tensor positions, int seed_hash, int stream, "
       "float inv_temperature, Tensor? threshold, bool greedy, Tensor? rows_needed=None) -> Tensor");
+  m.def("logit_rank(Tensor logits, Tensor token) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(adaswitch, CPU, m) { m.impl("gumbel_argmax", &gumbel_argmax); }
+TORCH_LIBRARY_IMPL(adaswitch, CPU, m) {
+  m.impl("gumbel_argmax", &gumbel_argmax);
+  m.impl("logit_rank", &logit_rank);
+}
 
 }  // namespace adaswitch
