@@ -114,6 +114,16 @@ def test_reductions_dtypes_odd_shape(impl, reduction, dtype):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_mixed_dtypes(impl):
+    """bf16 student against an fp32 teacher (a teacher kept in full precision)."""
+    s, t = _logits(5, 50)
+    go = torch.tensor(1.0, dtype=torch.float64)
+    ours = _ours(s.bfloat16(), t.float(), "jsd", go, impl=impl)
+    ref = _ref(s.bfloat16(), t.float(), "jsd", go)
+    _close(ours, ref, 1 / 128)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_num_items_in_batch_and_no_labels(impl):
     s, t = _logits(6, 40, dtype=torch.float32)
     labels = torch.tensor([1, 2, -100, 3, 4, -100])

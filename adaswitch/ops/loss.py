@@ -170,6 +170,8 @@ def loss_rows_and_grad(s, t, *, kind_code, beta, alpha, temperature, valid, scal
     code, w, log_w, log_1mw = kernel_kind(kind_code, beta, alpha)
     s = s if s.stride(-1) == 1 else s.contiguous()
     t = t if t.stride(-1) == 1 else t.contiguous()
+    if which == "native" and s.dtype != t.dtype:  # the native op takes one dtype; mixed pairs are rare
+        which = "torch"
     if which == "native":
         rows, grad = native_ops().distill_loss_rows(s, t, valid, scale, code, w, temperature, want_grad)
         return rows, (grad if want_grad else None)
