@@ -140,6 +140,13 @@ def scale_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return logits.float() * (1.0 / temperature)
 
 
+def sampling_threshold(logits: torch.Tensor, sampling) -> torch.Tensor | None:
+    """filter_threshold of `sampling` on logits / temperature, or None when nothing is filtered."""
+    if not sampling.filtered:
+        return None
+    return filter_threshold(scale_logits(logits, sampling.temperature), sampling.top_k, sampling.top_p)
+
+
 def sample(logits: torch.Tensor, sampling, *, seed: int, keys: torch.Tensor, positions: torch.Tensor,
            stream: int) -> torch.Tensor:
     """Gumbel-max draw (int64 [B]) from softmax(logits / temperature) restricted by top_k/top_p.
@@ -152,5 +159,5 @@ def sample(logits: torch.Tensor, sampling, *, seed: int, keys: torch.Tensor, pos
     x = scale_logits(logits, sampling.temperature)
     if sampling.filtered:
         thr = filter_threshold(x, sampling.top_k, sampling.top_p)
-        x = torch.where(x >= thr[:, None], x, torch.full_like(x, float("-inf")))
+        x = torch.where(x >= thr[..., None], x, torch.full_like(x, float("-inf")))
     return torch.argmax(x + gumbel(seed, keys, positions, stream, x.shape[-1]), dim=-1)

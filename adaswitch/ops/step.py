@@ -152,28 +152,14 @@ def _impl(impl, device) -> str:
 
 # ------------------------------------------------------------------------------------- shared pieces
 
-def _thresholds(logits, sampling):
-    """Per-row top_k/top_p threshold on logits / temperature (None when sampling is unfiltered)."""
-    if logits is None or not sampling.filtered:
-        return None
-    scaled = rng.scale_logits(logits, sampling.temperature)
-    return rng.filter_threshold(scaled, sampling.top_k, sampling.top_p)
-
-
 def _draw(logits, sampling, seed, keys, positions, stream, native=False, rows=None):
     """Gumbel-max draws [B]. The native op skips rows where `rows` (bool [B]) is False (their token is
-    then meaningless: callers discard it); the reference draws every row."""
-    thr = _thresholds(logits, sampling)
-    if native:
-        inv = 1.0 if sampling.greedy else 1.0 / sampling.temperature
-        return native_ops().gumbel_argmax(logits, keys, positions, rng.seed_hash(seed), stream, inv, thr,
-                                          sampling.greedy, rows)
-    if sampling.greedy:
-        return torch.argmax(logits.float(), dim=-1)
-    x = rng.scale_logits(logits, sampling.temperature)
-    if thr is not None:
-        x = torch.where(x >= thr[:, None], x, torch.full_like(x, float("-inf")))
-    return torch.argmax(x + rng.gumbel(seed, keys, positions, stream, x.shape[-1]), dim=-1)
+    then meaningless: callers discard it); the reference (rng.sample) draws every row."""
+    if not native:
+        return rng.sample(logits, sampling, seed=seed, keys=keys, positions=positions, stream=stream)
+    inv = 1.0 if sampling.greedy else 1.0 / sampling.temperature
+    return native_ops().gumbel_argmax(logits, keys, positions, rng.seed_hash(seed), stream, inv,
+                                      rng.sampling_threshold(logits, sampling), sampling.greedy, rows)
 
 
 def _teacher_rank(teacher_logits, token, native=False):

@@ -412,12 +412,6 @@ def _divergence_args(policy):
     return kind, 1.0 / policy.divergence_temperature, log_w, log_1mw, w
 
 
-def _threshold(logits, sampling):
-    if logits is None or not sampling.filtered:
-        return None
-    return rng.filter_threshold(rng.scale_logits(logits, sampling.temperature), sampling.top_k, sampling.top_p)
-
-
 def _rule_args(policy, state):
     if isinstance(policy, AdaSwitch):
         return policy.window, policy.min_history, _f64_bits(policy.k), _f64_bits(policy.min_divergence)
@@ -447,8 +441,8 @@ def fused_step_triton(student_logits, teacher_logits, policy, state, seed, keys,
     kind, inv_td, log_w, log_1mw, w = _divergence_args(policy) if need_ys else (_NONE, 1.0, 0.0, 0.0, 0.0)
     s = _rowmajor(student_logits) if student_logits is not None else ref
     t = _rowmajor(teacher_logits) if teacher_logits is not None else ref
-    thr_s = _threshold(student_logits, ss) if need_ys else None
-    thr_t = _threshold(teacher_logits, ts) if need_yt else None
+    thr_s = rng.sampling_threshold(student_logits, ss) if need_ys else None
+    thr_t = rng.sampling_threshold(teacher_logits, ts) if need_yt else None
     length, min_hist, k_bits, f_bits = _rule_args(policy, state)
     token = torch.empty(batch, dtype=torch.int64, device=device)
     from_t = torch.empty(batch, dtype=torch.bool, device=device)
@@ -479,7 +473,7 @@ def fused_lookahead_triton(student_logits, teacher_logits, draft, policy, state,
     t = teacher_logits.reshape(batch * g, vocab).contiguous()
     flat_draft = draft.contiguous()
     ts = policy.teacher_sampling
-    thr_t = _threshold(t, ts)
+    thr_t = rng.sampling_threshold(t, ts)
     kind, inv_td, log_w, log_1mw, w = _divergence_args(policy)
     yt = torch.empty(batch * g, dtype=torch.int64, device=device)
     d = torch.empty(batch * g, dtype=torch.float32, device=device)
