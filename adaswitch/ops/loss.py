@@ -1,10 +1,10 @@
 """`distill_loss`: the training loss of SPEC.md section 5, differentiable w.r.t. the student logits.
 
 The forward pass computes each row's loss *and* the analytic gradient w.r.t. the student logits in one
-go (the Triton kernel in kernels/triton/loss.py, or a chunked PyTorch version of the same formulas on
-CPU), so the autograd backward only multiplies the saved gradient by `grad_output`. Nothing reads a
-device value on the host: the valid-token count, the mean's divisor and `grad_output` stay tensors, so
-the op never syncs and can be captured in a CUDA graph.
+go (the Triton kernel in kernels/triton/loss.py, the native CPU op in kernels/csrc/loss.cpp, or a
+chunked PyTorch version of the same formulas), so the autograd backward only multiplies the saved
+gradient by `grad_output`. Nothing reads a device value on the host: the valid-token count, the mean's
+divisor and `grad_output` stay tensors, so the op never syncs and can be captured in a CUDA graph.
 
 Gradients, with s = z_S / T, p = softmax, h_j = dL/dlog p_S,j (log p_S treated as free) and
 c = sum_j p_S,j h_j:  dL/dz_S = (1/T) * p_S * (h - c).  Per kind:
@@ -29,7 +29,7 @@ from adaswitch._validation import KINDS, check_divergence_args, check_logits_pai
 
 REDUCTIONS = ("mean", "sum", "none")
 NEG_BIG = -1.0e30  # stands for log(0) of a mixture weight (kept finite so 0 * it is 0)
-_TORCH_CHUNK_ELEMENTS = 1 << 22  # rows per chunk of the PyTorch path: ~16 MB of fp32 per temporary
+_TORCH_CHUNK_ELEMENTS = 1 << 22  # logits per chunk of the PyTorch path: ~16 MB of fp32 per temporary
 
 
 # ----------------------------------------------------------------------------------------------------------
