@@ -137,16 +137,17 @@ def naive_adaswitch(student, teacher, ids, mask, n, policy: AdaSwitch, greedy: b
 
 @torch.no_grad()
 def hf_generate(model, ids, mask, n, greedy: bool):
-    return model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=not greedy,
-                          top_k=0, top_p=1.0, temperature=1.0, pad_token_id=PAD, eos_token_id=EOS)
+    sampling = {} if greedy else dict(do_sample=True, top_k=0, top_p=1.0, temperature=1.0)
+    return model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, **sampling,
+                          pad_token_id=model.config.pad_token_id, eos_token_id=model.config.eos_token_id)
 
 
-def prompts(batch: int, device, vocab: int, seed: int = 0):
+def prompts(batch: int, device, vocab: int, pad: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(16, 33, (batch,), generator=g)
-    ids = torch.randint(0, min(vocab, 150000), (batch, 32), generator=g)
+    ids = torch.randint(4, min(vocab, 150000), (batch, 32), generator=g)
     mask = (torch.arange(32)[None, :] >= (32 - lengths)[:, None]).long()
-    ids = torch.where(mask.bool(), ids, torch.full_like(ids, PAD))
+    ids = torch.where(mask.bool(), ids, torch.full_like(ids, pad))
     return ids.to(device), mask.to(device)
 
 
@@ -160,11 +161,11 @@ def timed(fn, device):
     return time.perf_counter() - start, result
 
 
-def count_syncs(cases: dict, batch: int, n: int, lookaheads, greedy: bool) -> dict:
+def count_syncs(cases: dict, batch: int, n: int, lookaheads, greedy: bool, device) -> dict:
     """Host syncs per call at n and n/2 new tokens, on the tiny models (same loop, same policies)."""
-    student = tiny_models.tiny_student(max_positions=4096)
-    teacher = tiny_models.tiny_teacher(max_positions=4096)
-    ids, mask = tiny_models.random_prompts(batch, 32, min_len=16, seed=0)
+    student = tiny_models.tiny_student(max_positions=4096).to(device)
+    teacher = tiny_models.tiny_teacher(max_positions=4096).to(device)
+    ids, mask = (t.to(device) for t in tiny_models.random_prompts(batch, 32, min_len=16, seed=0))
     eos = tiny_models.VOCAB_SIZE - 1  # a rare id: rows run to the end as in the timed runs
     sampling = Sampling(temperature=0.0 if greedy else 1.0)
     pols = policies(sampling)
@@ -190,9 +191,9 @@ def count_syncs(cases: dict, batch: int, n: int, lookaheads, greedy: bool) -> di
     for name, model in (("hf-student", student), ("hf-teacher", teacher)):
         for length in (n, n // 2):
             with SyncCounter() as counter:
+                sampling = {} if greedy else dict(do_sample=True, top_k=0)
                 model.generate(ids, attention_mask=mask, max_new_tokens=length, min_new_tokens=length,
-                               do_sample=not greedy, top_k=0, pad_token_id=tiny_models.PAD_ID,
-                               eos_token_id=eos)
+                               pad_token_id=tiny_models.PAD_ID, eos_token_id=eos, **sampling)
             counts[(name, "-", length)] = counter.count
     return counts
 
@@ -208,9 +209,12 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--cuda-graph", action="store_true", help="also time the engine with cuda_graph=True")
     parser.add_argument("--out", default=None, help="results file stem (default generate_<device>)")
+    parser.add_argument("--results-dir", default=str(RESULTS))
+    parser.add_argument("--tiny", action="store_true", help="time the tiny test models (a smoke run)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (on a shared, loaded CPU 1 is faster for every method)")
     args = parser.parse_args(argv)
+    args.command = " ".join(sys.argv[1:] if argv is None else argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -221,15 +225,21 @@ def main(argv=None) -> None:
     cases = args.cases.split(",")
     info = machine(device)
 
-    teacher = qwen2(4, 512, 8, 2, seed=0, device=device, dtype=dtype)
-    student = qwen2(2, 256, 4, 2, seed=1, device=device, dtype=dtype)
-    ids, mask = prompts(batch, device, VOCAB)
+    if args.tiny:
+        teacher = tiny_models.tiny_teacher(max_positions=4096).to(device=device, dtype=dtype)
+        student = tiny_models.tiny_student(max_positions=4096).to(device=device, dtype=dtype)
+        ids, mask = prompts(batch, device, tiny_models.VOCAB_SIZE, tiny_models.PAD_ID)
+    else:
+        teacher = qwen2(4, 512, 8, 2, seed=0, device=device, dtype=dtype)
+        student = qwen2(2, 256, 4, 2, seed=1, device=device, dtype=dtype)
+        ids, mask = prompts(batch, device, VOCAB, PAD)
+    eos, pad = teacher.config.eos_token_id, teacher.config.pad_token_id
     sampling = Sampling(temperature=0.0 if greedy else 1.0)
     pols = policies(sampling)
 
     def engine(pol, g=0, graph=False, length=n):
-        return generate(student, teacher, ids, mask, policy=pol, max_new_tokens=length, eos_token_id=EOS,
-                        pad_token_id=PAD, lookahead=g, cuda_graph=graph)
+        return generate(student, teacher, ids, mask, policy=pol, max_new_tokens=length, eos_token_id=eos,
+                        pad_token_id=pad, lookahead=g, cuda_graph=graph)
 
     runs = []  # (method, case, fn)
     for case in cases:
@@ -269,7 +279,7 @@ def main(argv=None) -> None:
               flush=True)
     info["load_avg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
 
-    counts = count_syncs(cases, batch, n, lookaheads, greedy)
+    counts = count_syncs(cases, batch, n, lookaheads, greedy, device)
     for row in rows:
         key = row["method"].replace("-cudagraph", "")
         full, half = counts.get((key, row["case"], n)), counts.get((key, row["case"], n // 2))
@@ -284,6 +294,7 @@ def main(argv=None) -> None:
         row["vs_hf_teacher"] = row["tokens_per_s"] / hf_teacher
         row["vs_hf_student"] = row["tokens_per_s"] / hf_student
     write(rows, info, args, device)
+    return rows
 
 
 def _fmt(x, spec):
@@ -291,11 +302,12 @@ def _fmt(x, spec):
 
 
 def write(rows, info, args, device) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results = Path(args.results_dir)
+    results.mkdir(parents=True, exist_ok=True)
     stem = args.out or f"generate_{device.type}"
     fields = ["method", "case", "seconds", "tokens_per_s", "vs_naive", "vs_hf_teacher", "vs_hf_student",
               "syncs_per_token", "syncs_per_call", "switch"]
-    with open(RESULTS / f"{stem}.csv", "w", newline="") as f:
+    with open(results / f"{stem}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for row in rows:
@@ -303,7 +315,7 @@ def write(rows, info, args, device) -> None:
     lines = [
         f"# adaswitch.generate vs baselines ({device.type})",
         "",
-        "Produced by `python benchmarks/bench_generate.py " + " ".join(sys.argv[1:]) + "` (one run).",
+        f"Produced by `python benchmarks/bench_generate.py {args.command}` (one run).",
         "",
         *[f"- {k}: {v}" for k, v in info.items()],
         f"- setup: batch {args.batch}, {args.new_tokens} new tokens, prompts 16-32 tokens left-padded, "
@@ -322,7 +334,7 @@ def write(rows, info, args, device) -> None:
                  f"{r['vs_hf_teacher']:.2f}", f"{r['vs_hf_student']:.2f}", _fmt(r["syncs_per_token"], ".3f"),
                  _fmt(r["syncs_per_call"], "d"), r["switch"]]
         lines.append("| " + " | ".join(cells) + " |")
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (results / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

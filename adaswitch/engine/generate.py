@@ -201,13 +201,16 @@ class _Run:
 
     def _forward(self, model, cache, ids, prefill_mask=None):
         if prefill_mask is not None:
+            # Prefill logits are not used (the loop feeds the last prompt token): skip the LM head.
             attn, position_ids = cache.prefill_inputs(prefill_mask)
-            keep = 1  # prefill logits are not used (the loop feeds the last prompt token)
-        else:
-            attn, position_ids = cache.decode_inputs(ids.shape[1])
-            keep = 0
-        out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, cache=cache,
-                    use_cache=True, logits_to_keep=keep)
+            decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+            body, kw = (model, {"logits_to_keep": 1}) if decoder is model else (decoder, {})
+            body(input_ids=ids, attention_mask=attn, position_ids=position_ids, cache=cache, use_cache=True,
+                 **kw)
+            cache.advance(ids.shape[1])
+            return None
+        attn, position_ids = cache.decode_inputs(ids.shape[1])
+        out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, cache=cache)
         cache.advance(ids.shape[1])
         return out.logits[..., : self.vocab]
 

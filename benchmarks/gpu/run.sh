@@ -49,6 +49,7 @@ bench() {  # bench SCRIPT [ARGS...]: run one benchmark script, log it, remember 
 }
 
 bench benchmarks/gpu/bench_divergence_gpu.py "$@"
+bench benchmarks/gpu/bench_generate_gpu.py "$@"
 bench benchmarks/gpu/bench_loss_gpu.py "$@"
 
 echo
