@@ -499,7 +499,12 @@ def _evaluate_parser(sub):
     )
     p.add_argument("--teacher", metavar="DIR", help="teacher model directory for the teacher-forced KL")
     p.add_argument("--answer-marker", default="####", help="final-answer marker (default: ####)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="greedy decoding budget (default: 256)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="greedy decoding budget (default: 256, less if the prompts would not fit the context)",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default: 8)")
     p.add_argument("--output", metavar="FILE", help="also write the results (with every example) as JSON")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -99,3 +99,10 @@ def test_bad_rows_name_the_row(setup):
     bad = datasets.Dataset.from_list(data.to_list() + [{"prompt": "", "completion": "x"}])
     with pytest.raises(ValueError, match="row 3 has an empty prompt"):
         adaswitch.evaluate(model, tok, bad, max_new_tokens=8, progress=False)
+
+
+def test_default_budget_fits_the_context(setup):
+    model, _, tok, data = setup  # context 64: 256 new tokens would not fit
+    res = adaswitch.evaluate(model, tok, data.select([1]), progress=False)
+    prompt = len(tok("the cat sat on")["input_ids"])
+    assert 0 < len(tok(res["examples"][0]["prediction"])["input_ids"]) <= 64 - prompt

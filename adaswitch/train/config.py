@@ -1,7 +1,7 @@
 """`DistillConfig`: the training arguments of a distillation run (a `transformers.TrainingArguments`).
 
-Being a TrainingArguments subclass is what brings accelerate (DDP, FSDP, DeepSpeed), checkpoints,
-resume, logging and `report_to`; the fields below add the generation policy, the per-model sampling
+Being a TrainingArguments subclass is what brings accelerate (multi-process DDP), checkpoints, resume,
+logging and `report_to`; the fields below add the generation policy, the per-model sampling
 settings and the loss (SPEC.md sections 2 and 5). Fields are documented TRL-style through
 `metadata={"help": ...}`, so `HfArgumentParser` and the `adaswitch distill` command show them.
 """

@@ -8,8 +8,8 @@ Each training step (SPEC.md sections 2 and 5):
 3. the loss over the response tokens: `fused_linear_distill_loss` from the last hidden states and the
    LM-head weights when the models expose a linear LM head (no [N, V] logits kept), else
    `distill_loss` on the logits; prompt, padding and tokens outside `token_mask` are `ignore_index`;
-4. Trainer's backward and optimizer step (so accelerate's DDP/FSDP/DeepSpeed, gradient accumulation,
-   mixed precision, checkpoints and `report_to` all apply).
+4. Trainer's backward and optimizer step (so accelerate's DDP, gradient accumulation, mixed precision,
+   checkpoints, resume and `report_to` all apply).
 
 Normalisation: the loss is the mean over the valid response tokens of the whole micro-batch across all
 processes (so N processes give the loss and gradients of one process on the same global batch);
@@ -109,6 +109,11 @@ class Distiller(Trainer):
             raise ValueError(
                 "train_dataset is required: a datasets.Dataset or a .jsonl/.json/.parquet/.csv path"
             )
+        if args.deepspeed or args.fsdp:
+            raise ValueError(
+                "Distiller runs on one device or data-parallel (DDP); DeepSpeed and FSDP sharding are not "
+                "supported (generation needs the student's full weights on every process)"
+            )
         n_tok = len(processing_class)
         v_student, v_teacher = _vocab_size(model), _vocab_size(teacher_model)
         if min(v_student, v_teacher) < n_tok:
@@ -146,12 +151,7 @@ class Distiller(Trainer):
         self.loss_is_scaled_for_ga = False
         teacher_model.eval()
         teacher_model.requires_grad_(False)
-        if self.is_deepspeed_enabled:
-            raise ValueError(
-                "DeepSpeed is not supported by Distiller (the teacher needs its own inference "
-                "engine); use DDP or FSDP through accelerate"
-            )
-        # evaluation_mode: moved to the device (and FSDP-sharded when FSDP is on), never wrapped in DDP.
+        # evaluation_mode: moved to the student's device, never wrapped in DDP.
         self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._last_generation_seconds = 0.0
@@ -243,8 +243,6 @@ class Distiller(Trainer):
     def _use_fused(self, model) -> bool:
         student = self.accelerator.unwrap_model(model)
         teacher = self.accelerator.unwrap_model(self.teacher_model)
-        if self.is_fsdp_enabled:  # the LM-head weights are sharded outside the forward
-            return False
         return all(_linear_head(m) is not None and _accepts(m, "logits_to_keep") for m in (student, teacher))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

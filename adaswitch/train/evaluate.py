@@ -18,11 +18,15 @@ from tqdm.auto import tqdm
 
 from adaswitch.train.data import (
     COMPLETION_IDS,
+    PROMPT_IDS,
     DistillCollator,
+    context_length,
     load_prompt_completion,
     prompt_limit,
     tokenize_dataset,
 )
+
+DEFAULT_MAX_NEW_TOKENS = 256
 
 
 def extract_answer(text: str, marker: str = "####") -> str | None:
@@ -77,7 +81,7 @@ def evaluate(
     answer_marker: str = "####",
     checker: Callable[[str, str], bool] | None = None,
     teacher=None,
-    max_new_tokens: int = 256,
+    max_new_tokens: int | None = None,
     batch_size: int = 8,
     output_path: str | Path | None = None,
     progress: bool = True,
@@ -93,7 +97,8 @@ def evaluate(
         checker: `checker(prediction_text, reference_text) -> bool`; replaces the default exact match.
         teacher: when given, also report `teacher_kl`, the mean token KL(p_teacher || p_model) over the
             reference completions.
-        max_new_tokens: greedy decoding budget per prompt.
+        max_new_tokens: greedy decoding budget per prompt; None: 256, or less if the longest prompt plus
+            256 would not fit in the models' context.
         batch_size: prompts per generation batch.
         output_path: where to also write the results as JSON.
         progress: show a tqdm progress bar.
@@ -108,15 +113,23 @@ def evaluate(
         raise TypeError(
             f"checker must be a callable (prediction, reference) -> bool, got {type(checker).__name__}"
         )
-    for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+    for name, value in (
+        ("max_new_tokens", 1 if max_new_tokens is None else max_new_tokens),
+        ("batch_size", batch_size),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if tokenizer.pad_token_id is None:
         raise ValueError("tokenizer must define a pad token (tokenizer.pad_token_id is None)")
     check = checker or exact_match_checker(answer_marker)
     data = load_prompt_completion(dataset, name="evaluation dataset", require_completion=True)
-    limit = prompt_limit(None, max_new_tokens, model, *([teacher] if teacher is not None else []))
+    models = [model] + ([teacher] if teacher is not None else [])
+    limit = prompt_limit(None, max_new_tokens or 1, *models)
     tokens = tokenize_dataset(data, tokenizer, max_prompt_length=limit, name="evaluation dataset")
+    if max_new_tokens is None:
+        ctx = context_length(*models)
+        longest = max(len(p) for p in tokens[PROMPT_IDS])
+        max_new_tokens = DEFAULT_MAX_NEW_TOKENS if ctx is None else min(DEFAULT_MAX_NEW_TOKENS, ctx - longest)
     collate = DistillCollator(tokenizer.pad_token_id)
     device = _device_of(model)
     was_training = model.training
