@@ -44,6 +44,17 @@ def test_two_processes_match_one(tmp_path):
     )
     single = _run([sys.executable, str(SCRIPT)], tmp_path / "single")
     assert ddp["world"] == 2 and single["world"] == 1
+    # the checkpoint holds every rank's RNG state and was renamed into place once all ranks had written
+    assert sorted(os.listdir(tmp_path / "ddp")) == [
+        "checkpoint-2",
+        "checkpoint-3",
+        "log.json",
+        "weights_rank0.pt",
+        "weights_rank1.pt",
+    ]
+    assert {"rng_state_0.pth", "rng_state_1.pth", "model.safetensors"} <= set(
+        os.listdir(tmp_path / "ddp" / "checkpoint-2")
+    )
     assert len(ddp["steps"]) == len(single["steps"]) == 3
     for a, b in zip(ddp["steps"], single["steps"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
