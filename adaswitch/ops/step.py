@@ -164,7 +164,7 @@ def _draw(logits, sampling, seed, keys, positions, stream, native=False, rows=No
 
 def _teacher_rank(teacher_logits, token, native=False):
     """Rank of `token` among the teacher's logits, ties to the lower id (0 = the teacher's argmax)."""
-    if native:
+    if native and hasattr(native_ops(), "logit_rank"):
         return native_ops().logit_rank(teacher_logits, token)
     t = teacher_logits.float()
     ty = t.gather(-1, token[:, None])
