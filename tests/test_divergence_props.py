@@ -86,7 +86,8 @@ def test_zero_on_identical_rows(impl, pair, kind, beta, alpha, temperature):
 def test_tvd_at_most_one(impl, pair, temperature):
     s, t = pair
     out = token_divergence(s, t, "tvd", temperature=temperature, impl=impl)
-    assert ((out >= 0) & (out <= 1 + SLACK)).all(), out
+    # sum |p - q| / 2 of two float32 distributions that each sum to 1 within a few ulps per entry
+    assert ((out >= 0) & (out <= 1 + 1e-5)).all(), out
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -119,14 +119,16 @@ acc_t row_divergence(const scalar_t* x, const scalar_t* y, int64_t V, acc_t inv_
     const Vec sx = (m_x - rx).exp_u20();
     z_x = z_x * sx;
     z_y = z_y * (m_y - ry).exp_u20();
-    if (mode == kKL) acc = acc * sx;
+    if (mode == kKL) acc = Vec::blendv(acc * sx, acc, acc == vinf);  // keep +inf (no inf * 0)
     for (int64_t j = 0; j < nv; ++j) {
       const Vec ex = (xs[j] - rx).exp_u20();
       z_x = z_x + ex;
       z_y = z_y + (ys[j] - ry).exp_u20();
       if (mode == kKL) {
-        // p_x = 0 entries contribute 0; p_x > 0 with y = -inf gives +inf
-        acc = acc + Vec::blendv(ex * (xs[j] - ys[j]), vzero, xs[j] == vninf);
+        // p_x = 0 entries contribute 0; a finite x with y = -inf makes the KL +inf, also where
+        // exp(x - max) underflows in float (as in the float64 reference)
+        const Vec term = Vec::blendv(ex * (xs[j] - ys[j]), vinf, ys[j] == vninf);
+        acc = acc + Vec::blendv(term, vzero, xs[j] == vninf);
       }
     }
     m_x = bx;
@@ -149,21 +151,21 @@ acc_t row_divergence(const scalar_t* x, const scalar_t* y, int64_t V, acc_t inv_
     if (mxa[k] != -inf) {
       const acc_t s = std::exp(mxa[k] - Mx);
       Zx += zxa[k] * s;
-      A += acca[k] * s;
+      A += acca[k] == inf ? inf : acca[k] * s;
     }
     if (mya[k] != -inf) Zy += zya[k] * std::exp(mya[k] - My);
   }
-  const acc_t lse_x = Mx + std::log(Zx);
-  const acc_t lse_y = My + std::log(Zy);
-  if (mode == kKL) return A / Zx - lse_x + lse_y;
+  const acc_t log_zx = std::log(Zx), log_zy = std::log(Zy);
+  if (mode == kKL) return A / Zx - (Mx + log_zx) + (My + log_zy);
 
-  // Pass 2: the exact per-entry terms.
-  const Vec vlx(lse_x), vly(lse_y), vw(w), vw1(acc_t(1) - w);
+  // Pass 2: the exact per-entry terms. log p = (x - max) - log z: subtracting the max first keeps
+  // log-probabilities near 0 exact (x - lse would round at the scale of lse).
+  const Vec vmx(Mx), vmy(My), vlzx(log_zx), vlzy(log_zy), vw(w), vw1(acc_t(1) - w);
   Vec sum(0);
   for (int64_t off = 0; off < V; off += W) {
     const int64_t cnt = std::min<int64_t>(W, V - off);
-    const Vec lx = load_acc<acc_t>(x + off, cnt) * vscale - vlx;
-    const Vec ly = load_acc<acc_t>(y + off, cnt) * vscale - vly;
+    const Vec lx = (load_acc<acc_t>(x + off, cnt) * vscale - vmx) - vlzx;
+    const Vec ly = (load_acc<acc_t>(y + off, cnt) * vscale - vmy) - vlzy;
     const Vec px = lx.exp_u20(), py = ly.exp_u20();
     if (mode == kTVD) {
       sum = sum + (px - py).abs();

@@ -49,13 +49,11 @@ def _divergence_kernel(
     m_y = float("-inf")
     z_y = 0.0
     acc = 0.0
-    bad = 0.0  # > 0 once a NaN was seen (max/exp may not propagate it on every backend)
     for start in range(0, V, BLOCK):
         cols = start + offs
         mask = cols < V
         x = tl.load(x_row + cols * stride_x_col, mask=mask, other=float("-inf")).to(tl.float32) * scale
         y = tl.load(y_row + cols * stride_y_col, mask=mask, other=float("-inf")).to(tl.float32) * scale
-        bad += tl.sum(((x != x) | (y != y)).to(tl.float32), axis=0)
 
         mx_new = tl.maximum(m_x, tl.max(x, axis=0))
         mx_ref = tl.where(mx_new == float("-inf"), 0.0, mx_new)  # avoids (-inf) - (-inf)
@@ -68,14 +66,18 @@ def _divergence_kernel(
         z_y = z_y * tl.exp2(m_y - my_ref) + tl.sum(tl.exp2(y - my_ref), axis=0)
 
         if MODE == 0:
-            # entries with p_x = 0 contribute 0 (no 0 * inf); p_x > 0 with y = -inf gives +inf
-            term = tl.where(x == float("-inf"), 0.0, e_x * (x - y))
-            acc = acc * r_x + tl.sum(term, axis=0)
+            # entries with p_x = 0 contribute 0 (no 0 * inf); a finite x with y = -inf makes the
+            # KL +inf, also where exp2(x - m) underflows in float32 (as in the float64 reference)
+            term = tl.where(y == float("-inf"), float("inf"), e_x * (x - y))
+            term = tl.where(x == float("-inf"), 0.0, term)
+            acc = tl.where(acc == float("inf"), acc, acc * r_x) + tl.sum(term, axis=0)  # no inf * 0
         m_x = mx_new
         m_y = my_new
 
-    lse_x = m_x + tl.log2(z_x)
-    lse_y = m_y + tl.log2(z_y)
+    log_zx = tl.log2(z_x)
+    log_zy = tl.log2(z_y)
+    lse_x = m_x + log_zx
+    lse_y = m_y + log_zy
 
     if MODE == 0:
         res = (acc / z_x - lse_x + lse_y) * 0.6931471805599453
@@ -87,8 +89,8 @@ def _divergence_kernel(
             mask = cols < V
             x = tl.load(x_row + cols * stride_x_col, mask=mask, other=float("-inf")).to(tl.float32) * scale
             y = tl.load(y_row + cols * stride_y_col, mask=mask, other=float("-inf")).to(tl.float32) * scale
-            lx = x - lse_x  # base-2 log-probabilities
-            ly = y - lse_y
+            lx = (x - m_x) - log_zx  # base-2 log-probabilities; x - m first keeps it exact near 0
+            ly = (y - m_y) - log_zy
             px = tl.exp2(lx)
             py = tl.exp2(ly)
             if MODE == 2:
@@ -109,8 +111,9 @@ def _divergence_kernel(
         else:
             res = res * 0.6931471805599453
 
-    # all -inf rows (lse = -inf), +inf logits (lse = +inf) and NaN rows give NaN
-    ok = (bad == 0.0) & (lse_x == lse_x) & (lse_y == lse_y) & (tl.abs(lse_x) < float("inf")) & (tl.abs(lse_y) < float("inf"))
+    # All -inf rows (lse = -inf), +inf logits (lse = +inf) and NaN rows give NaN: a NaN logit always
+    # reaches z through exp2(NaN - m) = NaN, even where max() skips it (PTX max.f32 does).
+    ok = (tl.abs(lse_x) < float("inf")) & (tl.abs(lse_y) < float("inf"))
     res = tl.where(ok, res, float("nan"))
     tl.store(OUT + row, res)
 
