@@ -13,7 +13,7 @@ from tiny_models import tiny_student, tiny_teacher, tiny_tokenizer
 from adaswitch import DistillConfig, Distiller
 
 
-def make_trainer(tmp_path, *, data=None, student=None, teacher=None, tokenizer=None, **kw):
+def make_trainer(tmp_path, *, data=None, eval_data=None, student=None, teacher=None, tokenizer=None, **kw):
     settings = dict(
         output_dir=str(tmp_path / "out"),
         report_to=[],
@@ -32,6 +32,7 @@ def make_trainer(tmp_path, *, data=None, student=None, teacher=None, tokenizer=N
         teacher_model=teacher or tiny_teacher(max_positions=64),
         args=DistillConfig(**settings),
         train_dataset=data or datasets.Dataset.from_list(rows(4)),
+        eval_dataset=eval_data,
         processing_class=tokenizer or tiny_tokenizer(),
     )
 
@@ -188,3 +189,30 @@ def test_teacher_with_padded_vocabulary(tmp_path):
     trainer = make_trainer(tmp_path, teacher=tiny_teacher(vocab_size=320, max_positions=64), policy="skd")
     loss = trainer.compute_loss(trainer.model, first_batch(trainer))
     assert trainer.vocab_size == 300 and math.isfinite(float(loss.detach()))
+
+
+def test_best_checkpoint_tracking_survives_the_rename(tmp_path):
+    import json
+
+    data = datasets.Dataset.from_list(rows(4))
+    trainer = make_trainer(
+        tmp_path,
+        data=data,
+        eval_data=data,
+        policy="dataset",
+        max_steps=2,
+        save_strategy="steps",
+        save_steps=1,
+        eval_strategy="steps",
+        eval_steps=1,
+        metric_for_best_model="loss",
+        load_best_model_at_end=True,
+        save_total_limit=1,
+    )
+    trainer.train()
+    out = tmp_path / "out"
+    best = trainer.state.best_model_checkpoint
+    assert os.path.dirname(best) == str(out) and os.path.isdir(best)
+    last = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert last["best_model_checkpoint"] == best
+    assert not any(n.startswith(".staging") for n in os.listdir(out))

@@ -29,6 +29,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 from transformers import PreTrainedModel, Trainer
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from adaswitch.train.config import DistillConfig
@@ -387,10 +388,14 @@ class Distiller(Trainer):
     def _save_checkpoint(self, model, trial):
         """Trainer writes a checkpoint in place (a crash leaves a partial `checkpoint-N` that resume would
         pick); here it is written under `.staging-N/` and renamed once complete, so `checkpoint-N` either
-        exists whole or not at all."""
+        exists whole or not at all. (With push_to_hub, Trainer uploads from the folder it wrote, so
+        its in-place save is kept.)"""
+        if self.args.push_to_hub:
+            return super()._save_checkpoint(model, trial)
         run_dir = self._get_output_dir(trial=trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staging = os.path.join(run_dir, f"{STAGING_PREFIX}{self.state.global_step}")
+        written, final = os.path.join(staging, name), os.path.join(run_dir, name)
         if self.args.should_save and os.path.isdir(staging):
             shutil.rmtree(staging)  # left by a run killed while saving
         self.accelerator.wait_for_everyone()
@@ -399,22 +404,22 @@ class Distiller(Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             del self._get_output_dir  # back to the class's method
+        best = self.state.best_model_checkpoint
+        if best and best.startswith(staging):  # Trainer recorded the staging path: point at the final one
+            self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(written, TRAINER_STATE_NAME))
         self.accelerator.wait_for_everyone()  # every process has written its files (e.g. its RNG state)
-        final = os.path.join(run_dir, name)
         if self.args.should_save:
-            _fsync_tree(os.path.join(staging, name))
+            _fsync_tree(written)
             if os.path.isdir(final):  # saving the same step again: replace it
                 old = final + ".old"
                 os.replace(final, old)
-                os.replace(os.path.join(staging, name), final)
+                os.replace(written, final)
                 shutil.rmtree(old)
             else:
-                os.replace(os.path.join(staging, name), final)
+                os.replace(written, final)
             shutil.rmtree(staging, ignore_errors=True)
-            if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging):
-                self.state.best_model_checkpoint = os.path.join(
-                    run_dir, os.path.basename(self.state.best_model_checkpoint)
-                )
             rotate_checkpoints(
                 output_dir=run_dir,
                 save_total_limit=self.args.save_total_limit,
