@@ -422,6 +422,11 @@ def _block(vocab: int) -> int:
     return min(4096, triton.next_power_of_2(vocab))
 
 
+def _warps(block: int) -> int:
+    """8 warps once a tile is wide enough to keep them busy (one program streams a whole row)."""
+    return 8 if block >= 2048 else 4
+
+
 def _rowmajor(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -458,6 +463,7 @@ def fused_step_triton(student_logits, teacher_logits, policy, state, seed, keys,
         CODE=policy.code, NEED_YS=need_ys, NEED_YT=need_yt, GREEDY_S=ss.greedy, GREEDY_T=ts.greedy,
         FILTER_S=thr_s is not None, FILTER_T=thr_t is not None, KIND=kind, PRECISE=not triton_interpreted(),
         BLOCK=_block(vocab), BLOCK_L=triton.next_power_of_2(length), enable_fp_fusion=False,
+        num_warps=_warps(_block(vocab)),
     )
     from adaswitch.ops.step import StepOutput
 
@@ -484,6 +490,7 @@ def fused_lookahead_triton(student_logits, teacher_logits, draft, policy, state,
         policy.top_k if isinstance(policy, SKD) else 0,
         GREEDY_T=ts.greedy, FILTER_T=thr_t is not None, KIND=kind, RANK=2 if isinstance(policy, SKD) else 0,
         PRECISE=not triton_interpreted(), BLOCK=_block(vocab), enable_fp_fusion=False,
+        num_warps=_warps(_block(vocab)),
     )
     length, min_hist, k_bits, f_bits = _rule_args(policy, state)
     accepted = torch.empty(batch, dtype=torch.int64, device=device)
