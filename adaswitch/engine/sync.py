@@ -4,7 +4,7 @@ A decode loop that reads a tensor's value on the host (`.item()`, `bool(t)`, `if
 boolean-mask indexing, `.cpu()`) stalls the GPU once per read. On CPU nothing stalls, so such reads go
 unnoticed in CI; this counter makes them visible there. It is a `TorchDispatchMode` that counts the ATen
 ops which need a value (or a data-dependent shape) on the host, plus `Tensor.tolist`/`Tensor.numpy`, which
-read CPU memory without dispatching (on CUDA they dispatch a copy to the CPU, counted once).
+read CPU memory without dispatching (counted once per call, whatever they dispatch inside).
 
     with SyncCounter() as sc:
         out = adaswitch.generate(...)
@@ -64,6 +64,7 @@ class SyncCounter(TorchDispatchMode):
         super().__init__()
         self.by_op: Counter[str] = Counter()
         self._saved = {}
+        self._inside_read = False  # within a counted Tensor.tolist/numpy: its inner copy is the same read
 
     @property
     def count(self) -> int:
@@ -71,7 +72,7 @@ class SyncCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if _needs_sync(func, args, kwargs):
+        if not self._inside_read and _needs_sync(func, args, kwargs):
             self.by_op[str(func.overloadpacket.__name__)] += 1
         return func(*args, **kwargs)
 
@@ -82,9 +83,12 @@ class SyncCounter(TorchDispatchMode):
             self._saved[name] = original
 
             def counted(tensor, *a, _original=original, _name=name, **k):
-                if tensor.device.type == "cpu":  # a CUDA tensor dispatches its copy, counted there
-                    counter.by_op[_name] += 1
-                return _original(tensor, *a, **k)
+                counter.by_op[_name] += 1
+                counter._inside_read = True
+                try:
+                    return _original(tensor, *a, **k)
+                finally:
+                    counter._inside_read = False
 
             setattr(torch.Tensor, name, counted)
         return super().__enter__()
