@@ -7,7 +7,6 @@ the command line and `from_pretrained` paths are exercised too.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -59,6 +58,3 @@ def state_dict_file(model, path) -> None:
 
     torch.save({k: v.detach().double().cpu() for k, v in model.state_dict().items()}, path)
 
-
-def env_flag(name: str, default: str = "") -> str:
-    return os.environ.get(name, default)
