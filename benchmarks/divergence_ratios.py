@@ -59,13 +59,19 @@ def machine() -> dict:
     }
 
 
-def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up (and compilation for the compiled reference)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def median_ms(fn, repeats: int, clock: str = "wall") -> float:
+    """Median of `repeats` calls after one warm-up call (which also compiles). "cpu" counts this
+    process's CPU time: with one thread it is the compute time even while other jobs preempt us."""
+    now = CLOCKS[clock]
+    fn()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = now()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(now() - start)
     return statistics.median(times) * 1e3
 
 
@@ -84,11 +90,11 @@ def compiled_for(kind: str):
     return run
 
 
-def measure(s, t, kind, compiled, repeats) -> dict[str, float]:
+def measure(s, t, kind, compiled, repeats, clock) -> dict[str, float]:
     return {
-        "eager": median_ms(lambda: eager(s, t, kind), repeats),
-        "compiled": median_ms(lambda: compiled(s, t, kind), repeats),
-        "native": median_ms(lambda: token_divergence(s, t, kind, impl="native"), repeats),
+        "eager": median_ms(lambda: eager(s, t, kind), repeats, clock),
+        "compiled": median_ms(lambda: compiled(s, t, kind), repeats, clock),
+        "native": median_ms(lambda: token_divergence(s, t, kind, impl="native"), repeats, clock),
     }
 
 
@@ -99,8 +105,13 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--kinds", default=",".join(KINDS))
     ap.add_argument("--rows", default=",".join(map(str, ROWS)))
     ap.add_argument("--vocabs", default=",".join(map(str, VOCABS)))
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                    help="torch threads for every implementation (default: all cores)")
+    ap.add_argument("--clock", default="wall", choices=list(CLOCKS),
+                    help="wall: elapsed time; cpu: process CPU time (meaningful with --threads 1)")
     ap.add_argument("--out", default=str(RESULTS / "divergence_cpu"), help="path stem for .csv and .md")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if not native_available():
         raise SystemExit("the native op is not built: run `make native` first")
     torch._dynamo.config.cache_size_limit = 256
@@ -118,10 +129,11 @@ def main(argv=None) -> list[dict]:
                 gen = torch.Generator().manual_seed(rows * vocab)
                 s = (torch.randn(rows, vocab, generator=gen) * 2).to(dtype)
                 t = (s.float() + torch.randn(rows, vocab, generator=gen)).to(dtype)
-                ms = measure(s, t, kind, compiled, args.repeats)
+                ms = measure(s, t, kind, compiled, args.repeats, args.clock)
                 for impl, value in ms.items():
                     results.append({
                         "kind": kind, "rows": rows, "vocab": vocab, "dtype": args.dtype, "impl": impl,
+                        "threads": args.threads, "clock": args.clock,
                         "ms": round(value, 3), "speedup_vs_eager": round(ms["eager"] / value, 2),
                         "speedup_vs_compiled": round(ms["compiled"] / value, 2),
                     })
@@ -163,7 +175,7 @@ def write(results, info, load_before, load_after, args) -> None:
         f"- machine: {info['cpu']}, {info['cores']} cores (torch threads {info['torch_threads']}), "
         f"torch {info['torch']}, Python {info['python']}",
         f"- date: {info['date']}, commit {info['commit']}, dtype {args.dtype}, "
-        f"median of {args.repeats} calls",
+        f"median of {args.repeats} calls, {args.clock} clock, {args.threads} thread(s)",
         f"- load average (1/5/15 min) before {tuple(round(x, 2) for x in load_before)}, "
         f"after {tuple(round(x, 2) for x in load_after)} (the machine is shared)",
         f"- target (issue 2): {verdict(results)}",
