@@ -104,14 +104,13 @@ def _config_fields() -> dict[str, dataclasses.Field]:
 
 
 def _field_type(f: dataclasses.Field):
-    default = f.default
-    if isinstance(default, bool):
+    """The argparse type of a dataclass field, from its annotation (a type or, with postponed
+    annotations, a string such as "int | None")."""
+    if isinstance(f.default, bool):
         return bool
-    if isinstance(default, float) or (isinstance(f.type, str) and f.type.startswith("float")):
-        return _float
-    if isinstance(default, int) or (isinstance(f.type, str) and f.type.startswith("int")):
-        return int
-    return str
+    name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    name = name.replace("typing.", "").replace("Optional[", "").split("|")[0].strip()
+    return {"float": _float, "int": int, "bool": bool}.get(name, str)
 
 
 def _float(text: str) -> float:
