@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from adaswitch import reference
 from adaswitch._backend import native_available, native_ops
 from adaswitch._validation import KINDS
 from adaswitch.engine.policies import SKD, AdaSwitch, Mixed, Sampling, Student, Teacher
@@ -242,3 +243,19 @@ def test_kernels_compile_for_hopper():
     proc = subprocess.run([sys.executable, "-c", _AOT_COMPILE], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("impl", ["torch", *FAST])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_divergence_against_float64_reference(impl, dtype):
+    """The exploration divergence of every kind, at a divergence temperature, against reference.py in
+    float64 (on the same rounded inputs)."""
+    s, t = random_logits(1, 6, 211, dtype)
+    for kind in KINDS:
+        policy = AdaSwitch(window=2, divergence=kind, beta=0.3, alpha=0.2, divergence_temperature=1.7)
+        out = fused_step(s[0], t[0], policy, SwitchState.new(6, 2), seed=0, keys=torch.arange(6),
+                         position=torch.zeros(6, dtype=torch.long), eos_token_id=EOS, pad_token_id=PAD,
+                         impl=impl)
+        want = reference.divergence_rows(s[0].double(), t[0].double(), kind, beta=0.3, alpha=0.2,
+                                         temperature=1.7, dtype=torch.float64)
+        assert torch.allclose(out.divergence.double(), want, rtol=1e-4, atol=1e-5), kind
