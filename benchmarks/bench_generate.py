@@ -264,10 +264,16 @@ def main(argv=None) -> None:
     engine(pols[cases[0]], length=4)
     hf_generate(teacher, ids, mask, 4, greedy)
 
+    counts = count_syncs(cases, batch, n, lookaheads, greedy, device)
     # Round-robin repeats, best time kept: on a shared machine the load changes during the run, and every
-    # method should see the same conditions.
+    # method should see the same conditions. Results are written after every round.
     rows = [{"method": method, "case": case, "seconds": math.inf, "switch": ""} for method, case, _ in runs]
-    for _ in range(args.repeats):
+    for row in rows:
+        key = row["method"].replace("-cudagraph", "")
+        full, half = counts.get((key, row["case"], n)), counts.get((key, row["case"], n // 2))
+        row["syncs_per_call"] = full
+        row["syncs_per_token"] = None if full is None else (full - half) / (n - n // 2)
+    for done in range(1, args.repeats + 1):
         for row, (method, case, fn) in zip(rows, runs):
             seconds, result = timed(fn, device)
             if hasattr(result, "switch_position"):
@@ -281,23 +287,16 @@ def main(argv=None) -> None:
             row["tokens_per_s"] = batch * n / row["seconds"]
             print(f"{method:>22} {case:>6}  {seconds:8.2f} s  {batch * n / seconds:9.1f} tok/s  "
                   f"{row['switch']}", flush=True)
-    info["load_avg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-    counts = count_syncs(cases, batch, n, lookaheads, greedy, device)
-    for row in rows:
-        key = row["method"].replace("-cudagraph", "")
-        full, half = counts.get((key, row["case"], n)), counts.get((key, row["case"], n // 2))
-        row["syncs_per_call"] = full
-        row["syncs_per_token"] = None if full is None else (full - half) / (n - n // 2)
-
-    naive = {r["case"]: r["tokens_per_s"] for r in rows if r["method"] == "naive"}
-    hf_teacher = next(r["tokens_per_s"] for r in rows if r["method"] == "hf-teacher")
-    hf_student = next(r["tokens_per_s"] for r in rows if r["method"] == "hf-student")
-    for row in rows:
-        row["vs_naive"] = row["tokens_per_s"] / naive[row["case"]] if row["case"] in naive else None
-        row["vs_hf_teacher"] = row["tokens_per_s"] / hf_teacher
-        row["vs_hf_student"] = row["tokens_per_s"] / hf_student
-    write(rows, info, args, device)
+        info["load_avg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        info["rounds"] = f"{done} of {args.repeats}"
+        naive = {r["case"]: r["tokens_per_s"] for r in rows if r["method"] == "naive"}
+        hf_teacher = next(r["tokens_per_s"] for r in rows if r["method"] == "hf-teacher")
+        hf_student = next(r["tokens_per_s"] for r in rows if r["method"] == "hf-student")
+        for row in rows:
+            row["vs_naive"] = row["tokens_per_s"] / naive[row["case"]] if row["case"] in naive else None
+            row["vs_hf_teacher"] = row["tokens_per_s"] / hf_teacher
+            row["vs_hf_student"] = row["tokens_per_s"] / hf_student
+        write(rows, info, args, device)
     return rows
 
 
@@ -323,7 +322,7 @@ def write(rows, info, args, device) -> None:
         "",
         *[f"- {k}: {v}" for k, v in info.items()],
         f"- setup: batch {args.batch}, {args.new_tokens} new tokens, prompts 16-32 tokens left-padded, "
-        f"{args.sampling} sampling, {args.dtype}, best of {args.repeats} round-robin runs; "
+        f"{args.sampling} sampling, {args.dtype}, best of the completed round-robin rounds; "
         "teacher Qwen2 4x512 (8 heads, 2 KV), student Qwen2 2x256, "
         f"vocabulary {VOCAB}, random init",
         "- early / late / never: AdaSwitch(window=4, k=1) / the same with warmup=96 / k=inf",

@@ -187,8 +187,8 @@ def test_host_syncs_bounded(student, teacher, prompts, policy, g):
     kw = {"completions": torch.randint(4, VOCAB_SIZE, (B, 5))} if isinstance(policy, Mixed) else {}
     with SyncCounter() as counter:
         run(student, teacher, prompts, policy, max_new_tokens=n, lookahead=g, sync_every=every, **kw)
-    # ceil(n / every) loop reads + 2 argument checks (prompt padding, token range) before the loop
-    assert counter.count <= math.ceil(n / every) + 2, dict(counter.by_op)
+    # ceil(n / every) + 1 loop reads + 2 argument checks (prompt padding, token range) before the loop
+    assert counter.count <= math.ceil(n / every) + 3, dict(counter.by_op)
 
 
 def test_sync_counter_counts_host_reads():

@@ -17,8 +17,10 @@ Design (gpt-fast style: prefill, then a short per-token loop; details fixed here
   `accepted` drafts plus, where it stopped, the teacher's token; both caches roll back the rejected
   drafts (validity bits and positions only). A row that has already switched takes one teacher token
   per block.
-* Host reads: every `sync_every` iterations the host reads one small tensor (all rows done?, all rows
-  switched?, least response position of unfinished rows) -- one device-to-host sync. It stops early
+* Host reads: about every `sync_every` tokens the host reads one small tensor (all rows done?, all rows
+  switched?, least response position of unfinished rows) -- one device-to-host sync: every sync_every
+  steps, or every ceil(sync_every / G) blocks while blocks keep giving G tokens (else every sync_every
+  blocks), so at most ceil(max_new_tokens / sync_every) + 1 reads in the loop. It stops early
   when all rows are done; an AdaSwitch run leaves lookahead mode once some row has switched (that row
   gains one token per block, so blocks would not shorten the run) and stops running the student once
   every row has switched. Every iteration moves each unfinished row forward by >= 1 token, so at most
@@ -471,9 +473,12 @@ def generate(
     mode_block = lookahead > 0
     use_student = run.run_student
     budget = max_new_tokens  # iterations that can still change anything (>= 1 token per unfinished row each)
-    done_iters = 0
     if isinstance(policy, Mixed) and not run.run_student:
         budget = 0  # every row is the dataset's completion
+    # Iterations between host reads: about sync_every tokens. A block is expected to give G tokens; once an
+    # interval gave fewer than sync_every tokens (rejections, switched rows), every sync_every iterations.
+    interval = -(-sync_every // lookahead) if mode_block else sync_every
+    since_sync, least = 0, 0
     while budget > 0:
         if mode_block:
             kind, fn = ("block",), run.block
@@ -484,15 +489,18 @@ def generate(
         else:
             graphs(kind, fn)
         budget -= 1
-        done_iters += 1
-        if budget > 0 and done_iters % sync_every == 0:
-            done, all_switched, any_switched, least = run.flags()
+        since_sync += 1
+        if budget > 0 and since_sync >= interval:
+            done, all_switched, any_switched, new_least = run.flags()
             if done:
                 break
-            budget = max_new_tokens - least
+            budget = max_new_tokens - new_least
+            since_sync, progress, least = 0, new_least - least, new_least
             if isinstance(policy, AdaSwitch):
                 # A switched row gains one token per block, so the run needs as many iterations as in step
                 # mode, each costlier: step mode from here on; the student stops once all rows switched.
                 mode_block = mode_block and not any_switched
                 use_student = use_student and not all_switched
+            if progress < sync_every or not mode_block:
+                interval = sync_every
     return run.finish(input_ids, mask)
