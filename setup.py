@@ -45,7 +45,9 @@ class CMakeBuild(build_ext):
             subprocess.check_call(["cmake", "--build", ".", "-j", str(os.cpu_count() or 2)], cwd=build_dir)
             built = next((build_dir / "out").glob("_C*"))
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(built, target)
+            staged = target.with_name(target.name + ".tmp")
+            shutil.copyfile(built, staged)
+            os.replace(staged, target)  # atomic: a process that has the old library loaded keeps it intact
         except Exception as exc:  # the pure-PyTorch path still works
             print(f"adaswitch: native op not built ({exc}); using the PyTorch fallback", file=sys.stderr)
 

@@ -15,7 +15,7 @@ import torch
 IMPLS = ("auto", "triton", "native", "torch")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def native_ops():
     """torch.ops.adaswitch once `adaswitch._C` is loaded, or None when the native build is absent."""
     try:
@@ -29,7 +29,7 @@ def native_available() -> bool:
     return native_ops() is not None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_interpreted() -> bool:
     try:
         from triton import knobs
@@ -38,7 +38,7 @@ def triton_interpreted() -> bool:
     return bool(knobs.runtime.interpret)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_importable() -> bool:
     try:
         import triton  # noqa: F401
