@@ -70,7 +70,9 @@ def resolve_impl(impl: str | None, device: torch.device, *, native_op: str | Non
             return "native"
         return "torch"
     if impl == "triton" and not triton_available(device):
-        hint = " (set TRITON_INTERPRET=1 before importing adaswitch to run Triton on CPU)" if device.type == "cpu" else ""
+        hint = ""
+        if device.type == "cpu":
+            hint = " (set TRITON_INTERPRET=1 before importing adaswitch to run Triton on CPU)"
         raise ValueError(f"impl='triton' is not available for {device.type} tensors{hint}")
     if impl == "native":
         if device.type != "cpu":
