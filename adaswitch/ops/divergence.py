@@ -52,6 +52,9 @@ def token_divergence(
 
         out = token_divergence_triton(s2d, t2d, kind_code, beta, alpha, temperature)
     elif which == "native":
+        if s2d.dtype != t2d.dtype:  # the native op takes one dtype; mixed models (bf16 teacher, fp32 student)
+            common = torch.promote_types(s2d.dtype, t2d.dtype)
+            s2d, t2d = s2d.to(common), t2d.to(common)
         out = native_ops().token_divergence(s2d.contiguous(), t2d.contiguous(), kind_code, beta, alpha, temperature)
     else:
         compute = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
