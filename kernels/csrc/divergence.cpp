@@ -192,9 +192,9 @@ at::Tensor token_divergence_cpu(const at::Tensor& student, const at::Tensor& tea
                     teacher.sizes());
   TORCH_CHECK_VALUE(student.sizes() == teacher.sizes(), "token_divergence: student and teacher shapes differ: ",
                     student.sizes(), " vs ", teacher.sizes());
-  TORCH_CHECK_VALUE(student.scalar_type() == teacher.scalar_type(),
-                    "token_divergence: student and teacher dtypes differ: ", student.scalar_type(), " vs ",
-                    teacher.scalar_type());
+  TORCH_CHECK_VALUE(at::isFloatingType(student.scalar_type()) && at::isFloatingType(teacher.scalar_type()),
+                    "token_divergence: student and teacher must be floating point, got ", student.scalar_type(),
+                    " and ", teacher.scalar_type());
   TORCH_CHECK_VALUE(student.size(1) > 0, "token_divergence: the vocabulary (dim 1) must be non-empty");
   TORCH_CHECK_VALUE(kind >= 0 && kind <= 5, "token_divergence: kind must be in 0..5, got ", kind);
   TORCH_CHECK_VALUE(beta >= 0.0 && beta <= 1.0, "token_divergence: beta must be in [0, 1], got ", beta);
@@ -220,7 +220,10 @@ at::Tensor token_divergence_cpu(const at::Tensor& student, const at::Tensor& tea
       if (alpha != 0.0) { mode = kSkew; w = alpha; }
   }
 
-  const at::Tensor s = student.contiguous(), t = teacher.contiguous();
+  // Mixed dtypes (say a bf16 student against an fp32 teacher) run in the promoted dtype, as the
+  // Triton and PyTorch paths effectively do; the common case (one dtype) copies nothing.
+  const auto common = at::promote_types(student.scalar_type(), teacher.scalar_type());
+  const at::Tensor s = student.to(common).contiguous(), t = teacher.to(common).contiguous();
   const at::Tensor& xt = swap ? s : t;
   const at::Tensor& yt = swap ? t : s;
   const int64_t N = s.size(0), V = s.size(1);
