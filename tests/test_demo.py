@@ -107,12 +107,10 @@ def test_build_teacher_tiny_preset(tmp_path):
 
     assert main(["--preset", "tiny", "--output-dir", str(tmp_path), "--no-progress"]) == 0
     info = json.loads((tmp_path / "build_info.json").read_text())
-    assert info["preset"] == "tiny" and info["architecture"] == "Qwen2ForCausalLM"
+    assert info["model"] == "teacher" and info["preset"] == "tiny" and info["architecture"] == "Qwen2ForCausalLM"
     assert 0.0 <= info["eval_accuracy"] <= 1.0 and info["train_seconds"] > 0
     model, tok = load_teacher(tmp_path)
-    assert model.config.vocab_size == len(tok) and info["parameters"] == sum(
-        p.numel() for p in model.parameters()
-    )
+    assert model.config.vocab_size == len(tok) and info["parameters"] == sum(p.numel() for p in model.parameters())
 
 
 def test_build_teacher_rejects_bad_preset(tmp_path):
@@ -122,7 +120,9 @@ def test_build_teacher_rejects_bad_preset(tmp_path):
         build_teacher("huge", tmp_path)
     with pytest.raises(ValueError, match="output_dir"):
         build_teacher("tiny", None)
-    with pytest.raises(ValueError, match="no teacher checkpoint"):
+    with pytest.raises(ValueError, match="model"):
+        build_teacher("tiny", tmp_path, model="critic")
+    with pytest.raises(ValueError, match="no checkpoint"):
         load_teacher(tmp_path)
 
 
@@ -136,6 +136,19 @@ def test_shipped_teacher_meets_the_bar():
     model, tok = load_teacher()
     sample = DataSpec(num_train=1).build()["eval"].select(range(0, 500, 4))  # 125 problems, one batch
     assert greedy_accuracy(model, tok, sample, batch_size=128) >= 0.9
+
+
+def test_shipped_student_starts_clearly_below_the_teacher():
+    from adaswitch.demo.build_teacher import STUDENT_DIR, TEACHER_DIR, load_teacher
+
+    teacher = json.loads((TEACHER_DIR / "build_info.json").read_text())
+    student = json.loads((STUDENT_DIR / "build_info.json").read_text())
+    assert student["model"] == "student" and student["architecture"] == "LlamaForCausalLM"
+    assert student["parameters"] * 5 < teacher["parameters"]
+    assert student["eval_accuracy"] <= teacher["eval_accuracy"] - 0.1
+    model, tok = load_teacher(STUDENT_DIR)
+    _, teacher_tok = load_teacher(TEACHER_DIR)
+    assert tok.get_vocab() == teacher_tok.get_vocab()
 
 
 # ------------------------------------------------------------------------------------------ runner
@@ -212,9 +225,7 @@ def test_summary_means_std_and_overhead():
     ]
     rows = summarise(runs)
     assert [r["method"] for r in rows] == ["On-policy (GKD)", "AdaSwitch"]
-    assert rows[0]["accuracy"] == pytest.approx(0.6) and rows[0]["accuracy_std"] == pytest.approx(
-        0.1414, abs=1e-4
-    )
+    assert rows[0]["accuracy"] == pytest.approx(0.6) and rows[0]["accuracy_std"] == pytest.approx(0.1414, abs=1e-4)
     assert rows[1]["overhead_vs_on_policy"] == pytest.approx(1.5)
     assert "| AdaSwitch | 60.0 ± 0.0 |" in format_table(rows)
 

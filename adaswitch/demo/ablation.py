@@ -60,10 +60,9 @@ def run_ablation(
     progress: bool = True,
 ) -> dict:
     """Runs the sweep; writes ablation.json; returns {"meta", "cells", "best", "table"}."""
-    import datasets
     from tqdm.auto import tqdm
 
-    from adaswitch.demo.experiment import prepare, run_method
+    from adaswitch.demo.experiment import prepare, quiet_library_bars, run_method
     from adaswitch.demo.run import PRESETS, cpu_name, git_commit
     from adaswitch.engine.policies import AdaSwitch
 
@@ -79,11 +78,9 @@ def run_ablation(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    bars_were_on = not datasets.utils.are_progress_bars_disabled()
-    datasets.disable_progress_bars()
-    try:
+    with quiet_library_bars():
         ctx = prepare(
-            student_preset=spec.student,
+            student=spec.student,
             sft_steps=spec.sft_steps,
             num_eval=spec.num_eval,
             teacher_dir=teacher_dir,
@@ -98,9 +95,6 @@ def run_ablation(
             result = run_method(ctx, "AdaSwitch", overrides, seed=s, budget=spec.budget)
             result.pop("model")
             runs.append({**result, "window": w, "k": k})
-    finally:
-        if bars_were_on:
-            datasets.enable_progress_bars()
 
     cells = []
     for w in windows:
@@ -147,9 +141,7 @@ def run_ablation(
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m adaswitch.demo.ablation", description=__doc__.split("\n\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m adaswitch.demo.ablation", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="seconds: a smoke test (CI)")
     parser.add_argument("--output-dir", default="demo_out", help="where ablation.json goes")
     parser.add_argument("--teacher", default=str(TEACHER_DIR), help="teacher checkpoint directory")

@@ -1,9 +1,13 @@
-"""Rebuilds the demo's teacher checkpoint: `python -m adaswitch.demo.build_teacher`.
+"""Rebuilds the demo's checkpoints: `python -m adaswitch.demo.build_teacher [--model teacher|student]`.
 
-Trains the Qwen2-style teacher of `adaswitch.demo.models` from scratch on the demo task (fixed seeds),
-measures its greedy accuracy on the eval split and saves model (float32 safetensors), tokenizer and
-`build_info.json` (settings, run time, accuracy, versions) to the output directory. The "demo" preset
-produces the checkpoint shipped in adaswitch/demo/assets/teacher; "tiny" takes seconds (tests).
+Trains the Qwen2-style teacher (or the Llama-style student's starting point) of `adaswitch.demo.models`
+from scratch by SFT on the demo task (fixed seeds), measures its greedy accuracy on the eval split and
+saves model (float32 safetensors), tokenizer and `build_info.json` (settings, run time, accuracy,
+versions) to the output directory. The "demo" preset produces the checkpoints shipped in
+adaswitch/demo/assets/{teacher,student}; "tiny" takes seconds (tests).
+
+The student is shipped after its SFT rather than fine-tuned at every demo start: the SFT that brings it
+to a useful starting accuracy takes several minutes on 2 CPU cores, most of the quick preset's budget.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from adaswitch.demo.task import TaskConfig
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TEACHER_DIR = ASSETS / "teacher"
+STUDENT_DIR = ASSETS / "student"
 MAX_CHECKPOINT_BYTES = 10 * 1024 * 1024
 
 
@@ -49,10 +54,14 @@ class TeacherPreset:
 
 PRESETS = {
     "demo": TeacherPreset(model="demo", steps=2000, batch_size=64, lr=3e-3, data=DataSpec()),
-    "tiny": TeacherPreset(
-        model="tiny", steps=20, batch_size=16, lr=3e-3, data=DataSpec(num_train=400, num_eval=32)
-    ),
+    "tiny": TeacherPreset(model="tiny", steps=20, batch_size=16, lr=3e-3, data=DataSpec(num_train=400, num_eval=32)),
 }
+# The student's starting point: a short SFT that leaves it well below the teacher.
+STUDENT_PRESETS = {
+    "demo": TeacherPreset(model="demo", steps=1000, batch_size=64, lr=3e-3, data=DataSpec()),
+    "tiny": TeacherPreset(model="tiny", steps=10, batch_size=16, lr=3e-3, data=DataSpec(num_train=400, num_eval=32)),
+}
+ROLES = ("teacher", "student")
 
 
 def build_teacher(
@@ -60,28 +69,33 @@ def build_teacher(
     output_dir: str | Path | None = None,
     *,
     steps: int | None = None,
+    model: str = "teacher",
     progress: bool = True,
 ) -> dict:
-    """Trains, evaluates and saves the teacher; returns the build info written next to it."""
+    """Trains, evaluates and saves the teacher (or, with model="student", the student's SFT starting
+    point); returns the build info written next to it."""
     import torch
     import transformers
 
-    from adaswitch.demo.models import build_model, num_parameters, teacher_config
+    from adaswitch.demo.models import build_model, num_parameters, student_config, teacher_config
     from adaswitch.demo.sft import greedy_accuracy, sft
     from adaswitch.demo.tokenizer import build_tokenizer
 
+    if model not in ROLES:
+        raise ValueError(f"model must be one of {ROLES}, got {model!r}")
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     if output_dir is None:
         if preset != "demo":
             raise ValueError(f"output_dir is required for preset {preset!r} (only 'demo' writes the assets)")
-        output_dir = TEACHER_DIR
-    spec = PRESETS[preset]
+        output_dir = TEACHER_DIR if model == "teacher" else STUDENT_DIR
+    spec = (PRESETS if model == "teacher" else STUDENT_PRESETS)[preset]
+    make_config = teacher_config if model == "teacher" else student_config
     steps = spec.steps if steps is None else steps
     torch.manual_seed(spec.seed)
     data = spec.data.build()
     tokenizer = build_tokenizer()
-    model = build_model(teacher_config(tokenizer, spec.model), seed=spec.seed)
+    role, model = model, build_model(make_config(tokenizer, spec.model), seed=spec.seed)
     fit = sft(
         model,
         tokenizer,
@@ -102,6 +116,7 @@ def build_teacher(
     tokenizer.save_pretrained(out)
     size = (out / "model.safetensors").stat().st_size
     info = {
+        "model": role,
         "preset": preset,
         "architecture": type(model).__name__,
         "parameters": num_parameters(model),
@@ -128,15 +143,13 @@ def build_teacher(
 
 
 def load_teacher(path: str | Path = TEACHER_DIR):
-    """(model, tokenizer) of a built teacher, float32, eval mode."""
+    """(model, tokenizer) of a built checkpoint (teacher or student), float32, eval mode."""
     import torch
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     path = Path(path)
     if not (path / "model.safetensors").is_file():
-        raise ValueError(
-            f"no teacher checkpoint at {str(path)!r}; run `python -m adaswitch.demo.build_teacher`"
-        )
+        raise ValueError(f"no checkpoint at {str(path)!r}; run `python -m adaswitch.demo.build_teacher`")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return model, PreTrainedTokenizerFast.from_pretrained(path)
 
@@ -145,12 +158,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m adaswitch.demo.build_teacher", description=__doc__.split("\n\n")[0]
     )
+    parser.add_argument("--model", choices=ROLES, default="teacher", help="which checkpoint to build")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
-    parser.add_argument("--output-dir", default=None, help=f"default (demo preset): {TEACHER_DIR}")
+    parser.add_argument("--output-dir", default=None, help=f"default (demo preset): {TEACHER_DIR} or {STUDENT_DIR}")
     parser.add_argument("--steps", type=int, default=None, help="override the preset's training steps")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    info = build_teacher(args.preset, args.output_dir, steps=args.steps, progress=not args.no_progress)
+    info = build_teacher(
+        args.preset, args.output_dir, steps=args.steps, model=args.model, progress=not args.no_progress
+    )
     print(json.dumps(info, indent=2))
     return 0
 

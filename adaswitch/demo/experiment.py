@@ -9,6 +9,7 @@ the dataset's completions, the baseline distillation has to beat.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import tempfile
@@ -42,6 +43,26 @@ def method_overrides(name: str, *, window: int, k: float, skd_top_k: int) -> dic
     return table[name]
 
 
+@contextlib.contextmanager
+def quiet_library_bars():
+    """Turns off the per-call progress bars of `datasets` (tokenisation) and `transformers` (weight
+    loading) while the demo shows its own, and restores them after."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets_on = not datasets.utils.are_progress_bars_disabled()
+    transformers_on = hf_logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if datasets_on:
+            datasets.enable_progress_bars()
+        if transformers_on:
+            hf_logging.enable_progress_bar()
+
+
 @dataclass(frozen=True)
 class Budget:
     """What every method gets: optimizer steps, prompts per step, learning rate, response budget."""
@@ -49,7 +70,7 @@ class Budget:
     steps: int
     batch_size: int
     lr: float = 1e-3
-    max_new_tokens: int = 48
+    max_new_tokens: int = 40
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "max_new_tokens"):
@@ -77,19 +98,22 @@ class Context:
 
 def prepare(
     *,
-    student_preset: str,
-    sft_steps: int,
+    student: str | Path,
+    sft_steps: int = 0,
     sft_batch_size: int = 64,
     sft_lr: float = 3e-3,
     num_eval: int | None = None,
     teacher_dir: str | Path = TEACHER_DIR,
     data: DataSpec | None = None,
-    max_new_tokens: int = 48,
+    max_new_tokens: int = 40,
     progress: bool = True,
 ) -> Context:
-    """Loads the teacher, builds the data, SFTs a fresh student (seed 0) and measures both."""
+    """Loads the teacher, builds the data and the starting student, and measures both.
+
+    `student` is a checkpoint directory (the shipped one: `build_teacher.STUDENT_DIR`) or the name of
+    a student preset of `adaswitch.demo.models`, built fresh (seed 0) and SFT-ed for `sft_steps`."""
     from adaswitch.demo.build_teacher import load_teacher
-    from adaswitch.demo.models import build_model, num_parameters, student_config
+    from adaswitch.demo.models import STUDENT_PRESETS, build_model, num_parameters, student_config
     from adaswitch.demo.sft import sft
 
     teacher, tokenizer = load_teacher(teacher_dir)
@@ -100,45 +124,54 @@ def prepare(
         if not isinstance(num_eval, int) or not 1 <= num_eval <= len(eval_split):
             raise ValueError(f"num_eval must be an int in [1, {len(eval_split)}], got {num_eval!r}")
         eval_split = eval_split.select(range(num_eval))
-    student = build_model(student_config(tokenizer, student_preset), seed=0)
-    fit = sft(
-        student,
-        tokenizer,
-        dataset["train"],
-        steps=sft_steps,
-        batch_size=sft_batch_size,
-        lr=sft_lr,
-        seed=0,
-        progress=progress,
-    )
-    student.eval()
+    sft_seconds = 0.0
+    if isinstance(student, str) and student in STUDENT_PRESETS:
+        model = build_model(student_config(tokenizer, student), seed=0)
+        if sft_steps > 0:
+            fit = sft(
+                model,
+                tokenizer,
+                dataset["train"],
+                steps=sft_steps,
+                batch_size=sft_batch_size,
+                lr=sft_lr,
+                seed=0,
+                progress=progress,
+            )
+            sft_seconds = fit["seconds"]
+        source = f"preset {student!r} + {sft_steps} SFT steps at start"
+    else:
+        model, student_tokenizer = load_teacher(student)
+        if student_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"the student at {str(student)!r} does not share the teacher's tokenizer")
+        source = f"checkpoint {Path(student).name}"
+    model.eval()
     ctx = Context(
         tokenizer=tokenizer,
         teacher=teacher,
-        student=student,
+        student=model,
         train=dataset["train"],
         eval=eval_split,
         teacher_accuracy=math.nan,
         student_accuracy=math.nan,
-        sft_seconds=fit["seconds"],
+        sft_seconds=sft_seconds,
     )
     ctx.teacher_accuracy = accuracy(ctx, teacher, max_new_tokens=max_new_tokens)["accuracy"]
-    ctx.student_accuracy = accuracy(ctx, student, max_new_tokens=max_new_tokens)["accuracy"]
+    ctx.student_accuracy = accuracy(ctx, model, max_new_tokens=max_new_tokens)["accuracy"]
     ctx.info = {
         "teacher_parameters": num_parameters(teacher),
-        "student_parameters": num_parameters(student),
+        "student_parameters": num_parameters(model),
         "teacher_architecture": type(teacher).__name__,
-        "student_architecture": type(student).__name__,
-        "student_preset": student_preset,
-        "sft_steps": sft_steps,
-        "sft_seconds": round(fit["seconds"], 2),
+        "student_architecture": type(model).__name__,
+        "student_source": source,
+        "sft_seconds_at_start": round(sft_seconds, 2),
         "num_train": len(dataset["train"]),
         "num_eval": len(eval_split),
     }
     return ctx
 
 
-def accuracy(ctx: Context, model, *, max_new_tokens: int = 48, with_kl: bool = False) -> dict:
+def accuracy(ctx: Context, model, *, max_new_tokens: int = 40, with_kl: bool = False) -> dict:
     """Greedy accuracy on the eval split (`adaswitch.evaluate`), plus the teacher-forced KL if asked."""
     from adaswitch.train.evaluate import evaluate
 
@@ -211,9 +244,7 @@ class _StepTimer(TrainerCallback):
         self.seconds += time.perf_counter() - self._start
 
 
-def _distill(
-    ctx: Context, student, pool, overrides: dict, *, seed: int, budget: Budget
-) -> tuple[float, list[dict]]:
+def _distill(ctx: Context, student, pool, overrides: dict, *, seed: int, budget: Budget) -> tuple[float, list[dict]]:
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from adaswitch.demo.sft import make_optimizer
@@ -257,7 +288,7 @@ def _distill(
 
 @torch.no_grad()
 def switch_trace(
-    ctx: Context, student, *, window: int, k: float, num_prompts: int, seed: int = 0, max_new_tokens: int = 48
+    ctx: Context, student, *, window: int, k: float, num_prompts: int, seed: int = 0, max_new_tokens: int = 40
 ) -> dict:
     """AdaSwitch generation on the first eval prompts: per-row switch positions and divergence traces."""
     from adaswitch.engine.generate import generate

@@ -15,9 +15,7 @@ def _pyplot():
     return plt
 
 
-def plot_accuracy(
-    rows: list[dict], path: str | Path, *, teacher_accuracy: float, start_accuracy: float
-) -> Path:
+def plot_accuracy(rows: list[dict], path: str | Path, *, teacher_accuracy: float, start_accuracy: float) -> Path:
     """Bar per method: mean accuracy over seeds with a std error bar; teacher and SFT start as lines."""
     plt = _pyplot()
     names = [r["method"] for r in rows]
@@ -26,9 +24,7 @@ def plot_accuracy(
     fig, ax = plt.subplots(figsize=(8, 4))
     colors = ["tab:red" if n == "AdaSwitch" else "tab:blue" for n in names]
     ax.bar(range(len(names)), means, yerr=stds, capsize=4, color=colors, alpha=0.85)
-    ax.axhline(
-        100 * teacher_accuracy, color="black", ls="--", lw=1, label=f"teacher {100 * teacher_accuracy:.1f}%"
-    )
+    ax.axhline(100 * teacher_accuracy, color="black", ls="--", lw=1, label=f"teacher {100 * teacher_accuracy:.1f}%")
     ax.axhline(
         100 * start_accuracy,
         color="gray",
@@ -55,9 +51,7 @@ def plot_switch_histogram(groups: dict[str, list[int]], path: str | Path, *, max
     bins = range(0, max_position + 2)
     for label, positions in groups.items():
         switched = [p for p in positions if p >= 0]
-        ax.hist(
-            switched, bins=bins, alpha=0.55, label=f"{label} ({len(switched)}/{len(positions)} rows switched)"
-        )
+        ax.hist(switched, bins=bins, alpha=0.55, label=f"{label} ({len(switched)}/{len(positions)} rows switched)")
     ax.set_xlabel("switch position (response token index)")
     ax.set_ylabel("rows")
     ax.legend(fontsize=8)
@@ -68,9 +62,7 @@ def plot_switch_histogram(groups: dict[str, list[int]], path: str | Path, *, max
     return Path(path)
 
 
-def moving_threshold(
-    divergence: list[float], *, window: int, k: float, warmup: int | None = None
-) -> list[float]:
+def moving_threshold(divergence: list[float], *, window: int, k: float, warmup: int | None = None) -> list[float]:
     """K x mean of the last `window` exploration divergences at every position where a switch is
     allowed (NaN before max(window, warmup) values exist), as the policy computes it."""
     need = max(window, window if warmup is None else warmup)
@@ -98,13 +90,14 @@ def plot_divergence_trace(
     tau = moving_threshold(d, window=window, k=k)
     fig, ax = plt.subplots(figsize=(9, 3.8))
     xs = [i for i in range(n) if not math.isnan(d[i])]
-    ax.plot(xs, [d[i] for i in xs], "o-", ms=3, label="KL(teacher ‖ student)")
+    floor = 1e-6  # a log axis; exact zeros (identical distributions) are drawn at the floor
+    ax.plot(xs, [max(d[i], floor) for i in xs], "o-", ms=3, label="KL(teacher ‖ student)")
     ax.plot(range(n), tau, "--", color="tab:orange", label=f"threshold {k:g} × mean of last {window}")
     if switch_position >= 0:
         ax.axvline(switch_position, color="tab:red", lw=1.5, label=f"switch at token {switch_position}")
         ax.axvspan(switch_position, n - 0.5, color="tab:red", alpha=0.07)
     ax.set_xticks(range(n), tokens, fontsize=7)
-    ax.set_yscale("symlog", linthresh=1e-3)
+    ax.set_yscale("log")
     ax.set_xlabel("generated token (student before the switch, teacher after)")
     ax.set_ylabel("divergence (nats)")
     ax.set_title(f"Divergence trace for prompt {prompt!r}" if prompt else "Divergence trace")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -23,14 +24,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from adaswitch.demo.build_teacher import TEACHER_DIR, DataSpec
+from adaswitch.demo.build_teacher import STUDENT_DIR, TEACHER_DIR, DataSpec
 from adaswitch.demo.experiment import METHOD_NAMES, ON_POLICY, Budget
 
 
 @dataclass(frozen=True)
 class DemoPreset:
     name: str
-    student: str
+    student: str | Path  # a checkpoint directory, or a student preset name SFT-ed for sft_steps at start
     sft_steps: int
     budget: Budget
     seeds: tuple[int, ...]
@@ -44,7 +45,7 @@ PRESETS = {
         name="tiny",
         student="tiny",
         sft_steps=2,
-        budget=Budget(steps=1, batch_size=4, max_new_tokens=40),
+        budget=Budget(steps=1, batch_size=4),
         seeds=(0, 1),
         num_eval=4,
         trace_prompts=4,
@@ -52,18 +53,18 @@ PRESETS = {
     ),
     "quick": DemoPreset(
         name="quick",
-        student="demo",
-        sft_steps=300,
-        budget=Budget(steps=40, batch_size=32),
+        student=STUDENT_DIR,
+        sft_steps=0,
+        budget=Budget(steps=40, batch_size=32, lr=1e-4),
         seeds=(0, 1, 2),
         num_eval=300,
         trace_prompts=128,
     ),
     "full": DemoPreset(
         name="full",
-        student="demo",
-        sft_steps=300,
-        budget=Budget(steps=200, batch_size=32),
+        student=STUDENT_DIR,
+        sft_steps=0,
+        budget=Budget(steps=200, batch_size=32, lr=1e-4),
         seeds=(0, 1, 2),
         num_eval=None,
         trace_prompts=256,
@@ -137,11 +138,7 @@ def summarise(runs: list[dict]) -> list[dict]:
 
 
 def _fmt(value, spec: str, scale: float = 1.0) -> str:
-    return (
-        "-"
-        if value is None or (isinstance(value, float) and math.isnan(value))
-        else format(value * scale, spec)
-    )
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value * scale, spec)
 
 
 TABLE_COLUMNS = (
@@ -168,8 +165,7 @@ def format_table(rows: list[dict]) -> str:
             _fmt(r["mean_switch_position"], ".1f"),
             _fmt(r["teacher_token_fraction"], ".1f", 100),
             _fmt(r["seconds_per_step"], ".3f"),
-            _fmt(r["overhead_vs_on_policy"], ".2f")
-            + ("x" if not math.isnan(r["overhead_vs_on_policy"]) else ""),
+            _fmt(r["overhead_vs_on_policy"], ".2f") + ("x" if not math.isnan(r["overhead_vs_on_policy"]) else ""),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -190,6 +186,7 @@ def run_demo(
     output_dir: str | Path = "demo_out",
     *,
     teacher_dir=TEACHER_DIR,
+    student_dir=None,
     window: int | None = None,
     k: float | None = None,
     methods: tuple[str, ...] = METHOD_NAMES,
@@ -197,10 +194,9 @@ def run_demo(
     progress: bool = True,
 ) -> dict:
     """Runs the demo and writes results.json and the plots; returns the results dict."""
-    import datasets
     from tqdm.auto import tqdm
 
-    from adaswitch.demo.experiment import prepare
+    from adaswitch.demo.experiment import prepare, quiet_library_bars
     from adaswitch.engine.policies import AdaSwitch
 
     if preset not in PRESETS:
@@ -221,12 +217,10 @@ def run_demo(
 
     started = time.perf_counter()
     say = tqdm.write if progress else print
-    bars_were_on = not datasets.utils.are_progress_bars_disabled()
-    datasets.disable_progress_bars()  # one tokenisation bar per run would drown the table's progress bar
-    try:
-        say(f"[adaswitch demo] preset={preset}: SFT of the student ({spec.sft_steps} steps) ...")
+    with quiet_library_bars():
+        say(f"[adaswitch demo] preset={preset}: loading the teacher and the student ...")
         ctx = prepare(
-            student_preset=spec.student,
+            student=spec.student if student_dir is None else student_dir,
             sft_steps=spec.sft_steps,
             num_eval=spec.num_eval,
             teacher_dir=teacher_dir,
@@ -235,9 +229,6 @@ def run_demo(
             progress=progress,
         )
         results = _run(spec, ctx, methods, seeds, window, k, out, progress, say)
-    finally:
-        if bars_were_on:
-            datasets.enable_progress_bars()
     results["meta"]["total_seconds"] = round(time.perf_counter() - started, 1)
     (out / "results.json").write_text(json.dumps(_json_safe(results), indent=2) + "\n")
     results["table"] = format_table(results["results"])
@@ -282,9 +273,7 @@ def _run(spec, ctx, methods, seeds, window, k, out, progress, say) -> dict:
     )
     traces = {"student after SFT": switch_trace(ctx, ctx.student, **trace_kw)}
     if adaswitch_model is not None:
-        traces[f"after AdaSwitch distillation (seed {seeds[0]})"] = switch_trace(
-            ctx, adaswitch_model, **trace_kw
-        )
+        traces[f"after AdaSwitch distillation (seed {seeds[0]})"] = switch_trace(ctx, adaswitch_model, **trace_kw)
     plots = _write_plots(out, rows, ctx, traces, window=window, k=k, max_position=spec.budget.max_new_tokens)
     return {
         "meta": {
@@ -293,6 +282,7 @@ def _run(spec, ctx, methods, seeds, window, k, out, progress, say) -> dict:
             "commit": git_commit(),
             "machine": cpu_name(),
             "torch_threads": torch.get_num_threads(),
+            "load_average_1m_at_end": round(os.getloadavg()[0], 2),  # other work sharing the cores
             "seeds": list(seeds),
             "budget": asdict(spec.budget),
             "adaswitch": {"window": window, "k": k},
@@ -353,9 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--tiny", action="store_true", help="seconds: a smoke test (CI)")
-    size.add_argument(
-        "--full", action="store_true", help="a longer budget (see docs/demo.md for its run time)"
-    )
+    size.add_argument("--full", action="store_true", help="a longer budget (see docs/demo.md for its run time)")
     parser.add_argument(
         "--ablation",
         action="store_true",
@@ -364,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output-dir", default="demo_out", help="where results.json and the plots go")
     parser.add_argument("--teacher", default=str(TEACHER_DIR), help="teacher checkpoint directory")
+    parser.add_argument(
+        "--student", default=None, help=f"starting student checkpoint directory (default: {STUDENT_DIR})"
+    )
     parser.add_argument("--window", type=int, default=None, help="AdaSwitch L (default: the shipped default)")
     parser.add_argument("--k", type=float, default=None, help="AdaSwitch K (default: the shipped default)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the preset's seeds")
@@ -385,7 +376,7 @@ def main(argv=None) -> int:
     if args.ablation:
         from adaswitch.demo import ablation
 
-        if args.full or args.window is not None or args.k is not None or args.methods:
+        if args.full or args.window is not None or args.k is not None or args.methods or args.student:
             parser.error("--ablation takes --tiny, --seeds, --output-dir, --teacher, --windows and --ks")
         forwarded = ["--output-dir", args.output_dir, "--teacher", args.teacher, *rest]
         forwarded += ["--tiny"] if args.tiny else []
@@ -399,6 +390,7 @@ def main(argv=None) -> int:
         preset,
         args.output_dir,
         teacher_dir=args.teacher,
+        student_dir=args.student,
         window=args.window,
         k=args.k,
         methods=tuple(args.methods) if args.methods else METHOD_NAMES,

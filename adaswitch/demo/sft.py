@@ -102,9 +102,7 @@ def greedy_accuracy(model, tokenizer, dataset, *, batch_size: int = 256, max_new
     correct = 0
     prompts, answers = dataset["prompt"], dataset["answer"]
     for lo in range(0, len(prompts), batch_size):
-        batch = tokenizer(
-            prompts[lo : lo + batch_size], add_special_tokens=False, padding=True, return_tensors="pt"
-        )
+        batch = tokenizer(prompts[lo : lo + batch_size], add_special_tokens=False, padding=True, return_tensors="pt")
         out = model.generate(
             **batch,
             do_sample=False,

@@ -75,9 +75,7 @@ def make_example(rng: random.Random, config: TaskConfig) -> dict:
     return {"prompt": prompt, "completion": completion, "answer": answer, "num_steps": len(steps)}
 
 
-def build_dataset(
-    num_train: int = 20000, num_eval: int = 500, *, seed: int = 0, config: TaskConfig | None = None
-):
+def build_dataset(num_train: int = 20000, num_eval: int = 500, *, seed: int = 0, config: TaskConfig | None = None):
     """A `datasets.DatasetDict` with "train" and "eval" splits (columns prompt, completion, answer,
     num_steps), a pure function of the arguments. Eval prompts never occur in train."""
     from datasets import Dataset, DatasetDict
