@@ -9,6 +9,8 @@ x 512, student 2 layers x 256; batch 8 left-padded prompts of 16-32 tokens; 128 
                torch.softmax / log_softmax, a per-row Python AdaSwitch rule with .item() per token
   hf-student   transformers `generate` with the student (the on-policy baseline)
   hf-teacher   transformers `generate` with the teacher (SeqKD data)
+  engine-student / engine-teacher   adaswitch.generate with the Student / Teacher policy (one model: the
+               engine's loop against transformers' on the same work)
   engine       adaswitch.generate, AdaSwitch in step mode (lookahead=0)
   lookahead-G  adaswitch.generate, AdaSwitch with lookahead G
 AdaSwitch cases force the switch early (window 4, k=1: first spike after 4 divergences), late (the same
@@ -43,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 import tiny_models  # noqa: E402
 
-from adaswitch import AdaSwitch, Sampling, generate  # noqa: E402
+from adaswitch import AdaSwitch, Sampling, Student, Teacher, generate  # noqa: E402
 from adaswitch.engine.sync import SyncCounter  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -191,10 +193,16 @@ def count_syncs(cases: dict, batch: int, n: int, lookaheads, greedy: bool, devic
     for name, model in (("hf-student", student), ("hf-teacher", teacher)):
         for length in (n, n // 2):
             with SyncCounter() as counter:
-                sampling = {} if greedy else dict(do_sample=True, top_k=0)
+                hf_kw = {} if greedy else dict(do_sample=True, top_k=0)
                 model.generate(ids, attention_mask=mask, max_new_tokens=length, min_new_tokens=length,
-                               pad_token_id=tiny_models.PAD_ID, eos_token_id=eos, **sampling)
+                               pad_token_id=tiny_models.PAD_ID, eos_token_id=eos, **hf_kw)
             counts[(name, "-", length)] = counter.count
+    for name, s, t, pol in (("engine-student", student, None, Student(sampling)),
+                            ("engine-teacher", None, teacher, Teacher(sampling))):
+        for length in (n, n // 2):
+            counts[(name, "-", length)] = syncs(lambda length=length, s=s, t=t, pol=pol: generate(
+                s, t, ids, mask, policy=pol, max_new_tokens=length, eos_token_id=eos,
+                pad_token_id=tiny_models.PAD_ID))
     return counts
 
 
@@ -249,6 +257,10 @@ def main(argv=None) -> None:
                      lambda pol=pol: naive_adaswitch(student, teacher, ids, mask, n, pol, greedy)))
     runs.append(("hf-student", "-", lambda: hf_generate(student, ids, mask, n, greedy)))
     runs.append(("hf-teacher", "-", lambda: hf_generate(teacher, ids, mask, n, greedy)))
+    runs.append(("engine-student", "-", lambda: generate(student, None, ids, mask, policy=Student(sampling),
+                                                         max_new_tokens=n, eos_token_id=eos, pad_token_id=pad)))
+    runs.append(("engine-teacher", "-", lambda: generate(None, teacher, ids, mask, policy=Teacher(sampling),
+                                                         max_new_tokens=n, eos_token_id=eos, pad_token_id=pad)))
     for case in cases:
         pol = pols[case]
         runs.append(("engine", case, lambda pol=pol: engine(pol)))
