@@ -80,7 +80,8 @@ def _divergence_kernel(
     lse_y = m_y + log_zy
 
     if MODE == 0:
-        res = (acc / z_x - lse_x + lse_y) * 0.6931471805599453
+        # = E[x - y] - lse_x + lse_y, without rounding lse_x, lse_y at their (possibly large) scale
+        res = (acc / z_x - (m_x - m_y) - (log_zx - log_zy)) * 0.6931471805599453
     else:
         # Pass 2: exact per-entry terms with the final normalisers.
         res = 0.0
