@@ -65,14 +65,15 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int) -> float:
 
 
 def make_logits(rows, vocab, dtype, device, seed, masked=False):
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    s = torch.randn(rows, vocab, generator=gen) * 2
-    t = s + torch.randn(rows, vocab, generator=gen)
+    """Fresh random logits drawn on the device (8192 x 151936 on the host would cost seconds)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    s = torch.randn(rows, vocab, generator=gen, device=device) * 2
+    t = s + torch.randn(rows, vocab, generator=gen, device=device)
     if masked:
-        t = t.masked_fill(torch.rand(rows, vocab, generator=gen) < 0.2, -math.inf)
-        s = s.masked_fill(torch.rand(rows, vocab, generator=gen) < 0.2, -math.inf)
+        t = t.masked_fill(torch.rand(rows, vocab, generator=gen, device=device) < 0.2, -math.inf)
+        s = s.masked_fill(torch.rand(rows, vocab, generator=gen, device=device) < 0.2, -math.inf)
         s[:, 0] = t[:, 0] = 0.0  # never a whole row masked
-    return s.to(dtype).to(device), t.to(dtype).to(device)
+    return s.to(dtype), t.to(dtype)
 
 
 def check_correctness(device: torch.device, smoke: bool) -> list[str]:
@@ -159,7 +160,10 @@ def _time_vocab(rows, vocab, device, liger, copy_gbps) -> list[dict]:
                     value = fn().double().mean().item()
                     ms = timer_ms(fn, device)
                 ok = math.isclose(value, expected, rel_tol=2e-3, abs_tol=1e-4)
-                note = "" if ok else f"value {value:.6g} != triton {expected:.6g}"
+                note = "" if ok else f"value {value:.6g} vs triton {expected:.6g}"
+                if name == "liger":  # bf16 log-probs in, a bf16 scalar out: informative, not a check
+                    note = f"rel. diff {abs(value - expected) / max(abs(expected), 1e-12):.1e}"
+                    ok = True
             except torch.cuda.OutOfMemoryError:
                 ms, ok, note = float("nan"), True, "out of memory"
             if device.type == "cuda":
