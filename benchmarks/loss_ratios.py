@@ -115,9 +115,7 @@ def run_case(op, n, v, h, provider, reps):
 def machine() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        name = next(
-            line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")
-        )
+        name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
     except (OSError, StopIteration):
         name = platform.processor()
     return f"{name}, {os.cpu_count()} cores"
@@ -138,6 +136,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="the smallest shape of each op only")
     ap.add_argument("--providers", help="comma-separated subset of providers (default: all)")
+    ap.add_argument("--ops", help="comma-separated subset of ops: logits, fused (default: both)")
     ap.add_argument("--table", metavar="CSV", help="only print the ratio table of an existing CSV")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -157,7 +156,7 @@ def main(argv=None):
     rows = []
     for op, n, v, h in QUICK if args.quick else SHAPES:
         for provider in PROVIDERS[op]:
-            if args.providers and provider not in args.providers.split(","):
+            if (args.providers and provider not in args.providers.split(",")) or (args.ops and op not in args.ops):
                 continue
             case = json.dumps([op, n, v, h, provider])
             reps = args.reps if n * v <= 1 << 24 else 1  # the big shapes: one timed run per mode
@@ -213,10 +212,7 @@ def print_ratios(rows):
             continue
         for base in sorted({r["provider"] for r in case} - {"adaswitch"}):
             b = {r["mode"]: r for r in case if r["provider"] == base}
-            ratio = {
-                m: float(b[m]["ms"]) / max(float(ours[m]["ms"]), 1e-9)
-                for m in ("forward", "backward", "full")
-            }
+            ratio = {m: float(b[m]["ms"]) / max(float(ours[m]["ms"]), 1e-9) for m in ("forward", "backward", "full")}
             mem = float(ours["full"]["peak_mb"]) / max(float(b["full"]["peak_mb"]), 1e-9)
             print(
                 f"{k[0]:6s} {int(k[1]):5d} {int(k[2]):6d} {base:13s} {ratio['forward']:7.2f} "

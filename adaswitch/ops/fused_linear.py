@@ -28,7 +28,9 @@ from adaswitch.ops.loss import (
     reduction_scale,
 )
 
-DEFAULT_CHUNK_ELEMENTS = 1 << 27  # default chunk = this many logits per model (512 MB in fp32)
+# default chunk = this many logits per model: 512 MB of fp32 on a GPU (few, large matmuls), 64 MB on
+# the CPU (cache-friendlier, and the peak stays far below the eager loss's at every batch size)
+DEFAULT_CHUNK_ELEMENTS = {"cuda": 1 << 27, "cpu": 1 << 24}
 
 
 @functools.cache
@@ -149,13 +151,9 @@ def check_fused_args(hs, ws, ht, wt, bs, bt, chunk_size):
             f"{tuple(ht.shape[:-1])}"
         )
     if ws.shape[1] != hs.shape[-1]:
-        raise ValueError(
-            f"student_weight must be [vocab, {hs.shape[-1]}] (student hidden size), got {tuple(ws.shape)}"
-        )
+        raise ValueError(f"student_weight must be [vocab, {hs.shape[-1]}] (student hidden size), got {tuple(ws.shape)}")
     if wt.shape[1] != ht.shape[-1]:
-        raise ValueError(
-            f"teacher_weight must be [vocab, {ht.shape[-1]}] (teacher hidden size), got {tuple(wt.shape)}"
-        )
+        raise ValueError(f"teacher_weight must be [vocab, {ht.shape[-1]}] (teacher hidden size), got {tuple(wt.shape)}")
     if wt.shape[0] != ws.shape[0]:
         raise ValueError(
             f"student_weight and teacher_weight must have the same vocabulary size (dim 0), got "
@@ -177,9 +175,7 @@ def check_fused_args(hs, ws, ht, wt, bs, bt, chunk_size):
     for name, x in tensors.items():
         if x is not None and x.device != hs.device:
             raise ValueError(f"{name} must be on student_hidden's device {hs.device}, got {x.device}")
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
@@ -207,8 +203,9 @@ def fused_linear_distill_loss(
 
     student_hidden (..., H_s) and teacher_hidden (..., H_t) share the leading shape; the hidden sizes
     may differ, the vocabulary (weight rows) may not. Gradients flow to the student hidden states,
-    weight and bias; the teacher side is a constant. chunk_size: tokens per chunk (default: 2**27 / V,
-    i.e. 512 MB of fp32 logits per model). Other arguments as in `distill_loss`.
+    weight and bias; the teacher side is a constant. chunk_size: tokens per chunk (default: 2**27 / V
+    on a GPU, 512 MB of fp32 logits per model; 2**24 / V on the CPU). Other arguments as in
+    `distill_loss`.
     """
     check_fused_args(
         student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias, chunk_size
@@ -224,7 +221,7 @@ def fused_linear_distill_loss(
     hs = student_hidden.reshape(-1, student_hidden.shape[-1])
     ht = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
     n = hs.shape[0]
-    chunk = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // vocab)
+    chunk = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS.get(device.type, 1 << 27) // vocab)
     valid = None if labels is None else (labels != ignore_index).reshape(-1)
     scale = reduction_scale(valid, n, reduction, num_items_in_batch, device)
     params = {
