@@ -86,7 +86,10 @@ def _run_chunks(hs, ws, bs, ht, wt, bt, valid, scale, params, chunk, want):
         if want[0]:
             g_h[i:j] = _mm(g.to(ws_c.dtype) if ws_c.dtype != compute else g, ws_c, compute)
         if want[1]:
-            g_w += _mm(g.t().to(hs.dtype) if hs.is_cuda and hs.dtype != compute else g.t(), hs[i:j], compute)
+            if hs.dtype == compute or not hs.is_cuda:  # accumulate in place, no [V, H] temporary
+                g_w.addmm_(g.t(), hs[i:j].to(compute))
+            else:  # bf16/fp16 operands on CUDA, fp32 product
+                g_w += _mm(g.t().to(hs.dtype), hs[i:j], compute)
         if want[2]:
             g_b += g.sum(0)
     return loss_rows, g_h, g_w, g_b
