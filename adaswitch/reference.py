@@ -18,10 +18,13 @@ def log_probs(logits: torch.Tensor, temperature: float = 1.0, dtype: torch.dtype
 
 
 def kl_rows(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) per row from log-probabilities; terms with p == 0 are 0 (NaN still propagates)."""
-    zero = logp.exp() == 0
-    diff = torch.where(zero, torch.zeros_like(logp), logp - logq)
-    return (logp.exp() * diff).sum(-1)
+    """KL(p || q) per row from log-probabilities. Terms with p == 0 (log p = -inf) are 0; a term with
+    p > 0 and q == 0 is +inf even when p underflows in the compute dtype; NaN propagates."""
+    p_zero = torch.isneginf(logp)
+    q_zero = torch.isneginf(logq) & ~p_zero
+    diff = torch.where(p_zero | q_zero, torch.zeros_like(logp), logp - logq)
+    terms = torch.where(q_zero, torch.full_like(logp, float("inf")), logp.exp() * diff)
+    return terms.sum(-1)
 
 
 def log_mixture(loga: torch.Tensor, logb: torch.Tensor, wa: float) -> torch.Tensor:
@@ -72,4 +75,7 @@ def divergence_rows(
     """Per-row divergence of the leading shape, computed in `dtype` (differentiable)."""
     logp_s = log_probs(student_logits, temperature, dtype)
     logp_t = log_probs(teacher_logits, temperature, dtype)
-    return divergence_from_log_probs(logp_s, logp_t, kind, beta, alpha)
+    value = divergence_from_log_probs(logp_s, logp_t, kind, beta, alpha)
+    # a bad row (NaN, or all -inf) on either side is NaN even where the kind ignores that side (alpha = 1)
+    bad = torch.isnan(logp_s).any(-1) | torch.isnan(logp_t).any(-1)
+    return torch.where(bad, torch.full_like(value, float("nan")), value)
