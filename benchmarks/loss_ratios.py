@@ -202,7 +202,7 @@ def main(argv=None):
 
 def print_ratios(rows):
     """baseline time / adaswitch time (> 1: adaswitch faster) and adaswitch peak / baseline peak."""
-    key = lambda r: (r["op"], r["N"], r["V"])  # noqa: E731
+    key = lambda r: (r["op"], int(r["N"]), int(r["V"]))  # noqa: E731
     head = ["op", "N", "V", "baseline", "fwd x", "bwd x", "full x", "mem ratio"]
     print("\n{:6s} {:>5s} {:>6s} {:13s} {:>7s} {:>7s} {:>7s} {:>9s}".format(*head))
     for k in sorted({key(r) for r in rows}):
