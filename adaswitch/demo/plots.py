@@ -16,14 +16,16 @@ def _pyplot():
 
 
 def plot_accuracy(rows: list[dict], path: str | Path, *, teacher_accuracy: float, start_accuracy: float) -> Path:
-    """Bar per method: mean accuracy over seeds with a std error bar; teacher and SFT start as lines."""
+    """One point per method: mean accuracy over seeds with a std error bar; teacher and the starting
+    student as lines."""
     plt = _pyplot()
     names = [r["method"] for r in rows]
     means = [100 * r["accuracy"] for r in rows]
     stds = [100 * r["accuracy_std"] for r in rows]
     fig, ax = plt.subplots(figsize=(8, 4))
     colors = ["tab:red" if n == "AdaSwitch" else "tab:blue" for n in names]
-    ax.bar(range(len(names)), means, yerr=stds, capsize=4, color=colors, alpha=0.85)
+    for i, (m, e, c) in enumerate(zip(means, stds, colors)):  # points, not bars: the y axis is zoomed
+        ax.errorbar(i, m, yerr=e, fmt="o", ms=7, capsize=5, color=c)
     ax.axhline(100 * teacher_accuracy, color="black", ls="--", lw=1, label=f"teacher {100 * teacher_accuracy:.1f}%")
     ax.axhline(
         100 * start_accuracy,
@@ -34,7 +36,11 @@ def plot_accuracy(rows: list[dict], path: str | Path, *, teacher_accuracy: float
     )
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
     ax.set_ylabel("eval accuracy (%), mean ± std over seeds")
-    ax.set_ylim(0, 100)
+    # Zoom on the range that holds the points and the two reference lines (differences are small).
+    low = min([m - e for m, e in zip(means, stds)] + [100 * start_accuracy])
+    ax.set_ylim(max(0.0, 10 * math.floor((low - 5) / 10)), 100)
+    for i, m in enumerate(means):
+        ax.text(i + 0.12, m, f"{m:.1f}", ha="left", va="center", fontsize=8)
     ax.legend(loc="upper left", fontsize=8)
     ax.set_title("Distillation methods on the same budget")
     fig.tight_layout()

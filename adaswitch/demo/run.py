@@ -64,7 +64,7 @@ PRESETS = {
         name="full",
         student=STUDENT_DIR,
         sft_steps=0,
-        budget=Budget(steps=200, batch_size=32, lr=1e-4),
+        budget=Budget(steps=120, batch_size=32, lr=1e-4),
         seeds=(0, 1, 2),
         num_eval=None,
         trace_prompts=256,
