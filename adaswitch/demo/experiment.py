@@ -93,6 +93,7 @@ class Context:
     teacher_accuracy: float
     student_accuracy: float
     sft_seconds: float
+    student_teacher_kl: float = math.nan
     info: dict = field(default_factory=dict)
 
 
@@ -157,7 +158,8 @@ def prepare(
         sft_seconds=sft_seconds,
     )
     ctx.teacher_accuracy = accuracy(ctx, teacher, max_new_tokens=max_new_tokens)["accuracy"]
-    ctx.student_accuracy = accuracy(ctx, model, max_new_tokens=max_new_tokens)["accuracy"]
+    start = accuracy(ctx, model, max_new_tokens=max_new_tokens, with_kl=True)
+    ctx.student_accuracy, ctx.student_teacher_kl = start["accuracy"], start["teacher_kl"]
     ctx.info = {
         "teacher_parameters": num_parameters(teacher),
         "student_parameters": num_parameters(model),

@@ -1,14 +1,15 @@
 """`adaswitch demo`: every distillation method on the embedded arithmetic task, one table.
 
     adaswitch demo                 # quick preset (the default; minutes on 2 CPU cores)
-    adaswitch demo --full          # longer budget, tighter error bars
+    adaswitch demo --full          # 3x the steps and all 500 eval problems
     adaswitch demo --tiny          # seconds; what CI runs
     adaswitch demo --ablation      # the window x k sweep that sets AdaSwitch's defaults
     python -m adaswitch.demo ...   # the same
 
-Steps: load the shipped Qwen2-style teacher, SFT a fresh Llama-style student (about 10x smaller) on
-the task's worked completions, then distil that student with each method for the same number of steps
-and prompts, over several seeds; print the table, write results.json and the plots to --output-dir.
+Steps: load the shipped Qwen2-style teacher and the shipped Llama-style student (1/8 of its size,
+SFT-ed on the task's worked completions; --tiny builds and SFTs a tiny one instead), distil copies of
+that student with each method for the same number of steps on the same prompts, over several seeds;
+print the table, write results.json and the plots to --output-dir. See docs/demo.md.
 """
 
 from __future__ import annotations
@@ -403,7 +404,8 @@ def main(argv=None) -> int:
         f"adaswitch demo ({meta['preset']}): teacher {meta['teacher_architecture']} "
         f"{meta['teacher_parameters']:,} params {100 * meta['teacher_accuracy']:.1f}%, student "
         f"{meta['student_architecture']} {meta['student_parameters']:,} params "
-        f"{100 * meta['student_after_sft_accuracy']:.1f}% after SFT; {meta['budget']['steps']} steps x "
+        f"{100 * meta['student_after_sft_accuracy']:.1f}% (teacher KL "
+        f"{meta['student_start_teacher_kl']:.4f}) at start; {meta['budget']['steps']} steps x "
         f"{meta['budget']['batch_size']} prompts per method, seeds {meta['seeds']}, "
         f"{meta['num_eval']} eval problems"
     )
