@@ -290,6 +290,7 @@ def _run(spec, ctx, methods, seeds, window, k, out, progress, say) -> dict:
             "skd_top_k": SKD_TOP_K,
             "teacher_accuracy": ctx.teacher_accuracy,
             "student_after_sft_accuracy": ctx.student_accuracy,
+            "student_start_teacher_kl": ctx.student_teacher_kl,
             **ctx.info,
             "plots": [p.name for p in plots],
         },
