@@ -10,8 +10,9 @@ from adaswitch.engine.policies import SKD, AdaSwitch, Mixed, Sampling, Student, 
 def test_defaults_and_codes():
     assert [p().code for p in (Student, Teacher, Mixed, SKD, AdaSwitch)] == [0, 1, 2, 3, 4]
     a = AdaSwitch()
-    assert (a.window, a.k, a.divergence, a.warmup, a.min_divergence) == (8, 2.0, "forward_kl", None, 0.0)
-    assert a.min_history == 8
+    # shipped defaults = the best of the demo ablation (docs/ablation.md)
+    assert (a.window, a.k, a.divergence, a.warmup, a.min_divergence) == (4, 1.5, "forward_kl", None, 0.0)
+    assert a.min_history == 4
     assert AdaSwitch(window=4, warmup=10).min_history == 10
     assert AdaSwitch(window=4, warmup=0).min_history == 4
     assert AdaSwitch(k=math.inf).k == math.inf

@@ -173,8 +173,8 @@ class AdaSwitch:
         teacher_sampling: the teacher's sampling settings (after the switch).
     """
 
-    window: int = 8
-    k: float = 2.0
+    window: int = 4  # defaults: the best of the window x K ablation on the demo task (docs/ablation.md)
+    k: float = 1.5
     divergence: str = "forward_kl"
     warmup: int | None = None
     min_divergence: float = 0.0

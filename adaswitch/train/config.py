@@ -68,11 +68,11 @@ class DistillConfig(TrainingArguments):
         },
     )
     window: int = field(
-        default=8,
+        default=4,
         metadata={"help": "adaswitch: L, number of earlier divergences in the moving average (>= 1)."},
     )
     k: float = field(
-        default=2.0,
+        default=1.5,
         metadata={
             "help": "adaswitch: K, switch when the divergence exceeds K x its moving average (> 0; inf = "
             "never switch)."
