@@ -8,26 +8,8 @@
 // their logits. Mixtures are formed in probability space (m = w p_a + (1 - w) p_b), so w in {0, 1}
 // needs no special case. float16/bfloat16/float32 inputs accumulate in float, float64 in double.
 
-// Pick at::vec's SIMD implementation to match what the compiler targets (-march=native), as
-// kernels/csrc/divergence.cpp does.
-#if !defined(CPU_CAPABILITY)
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
-#define CPU_CAPABILITY AVX512
-#define CPU_CAPABILITY_AVX512
-#elif defined(__AVX2__) && defined(__FMA__)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#else
-#define CPU_CAPABILITY DEFAULT
-#endif
-#endif
 
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-#include <torch/library.h>
+#include "vec.h"
 
 #include <cmath>
 #include <limits>

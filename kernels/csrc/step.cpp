@@ -15,23 +15,7 @@
 // u = ((bits >> 9) + 0.5) / 2^23. Scores are formed as (x * inv_t) + g with no FMA contraction, as
 // PyTorch does, so tokens agree with the reference up to a last-ulp difference of log in a near-tie.
 
-#if !defined(CPU_CAPABILITY)
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
-#define CPU_CAPABILITY AVX512
-#define CPU_CAPABILITY_AVX512
-#elif defined(__AVX2__) && defined(__FMA__)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#else
-#define CPU_CAPABILITY DEFAULT
-#endif
-#endif
-
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
-#include <torch/library.h>
+#include "vec.h"
 
 #include <algorithm>
 #include <cstdint>
