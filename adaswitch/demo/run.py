@@ -61,7 +61,7 @@ PRESETS = {
         student="demo",
         sft_steps=600,
         budget=Budget(steps=200, batch_size=32, lr=3e-3),
-        seeds=(0, 1),
+        seeds=(0, 1, 2),
         num_eval=300,
         trace_prompts=128,
     ),
