@@ -1,52 +1,158 @@
-"""SlotCache (adaswitch.engine.cache): a forward through it equals the model without a cache, rollback
-only clears validity bits and lowers positions (no K/V moves), and the forward does no host sync."""
+"""RowCache (adaswitch.engine.cache) and the flash-attn decode path (adaswitch.engine.attention).
 
+A forward through the cache equals the model without a cache; rollback only lowers lengths (no K/V
+moves) and the next write reuses the columns; the forward does no host sync. The flash path is run on
+CPU through `flash_attn_with_kvcache_reference` (the same contract as flash-attn's kernel, which the GPU
+script checks against it): its logits equal the SDPA path's, and `generate` gives the same tokens.
+"""
+
+import math
+
+import pytest
 import torch
-from tiny_models import random_prompts, tiny_teacher
+from tiny_models import random_prompts, tiny_student, tiny_teacher
 
-from adaswitch.engine.cache import SlotCache
+import adaswitch.engine.attention as attention_module
+import adaswitch.engine.generate as generate_module
+from adaswitch import SKD, AdaSwitch, generate
+from adaswitch.engine.attention import ATTENTION_NAME, flash_attn_with_kvcache_reference, kvcache_attention
+from adaswitch.engine.cache import RowCache
 from adaswitch.engine.sync import SyncCounter
 
 
-def _decode(model, cache, tokens):
-    mask, positions = cache.decode_inputs(tokens.shape[1])
-    logits = model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache).logits
+def _forward(model, cache, tokens, prefill_mask=None):
+    extra = {"adaswitch_cache": cache} if cache.layout == "flash" else {}
+    if prefill_mask is not None:
+        mask, positions = cache.prefill_inputs(prefill_mask)
+    else:
+        mask, positions = cache.decode_inputs(tokens.shape[1])
+    if cache.layout == "flash":
+        with kvcache_attention(model):
+            logits = model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache,
+                           **extra).logits
+    else:
+        logits = model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache).logits
     cache.advance(tokens.shape[1])
     return logits
 
 
+def _reference(model, ids, attn):
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    return model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
+
+
+@pytest.mark.parametrize("layout", ["sdpa", "flash"])
 @torch.no_grad()
-def test_cache_matches_full_forward_and_rollback_moves_no_data():
+def test_cache_matches_full_forward_and_rollback_moves_no_data(layout):
     model = tiny_teacher()
     ids, attn = random_prompts(3, 5, min_len=2, seed=1)
-    cache = SlotCache(model, 3, capacity=12)
-    mask, positions = cache.prefill_inputs(attn)
-    model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache)
-    cache.advance(5)
+    cache = RowCache(model, 3, capacity=12, layout=layout)
+    prefill = _forward(model, cache, ids, prefill_mask=attn)
+    real = attn.bool()
+    torch.testing.assert_close(prefill[real], _reference(model, ids, attn)[real], atol=1e-5, rtol=1e-4)
     new = torch.randint(4, 300, (3, 3))
     with SyncCounter() as counter:
-        step = _decode(model, cache, new)  # three tokens in one forward (causal among them)
+        step = _forward(model, cache, new)  # three tokens in one forward (causal among them)
     assert counter.count == 0, dict(counter.by_op)
-
     full_ids, full_attn = torch.cat([ids, new], 1), torch.cat([attn, torch.ones(3, 3, dtype=torch.long)], 1)
-    full_pos = (full_attn.cumsum(-1) - 1).clamp(min=0)
-    ref = model(input_ids=full_ids, attention_mask=full_attn, position_ids=full_pos).logits[:, -3:]
-    torch.testing.assert_close(step, ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(step, _reference(model, full_ids, full_attn)[:, -3:], atol=1e-5, rtol=1e-4)
 
     keys = [layer.keys.clone() for layer in cache.layers]
     pointers = [layer.keys.data_ptr() for layer in cache.layers]
-    before = cache.positions.clone()
     cache.rollback(torch.tensor([0, 1, 2]))  # row r forgets its last r tokens
     assert all(torch.equal(k, layer.keys) for k, layer in zip(keys, cache.layers))
     assert pointers == [layer.keys.data_ptr() for layer in cache.layers]
-    assert torch.equal(cache.positions, before - torch.tensor([0, 1, 2]))
-    assert cache.valid[:, 5:8].tolist() == [[True, True, True], [True, True, False], [True, False, False]]
+    assert cache.lengths.tolist() == [8, 7, 6]
 
-    # After the rollback, row 2 continues as if only new[2, 0] had been appended.
+    # After the rollback, row r continues as if only new[r, :3 - r] had been appended; the next write
+    # lands on the columns the rollback freed.
     nxt = torch.randint(4, 300, (3, 1))
-    logits = _decode(model, cache, nxt)[2, -1]
-    ids2 = torch.cat([ids[2:], new[2:, :1], nxt[2:]], 1)
-    attn2 = torch.cat([attn[2:], torch.ones(1, 2, dtype=torch.long)], 1)
-    pos2 = (attn2.cumsum(-1) - 1).clamp(min=0)
-    ref2 = model(input_ids=ids2, attention_mask=attn2, position_ids=pos2).logits[0, -1]
-    torch.testing.assert_close(logits, ref2, atol=1e-5, rtol=1e-4)
+    logits = _forward(model, cache, nxt)[:, -1]
+    for r in range(3):
+        ids_r = torch.cat([ids[r:r + 1], new[r:r + 1, : 3 - r], nxt[r:r + 1]], 1)
+        attn_r = torch.cat([attn[r:r + 1], torch.ones(1, 4 - r, dtype=torch.long)], 1)
+        torch.testing.assert_close(logits[r], _reference(model, ids_r, attn_r)[0, -1], atol=1e-5, rtol=1e-4)
+    assert cache.lengths.tolist() == [9, 8, 7]
+
+
+def test_cache_rejects_unknown_layout():
+    with pytest.raises(ValueError, match="layout"):
+        RowCache(tiny_student(), 2, capacity=4, layout="paged")
+
+
+def test_kvcache_attention_restores_the_models_attention():
+    model = tiny_student()
+    before = model.config._attn_implementation
+    with kvcache_attention(model):
+        assert model.config._attn_implementation == ATTENTION_NAME
+        with pytest.raises(RuntimeError, match="inside adaswitch.generate"):
+            model(input_ids=torch.tensor([[5, 6]]))
+    assert model.config._attn_implementation == before
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_flash_reference_matches_float64_attention(dtype):
+    """The reference's contract, written out independently in float64 per row and query: GQA, left pad,
+    bottom-right causal alignment, a query that sees nothing gives zeros."""
+    gen = torch.Generator().manual_seed(0)
+    b, nq, h, h_kv, d, c = 3, 3, 4, 2, 16, 11
+    q = torch.randn(b, nq, h, d, generator=gen).to(dtype)
+    k = torch.randn(b, c, h_kv, d, generator=gen).to(dtype)
+    v = torch.randn(b, c, h_kv, d, generator=gen).to(dtype)
+    end = torch.tensor([9, 4, 2], dtype=torch.int32)
+    left = torch.tensor([2, 0, 2], dtype=torch.int32)  # row 2: queries 0 and 1 see no column
+    out = flash_attn_with_kvcache_reference(q, k, v, cache_seqlens=end, cache_leftpad=left, softmax_scale=0.3)
+    assert out.dtype == dtype
+    for bi in range(b):
+        for i in range(nq):
+            last = int(end[bi]) - nq + i  # the newest column query i sees
+            for hi in range(h):
+                cols = list(range(int(left[bi]), last + 1))
+                if not cols:
+                    expected = torch.zeros(d, dtype=torch.float64)
+                else:
+                    kk = k[bi, cols, hi // 2].double()
+                    w = torch.softmax(kk @ q[bi, i, hi].double() * 0.3, 0)
+                    expected = w @ v[bi, cols, hi // 2].double()
+                tol = 1e-5 if dtype == torch.float32 else 2e-2
+                torch.testing.assert_close(out[bi, i, hi].double(), expected, atol=tol, rtol=tol)
+    assert not torch.isnan(out).any()
+
+
+@pytest.mark.parametrize("g", [0, 3])
+def test_generate_flash_path_equals_sdpa_path(monkeypatch, g):
+    """The whole engine on the flash layout (reference kernel on CPU) gives the SDPA path's tokens."""
+    student, teacher = tiny_student(), tiny_teacher()
+    ids, attn = random_prompts(4, 7, min_len=2, seed=3)
+    policy = AdaSwitch(window=2, k=1.5)
+    kw = dict(policy=policy, max_new_tokens=10, seed=5, lookahead=g, sync_every=4)
+    sdpa = generate(student, teacher, ids, attn, **kw)
+    monkeypatch.setattr(generate_module, "flash_available", lambda model: True)
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["cache_seqlens"].clone())
+        return flash_attn_with_kvcache_reference(*args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "flash_attn_with_kvcache_reference", counted)
+    flash = generate(student, teacher, ids, attn, **kw)
+    assert len(calls) >= 10 * 2  # every layer of every forward went through the flash contract
+    assert torch.equal(flash.sequences, sdpa.sequences)
+    assert torch.equal(flash.from_teacher, sdpa.from_teacher)
+    assert torch.equal(flash.switch_position, sdpa.switch_position)
+    torch.testing.assert_close(flash.divergence, sdpa.divergence, equal_nan=True, atol=1e-4, rtol=1e-3)
+    assert student.config._attn_implementation == teacher.config._attn_implementation == "sdpa"
+    assert not math.isnan(float(flash.divergence.nan_to_num(0).sum()))
+
+
+@pytest.mark.parametrize("policy", [AdaSwitch(window=1, k=math.inf), AdaSwitch(window=1, k=1.2), SKD(top_k=3)])
+def test_lookahead_past_the_budget_stays_in_capacity(policy):
+    """Rows whose accepted drafts run past max_new_tokens while other rows are still live (switched rows
+    gain one token per block, rejections differ per row; no host read in between) never write past the
+    cache's prompt + N + G columns (an out-of-range write raises) and give step mode's tokens."""
+    student, teacher = tiny_student(), tiny_teacher()
+    ids, attn = random_prompts(6, 4, min_len=1, seed=2)
+    kw = dict(policy=policy, max_new_tokens=10, seed=1, sync_every=64, eos_token_id=299)
+    step = generate(student, teacher, ids, attn, **kw)
+    look = generate(student, teacher, ids, attn, lookahead=4, **kw)
+    assert torch.equal(look.sequences, step.sequences) and torch.equal(look.lengths, step.lengths)

@@ -5,8 +5,12 @@ Design (gpt-fast style: prefill, then a short per-token loop; details fixed here
 * Invariant: each model's next input is `last` [B], the newest token of every row. The prompt minus its
   last column is prefilled; the loop then feeds `last` (the last prompt column, then generated tokens).
   Step mode and lookahead mode share this invariant, so a run can go from one to the other.
-* Caches (`adaswitch.engine.cache.SlotCache`): preallocated per model; all rows write at one shared
-  column cursor, per-row validity and positions live on the device; rollback clears validity bits.
+* Caches (`adaswitch.engine.cache.RowCache`): preallocated per model; each row's start and length live
+  on the device; a forward writes each row at its own length, rollback lowers lengths. Rows that are
+  no longer live (finished, or at max_new_tokens) give back the column of every dummy forward, so a row
+  never holds more than prompt + max_new_tokens columns. On CUDA with flash-attn and fp16 / bf16 models
+  the attention is `flash_attn_with_kvcache` on the row bounds (`adaswitch.engine.attention`), else
+  the model's SDPA with an explicit mask.
 * Step mode (lookahead=0), per iteration: forward the models the policy needs on `last`,
   `adaswitch.ops.fused_step` picks every row's token (finished rows get pad), the token is scattered
   into the output buffers at each row's response position (device tensors, never a Python int).
@@ -15,7 +19,7 @@ Design (gpt-fast style: prefill, then a short per-token loop; details fixed here
   0 at the same positions as step mode, same implementation); the teacher scores [last, d_0 .. d_{G-2}]
   in one forward; `fused_lookahead` finds each row's first switch / rejection; each row keeps
   `accepted` drafts plus, where it stopped, the teacher's token; both caches roll back the rejected
-  drafts (validity bits and positions only). A row that has already switched takes one teacher token
+  drafts (lengths only). A row that has already switched takes one teacher token
   per block.
 * Host reads: about every `sync_every` tokens the host reads one small tensor (all rows done?, all rows
   switched?, least response position of unfinished rows) -- one device-to-host sync: every sync_every
@@ -24,7 +28,7 @@ Design (gpt-fast style: prefill, then a short per-token loop; details fixed here
   when all rows are done; an AdaSwitch run leaves lookahead mode once some row has switched (that row
   gains one token per block, so blocks would not shorten the run) and stops running the student once
   every row has switched. Every iteration moves each unfinished row forward by >= 1 token, so at most
-  max_new_tokens iterations run and the caches hold prompt + max_new_tokens x max(1, G) columns.
+  max_new_tokens iterations run and the caches hold prompt + max_new_tokens + max(1, G) columns.
   Argument validation before the loop does a few more reads (prompt padding, token id range).
 * Mixed: the per-sequence coin is `adaswitch.ops.rng.mixed_coin`; rows that lose it take `completions`
   (the dataset's responses, right-padded with pad) and are marked finished before the loop.
@@ -41,13 +45,15 @@ Design (gpt-fast style: prefill, then a short per-token loop; details fixed here
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
-from adaswitch.engine.cache import SlotCache
+from adaswitch.engine.attention import flash_available, kvcache_attention
+from adaswitch.engine.cache import RowCache
 from adaswitch.engine.policies import SKD, AdaSwitch, Mixed, Student, check_policy
 from adaswitch.ops import rng
 from adaswitch.ops.step import SwitchState, fused_lookahead, fused_step
@@ -191,30 +197,40 @@ class _Run:
         if lookahead:
             self.draft_policy = Student(policy.student_sampling)
             self.draft_state = SwitchState.new(b, 1, device)
-        capacity = p - 1 + n * max(1, lookahead)
-        self.caches = {}
+        # Columns: the prompt minus its last token, <= n kept tokens, and one forward's transient columns.
+        capacity = p - 1 + n + max(1, lookahead)
+        self.caches, self.flash = {}, {}
         for name, model, used in (("student", student, self.run_student),
                                   ("teacher", teacher, self.run_teacher)):
             if used:
-                cache = SlotCache(model, b, capacity, device)
+                flash = flash_available(model)
+                cache = RowCache(model, b, capacity, device, layout="flash" if flash else "sdpa")
+                self.caches[name], self.flash[name] = cache, flash
                 if p > 1:
                     self._forward(model, cache, input_ids[:, :-1], prefill_mask=mask[:, :-1])
-                self.caches[name] = cache
 
     def _forward(self, model, cache, ids, prefill_mask=None):
-        if prefill_mask is not None:
-            # Prefill logits are not used (the loop feeds the last prompt token): skip the LM head.
-            attn, position_ids = cache.prefill_inputs(prefill_mask)
-            decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-            body, kw = (model, {"logits_to_keep": 1}) if decoder is model else (decoder, {})
-            body(input_ids=ids, attention_mask=attn, position_ids=position_ids, cache=cache, use_cache=True,
-                 **kw)
-            cache.advance(ids.shape[1])
-            return None
-        attn, position_ids = cache.decode_inputs(ids.shape[1])
-        out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, cache=cache)
+        flash = cache.layout == "flash"
+        extra = {"adaswitch_cache": cache} if flash else {}
+        scope = kvcache_attention(model) if flash else contextlib.nullcontext()
+        with scope:
+            if prefill_mask is not None:
+                # Prefill logits are not used (the loop feeds the last prompt token): skip the LM head.
+                attn, position_ids = cache.prefill_inputs(prefill_mask)
+                decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+                body, kw = (model, {"logits_to_keep": 1}) if decoder is model else (decoder, {})
+                body(input_ids=ids, attention_mask=attn, position_ids=position_ids, cache=cache, use_cache=True,
+                     **kw, **extra)
+                cache.advance(ids.shape[1])
+                return None
+            attn, position_ids = cache.decode_inputs(ids.shape[1])
+            out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, cache=cache, **extra)
         cache.advance(ids.shape[1])
         return out.logits[..., : self.vocab]
+
+    def _idle(self) -> torch.Tensor:
+        """[B] bool: rows that are finished or at max_new_tokens (they run along with the batch)."""
+        return self.state.finished | (self.pos >= self.n)
 
     def _write(self, idx, keep, token, from_teacher, divergence):
         """Scatter [B, k] values at response indices idx where keep, else into the scratch column."""
@@ -226,8 +242,13 @@ class _Run:
     def step(self, use_student: bool) -> None:
         """One token per row: forward on `last`, fused_step, write, advance."""
         x = self.last[:, None]
+        idle = self._idle().long()  # rows that only run along: their cache column is given back
         ls = self._forward(self.student, self.caches["student"], x)[:, 0] if use_student else None
         lt = self._forward(self.teacher, self.caches["teacher"], x)[:, 0] if self.run_teacher else None
+        if use_student:
+            self.caches["student"].rollback(idle)
+        if self.run_teacher:
+            self.caches["teacher"].rollback(idle)
         out = fused_step(ls, lt, self.policy, self.state, seed=self.seed, keys=self.keys, position=self.pos,
                          eos_token_id=self.eos, pad_token_id=self.pad, impl=self.impl)
         keep = torch.ones_like(self.pos, dtype=torch.bool)[:, None]
@@ -240,6 +261,7 @@ class _Run:
         """Lookahead: G student drafts, one teacher forward, fused_lookahead, write, roll back."""
         g, student, teacher = self.g, self.caches["student"], self.caches["teacher"]
         offsets = torch.arange(g, device=self.device)
+        idle = self._idle()
         cur, drafts, student_logits = self.last, [], []
         self.draft_state.finished.zero_()
         for j in range(g):
@@ -265,8 +287,10 @@ class _Run:
         # `last` becomes the newest kept token; rows that produced nothing (finished) keep theirs.
         newest = token.gather(1, (produced - 1).clamp(min=0)[:, None])[:, 0]
         self.last.copy_(torch.where(produced > 0, newest, self.last))
-        # Both caches hold [last, d_0 .. d_{G-2}]; keep the first `produced` of them (at least `last`).
-        drop = (g - produced).clamp(max=g - 1)
+        # Both caches hold [last, d_0 .. d_{G-2}]; a live row keeps the first `produced` (>= 1) of them, at
+        # most up to max_new_tokens (what lies beyond is never output), so no row outgrows the capacity.
+        kept = torch.minimum(produced, self.n - self.pos)
+        drop = torch.where(idle, g, g - kept)
         student.rollback(drop)
         teacher.rollback(drop)
         self.pos += produced
@@ -274,7 +298,7 @@ class _Run:
     def flags(self) -> tuple[bool, bool, bool, int]:
         """(all rows done, all live rows switched, some live row switched, least response position of the
         live rows): one host read."""
-        live = ~self.state.finished & (self.pos < self.n)
+        live = ~self._idle()
         done = ~live.any()
         all_switched = (self.state.switched | ~live).all()
         any_switched = (self.state.switched & live).any()

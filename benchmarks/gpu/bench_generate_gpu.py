@@ -6,7 +6,8 @@ lookahead mode, switch early / late / never) plus the engine with CUDA graphs, i
     python benchmarks/gpu/bench_generate_gpu.py [--smoke]        # --smoke: tiny models, a few tokens
 
 Checks (tiny fp32 models on the device; exit 1 if one fails): lookahead == step mode (AdaSwitch, SKD),
-cuda_graph=True == eager, greedy Teacher == transformers' greedy generate, host syncs per call
+cuda_graph=True == eager, greedy Teacher == transformers' greedy generate, the flash-attn cache path
+(kernel == reference, generate == SDPA path; when flash-attn is importable), host syncs per call
 <= ceil(N / sync_every) + 2 (counted on the CUDA device: real device-to-host reads).
 Results: $OUT/generate_gpu.{md,csv}; one section appended to $ADASWITCH_GPU_SUMMARY.
 """
@@ -14,6 +15,7 @@ Results: $OUT/generate_gpu.{md,csv}; one section appended to $ADASWITCH_GPU_SUMM
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import sys
@@ -62,6 +64,7 @@ def checks(device: torch.device, n: int) -> list[str]:
     width = ref.shape[1] - ids.shape[1]
     if not torch.equal(out.response[:, :width], ref[:, ids.shape[1]:]):
         failures.append("greedy Teacher != transformers generate")
+    failures += flash_checks(device, student, teacher, ids, mask, common)
     every = 4
     cases = (("adaswitch", AdaSwitch(window=3, k=1.1), 0), ("adaswitch", AdaSwitch(k=math.inf), 3),
              ("skd", SKD(top_k=5), 3))
@@ -70,6 +73,46 @@ def checks(device: torch.device, n: int) -> list[str]:
             generate(student, teacher, ids, mask, policy=policy, lookahead=g, sync_every=every, **common)
         if counter.count > math.ceil(n / every) + 2:
             failures.append(f"{name} lookahead={g}: {counter.count} host syncs ({dict(counter.by_op)})")
+    return failures
+
+
+def flash_checks(device, student, teacher, ids, mask, common) -> list[str]:
+    """The flash-attn cache path: the real flash_attn_with_kvcache == its PyTorch reference (bf16, GQA,
+    left padding, q in {1, 3}), and generate on bf16 models through it == through SDPA. Prints why it is
+    skipped when flash-attn (>= 2.6) is not importable."""
+    from adaswitch.engine import attention
+    from adaswitch.engine import generate as generate_module
+
+    flash = attention._load_flash()
+    if device.type != "cuda" or flash is None:
+        print("flash-attn path not checked: flash-attn >= 2.6 is not importable on this machine", flush=True)
+        return []
+    failures = []
+    gen = torch.Generator(device=device).manual_seed(0)
+    for nq in (1, 3):
+        q = torch.randn(5, nq, 8, 64, device=device, generator=gen, dtype=torch.bfloat16)
+        k = torch.randn(5, 40, 2, 64, device=device, generator=gen, dtype=torch.bfloat16)
+        v = torch.randn(5, 40, 2, 64, device=device, generator=gen, dtype=torch.bfloat16)
+        end = torch.tensor([40, 17, 9, 33, 5], device=device, dtype=torch.int32)
+        left = torch.tensor([0, 3, 4, 10, 0], device=device, dtype=torch.int32)
+        got = flash(q, k, v, cache_seqlens=end, cache_leftpad=left, softmax_scale=0.125, causal=True)
+        ref = attention.flash_attn_with_kvcache_reference(q, k, v, cache_seqlens=end, cache_leftpad=left,
+                                                          softmax_scale=0.125, causal=True)
+        if not torch.allclose(got.float(), ref.float(), atol=2e-2, rtol=2e-2):
+            failures.append(f"flash_attn_with_kvcache != reference (q={nq})")
+    s16, t16 = (copy.deepcopy(m).to(torch.bfloat16) for m in (student, teacher))
+    policy = AdaSwitch(window=3, k=1.1)
+    with_flash = generate(s16, t16, ids, mask, policy=policy, lookahead=2, **common)
+    available = generate_module.flash_available
+    generate_module.flash_available = lambda model: False
+    try:
+        with_sdpa = generate(s16, t16, ids, mask, policy=policy, lookahead=2, **common)
+    finally:
+        generate_module.flash_available = available
+    agree = (with_flash.response == with_sdpa.response).float().mean().item()
+    print(f"flash vs SDPA generate (bf16): {agree:.1%} of response tokens equal", flush=True)
+    if agree < 0.9:  # bf16 rounding differs between the kernels; near-ties may flip a token, not 10%
+        failures.append(f"flash-attn generate agrees with SDPA on only {agree:.1%} of tokens")
     return failures
 
 
