@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -458,6 +459,9 @@ def generate(
         raise ValueError(f"vocab_size must be an int >= 1, got {vocab_size!r}")
     elif model_vocab is not None and vocab_size > model_vocab:
         raise ValueError(f"vocab_size={vocab_size} exceeds a model's output vocabulary ({model_vocab})")
+    if isinstance(policy, SKD) and policy.top_k >= vocab_size:
+        warnings.warn(f"SKD(top_k={policy.top_k}) with a vocabulary of {vocab_size} accepts every student "
+                      "token: this is the Student policy (on-policy); choose top_k < vocab_size", stacklevel=2)
     eos = _special_id("eos_token_id", eos_token_id, models, vocab_size)
     pad = _special_id("pad_token_id", pad_token_id, models, vocab_size)
     if bool(((input_ids < 0) | (input_ids >= vocab_size)).any()):
