@@ -13,6 +13,8 @@ x 512, student 2 layers x 256; batch 8 left-padded prompts of 16-32 tokens; 128 
                engine's loop against transformers' on the same work)
   engine       adaswitch.generate, AdaSwitch in step mode (lookahead=0)
   lookahead-G  adaswitch.generate, AdaSwitch with lookahead G
+  lm-heads     only the two LM-head products of every exploring step (the floor of the never case:
+               naive / lm-heads is the most any step-mode engine could gain over the naive loop)
 AdaSwitch cases force the switch early (window 4, k=1: first spike after 4 divergences), late (the same
 with warmup 96) or never (k=inf). Host syncs are counted with adaswitch.engine.sync.SyncCounter on the
 tiny test models (tests/tiny_models.py) with the same batch, length and policies: the count depends on the
@@ -257,6 +259,17 @@ def main(argv=None) -> None:
                      lambda pol=pol: naive_adaswitch(student, teacher, ids, mask, n, pol, greedy)))
     runs.append(("hf-student", "-", lambda: hf_generate(student, ids, mask, n, greedy)))
     runs.append(("hf-teacher", "-", lambda: hf_generate(teacher, ids, mask, n, greedy)))
+    # The floor: the two LM-head products every exploring step needs (batch x hidden times hidden x V
+    # for each model), nothing else. naive / lm-heads bounds what any engine can gain in the never case.
+    heads = [(m.get_output_embeddings().weight, torch.randn(batch, m.config.hidden_size, device=device,
+                                                            dtype=dtype)) for m in (student, teacher)]
+
+    def lm_heads():
+        for _ in range(n):
+            for weight, hidden in heads:
+                torch.nn.functional.linear(hidden, weight)
+
+    runs.append(("lm-heads", "never", lm_heads))
     runs.append(("engine-student", "-", lambda: generate(student, None, ids, mask, policy=Student(sampling),
                                                          max_new_tokens=n, eos_token_id=eos, pad_token_id=pad)))
     runs.append(("engine-teacher", "-", lambda: generate(None, teacher, ids, mask, policy=Teacher(sampling),
@@ -338,6 +351,8 @@ def write(rows, info, args, device) -> None:
         "teacher Qwen2 4x512 (8 heads, 2 KV), student Qwen2 2x256, "
         f"vocabulary {VOCAB}, random init",
         "- early / late / never: AdaSwitch(window=4, k=1) / the same with warmup=96 / k=inf",
+        "- lm-heads: the two LM-head products of an exploring step, alone, once per token (the floor of the "
+        "never case; its `vs naive` is the most a step-mode engine could gain over the naive loop)",
         "- syncs/token: marginal host syncs per generated position (tiny models, same loop); syncs/call: "
         f"total at {args.new_tokens} tokens",
         "",
