@@ -166,8 +166,8 @@ def test_bad_inputs(tmp_path):
             train_dataset=None,
             processing_class=tiny_tokenizer(),
         )
-    with pytest.raises(ValueError, match="DeepSpeed and FSDP sharding are not supported"):
-        make_trainer(tmp_path, fsdp=True)
+    with pytest.raises(ValueError, match=r"fsdp_config\['version'\] must be 2"):
+        make_trainer(tmp_path, fsdp=True, fsdp_config={"version": 1})
     tok = tiny_tokenizer()
     tok.pad_token = None
     with pytest.raises(ValueError, match="pad token"):

@@ -11,6 +11,10 @@ Each training step (SPEC.md sections 2 and 5):
 4. Trainer's backward and optimizer step (so accelerate's DDP, gradient accumulation, mixed precision,
    checkpoints, resume and `report_to` all apply).
 
+FSDP2 (`fsdp=True`): accelerate shards the student only; generation runs inside `full_weights`, which
+gathers its weights; the teacher is replicated on every process; the loss takes the student's logits,
+since the LM-head weight is a shard outside the forward. FSDP1 and DeepSpeed are refused.
+
 Normalisation: the loss is the mean over the valid response tokens of the whole micro-batch across all
 processes (so N processes give the loss and gradients of one process on the same global batch);
 micro-batches of a gradient accumulation are averaged, since on-policy responses only exist once they
@@ -19,6 +23,7 @@ are generated. A `num_items_in_batch` given by Trainer replaces the token count,
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import os
@@ -50,6 +55,49 @@ def _vocab_size(model) -> int:
 def _linear_head(model) -> nn.Linear | None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return head if isinstance(head, nn.Linear) else None
+
+
+@contextlib.contextmanager
+def full_weights(model: nn.Module):
+    """Gives an FSDP2-sharded model (`torch.distributed.fsdp.fully_shard`) its full weights on every process
+    for the duration of the block, and shards them back after; any other model is left as is.
+
+    Generation needs this: without it every forward all-gathers the weights again, and a process whose
+    rows stop early would leave the others waiting in that collective; the prefill also calls the
+    decoder directly, outside the root module's hooks that gather the root's own parameters. Each
+    module's reshard-after-forward setting is turned off inside the block and restored after (torch has
+    setters for it but no getters, so the previous values are read from FSDP's state)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    states, modules = {}, []
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            state = m._get_fsdp_state()
+            if id(state) not in states:  # fully_shard([a, b]) gives several modules one state
+                states[id(state)] = state
+                modules.append(m)
+    if not modules:
+        yield model
+        return
+    # The root must be initialised by FSDP before any submodule runs (the prefill enters at the decoder):
+    # that is what the root's first forward does; the first module in pre-order is the root.
+    states[id(modules[0]._get_fsdp_state())]._lazy_init()
+    saved = [
+        (state, state._auto_reshard_after_forward, [(g, g.post_forward_mesh_info) for g in state._fsdp_param_groups])
+        for state in states.values()
+    ]
+    try:
+        for m in modules:
+            m.set_reshard_after_forward(False, recurse=False)
+            m.unshard()
+        yield model
+    finally:
+        for m in modules:
+            m.reshard()
+        for state, auto, groups in saved:
+            state._auto_reshard_after_forward = auto
+            for group, info in groups:
+                group.post_forward_mesh_info = info
 
 
 def _accepts(model, name: str) -> bool:
@@ -110,10 +158,16 @@ class Distiller(Trainer):
             raise ValueError(
                 "train_dataset is required: a datasets.Dataset or a .jsonl/.json/.parquet/.csv path"
             )
-        if args.deepspeed or args.fsdp:
+        if args.deepspeed:
             raise ValueError(
-                "Distiller runs on one device or data-parallel (DDP); DeepSpeed and FSDP sharding are not "
-                "supported (generation needs the student's full weights on every process)"
+                "Distiller supports one device, DDP and FSDP2 (fsdp=True); DeepSpeed is not supported "
+                "(generation needs the student's full weights: ZeRO-3 would have to gather them, and no "
+                "DeepSpeed run has been tested); use fsdp=True to shard the student"
+            )
+        if args.fsdp and (args.fsdp_plugin_args or {}).get("fsdp_version", 2) != 2:
+            raise ValueError(
+                "fsdp_config['version'] must be 2: Distiller supports FSDP2 (transformers' default; FSDP1 "
+                "is deprecated there)"
             )
         n_tok = len(processing_class)
         v_student, v_teacher = _vocab_size(model), _vocab_size(teacher_model)
@@ -147,13 +201,25 @@ class Distiller(Trainer):
             optimizers=optimizers,
             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
         )
+        if args.fsdp and not self.is_fsdp_enabled:
+            # accelerate (1.15) turns FSDP on only for accelerator devices: on CPU processes it would
+            # silently run plain DDP instead.
+            raise ValueError(
+                f"fsdp=True but accelerate did not enable FSDP on {self.accelerator.device.type} "
+                f"({self.accelerator.distributed_type}); FSDP needs GPUs (torchrun --nproc_per_node N on CUDA "
+                "devices). For CPU or one device, leave fsdp unset (DDP under torchrun)"
+            )
         # The loss is normalised here (per token over the micro-batch), so Trainer divides it by the number
         # of accumulation steps; compute_loss flips this when Trainer passes num_items_in_batch.
         self.loss_is_scaled_for_ga = False
         teacher_model.eval()
         teacher_model.requires_grad_(False)
-        # evaluation_mode: moved to the student's device, never wrapped in DDP.
-        self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+        # evaluation_mode: never wrapped in DDP nor sharded by FSDP (accelerate shards only the model given
+        # to `prepare` with the optimizer), so every process holds the full teacher for generation.
+        # device_placement: accelerate skips the move to the device under FSDP; the teacher needs it.
+        self.teacher_model = self.accelerator.prepare_model(
+            teacher_model, device_placement=True, evaluation_mode=True
+        )
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._last_generation_seconds = 0.0
         self._last_tokens = 0.0
@@ -195,25 +261,26 @@ class Distiller(Trainer):
         was_training = student.training
         student.eval()
         try:
-            extra = {}
-            if self.args.uses_completions:  # mixed: rows that lose the coin use their dataset completion
-                extra["completions"] = inputs["completion_ids"]
-            if self.args.lookahead > 0:
-                extra["lookahead"] = self.args.lookahead
-            out = generate(
-                student,
-                self.teacher_model,
-                inputs["prompt_input_ids"],
-                inputs["prompt_attention_mask"],
-                policy=self.policy,
-                max_new_tokens=self.args.max_new_tokens,
-                eos_token_id=self.processing_class.eos_token_id,
-                pad_token_id=self.processing_class.pad_token_id,
-                seed=self._generation_seed(),
-                example_keys=inputs["example_keys"],
-                sync_every=self.args.sync_every,
-                **extra,
-            )
+            with full_weights(student):  # FSDP: generation runs on the gathered weights
+                extra = {}
+                if self.args.uses_completions:  # mixed: rows that lose the coin use their dataset completion
+                    extra["completions"] = inputs["completion_ids"]
+                if self.args.lookahead > 0:
+                    extra["lookahead"] = self.args.lookahead
+                out = generate(
+                    student,
+                    self.teacher_model,
+                    inputs["prompt_input_ids"],
+                    inputs["prompt_attention_mask"],
+                    policy=self.policy,
+                    max_new_tokens=self.args.max_new_tokens,
+                    eos_token_id=self.processing_class.eos_token_id,
+                    pad_token_id=self.processing_class.pad_token_id,
+                    seed=self._generation_seed(),
+                    example_keys=inputs["example_keys"],
+                    sync_every=self.args.sync_every,
+                    **extra,
+                )
         finally:
             student.train(was_training)
         ids = out.response
@@ -242,6 +309,11 @@ class Distiller(Trainer):
         return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits, None
 
     def _use_fused(self, model) -> bool:
+        if self.is_fsdp_enabled:
+            # Outside the student's forward its LM-head weight is a shard (DTensor) unless its FSDP unit
+            # keeps it gathered after forward (accelerate's default tail unit does, a custom wrap may not):
+            # the logits of the wrapped model do not depend on how the model was wrapped.
+            return False
         student = self.accelerator.unwrap_model(model)
         teacher = self.accelerator.unwrap_model(self.teacher_model)
         return all(_linear_head(m) is not None and _accepts(m, "logits_to_keep") for m in (student, teacher))

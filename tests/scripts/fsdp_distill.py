@@ -1,0 +1,127 @@
+"""A few Distiller steps on a fixed global batch of 4: under torchrun with FSDP2 (2 x batch 2, the student
+sharded by accelerate's `fully_shard` path) or alone (1 x batch 4, no FSDP). SGD with momentum, so the
+weights compare linearly in the gradients (as in ddp_distill.py) and the optimizer has a state to resume.
+
+    torchrun --nproc_per_node 2 tests/scripts/fsdp_distill.py OUT [RESUME_CHECKPOINT]   # gloo on CPU
+    torchrun --nproc_per_node 2 tests/scripts/fsdp_distill.py OUT --no-shim   # what a CPU user gets
+    python tests/scripts/fsdp_distill.py OUT
+
+accelerate 1.15 enables FSDP only for accelerator processes (AcceleratorState keeps a CPU process group
+as MULTI_CPU and drops the FSDP plugin, so Trainer would silently run DDP). `_fsdp_on_cpu` lifts exactly
+that gate for this test: the plugin Trainer built from `fsdp=True` is installed and the distributed
+type set to FSDP; everything after it (accelerate's fsdp2_prepare_model, torch's fully_shard over gloo,
+Trainer's FSDP checkpointing and resume, the Distiller) is the code a GPU run uses.
+
+Writes on every rank OUT/rank{R}.json: the loss per step, the evaluation loss after training, the
+responses by dataset index, how many of the student's parameters are sharded, and OUT/weights_rank{R}.pt
+(float64 full weights, gathered).
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import datasets
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_run import rows, tiny_student, tiny_teacher, tiny_tokenizer  # noqa: E402
+
+from adaswitch import DistillConfig, Distiller  # noqa: E402
+
+
+def _fsdp_on_cpu() -> None:
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    init = AcceleratorState.__init__
+
+    def patched(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    AcceleratorState.__init__ = patched
+
+
+class RecordingDistiller(Distiller):
+    """Keeps every response generated, by dataset index, to compare the sharded and unsharded runs."""
+
+    def _responses(self, model, inputs):
+        out = super()._responses(model, inputs)
+        for key, ids in zip(inputs["example_keys"].tolist(), out[0].tolist()):
+            self.recorded.setdefault(str(self.state.global_step), {})[str(key)] = ids
+        return out
+
+
+def _full_weights(model) -> dict[str, torch.Tensor]:
+    from torch.distributed.tensor import DTensor
+
+    return {
+        k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().double().cpu()
+        for k, v in model.state_dict().items()
+    }
+
+
+def main(out: str, resume: str | None, shim: bool) -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and shim:
+        _fsdp_on_cpu()
+    config = DistillConfig(
+        output_dir=out,
+        report_to=[],
+        use_cpu=True,
+        ddp_backend="gloo" if world > 1 else None,
+        fsdp=world > 1,
+        seed=0,
+        per_device_train_batch_size=4 // world,
+        max_steps=3,
+        save_strategy="steps",
+        save_steps=2,
+        logging_steps=1,
+        disable_tqdm=True,
+        learning_rate=1.0,
+        policy="adaswitch",
+        window=1,
+        k=1e-3,
+        max_new_tokens=5,
+    )
+    trainer = RecordingDistiller(
+        model=tiny_student(max_positions=64).train(),
+        teacher_model=tiny_teacher(max_positions=64),
+        args=config,
+        train_dataset=datasets.Dataset.from_list(rows(4, same_length=True)),
+        eval_dataset=datasets.Dataset.from_list(rows(4, same_length=True)[::-1]),
+        processing_class=tiny_tokenizer(),
+        # momentum: a stateless optimizer (plain SGD) cannot be resumed under FSDP2, torch's
+        # set_optimizer_state_dict asserts on an optimizer state without tensors.
+        optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 1.0, "momentum": 0.5}),
+    )
+    trainer.recorded = {}
+    trainer.train(resume_from_checkpoint=resume)
+    from torch.distributed.tensor import DTensor
+
+    params = list(trainer.model.parameters())
+    sharded = sum(isinstance(p, DTensor) and p.to_local().numel() < p.numel() for p in params)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    torch.save(_full_weights(trainer.model), Path(out) / f"weights_rank{rank}.pt")
+    eval_loss = trainer.evaluate()["eval_loss"]
+    log = {
+        "world": trainer.accelerator.num_processes,
+        "fsdp": trainer.is_fsdp_enabled,
+        "sharded_params": sharded,
+        "params": len(params),
+        "responses": trainer.recorded,
+        "steps": [h for h in trainer.state.log_history if "loss" in h],
+        "eval_loss": eval_loss,
+    }
+    Path(out, f"rank{rank}.json").write_text(json.dumps(log))
+
+
+if __name__ == "__main__":
+    args = [a for a in sys.argv[1:] if a != "--no-shim"]
+    main(args[0], args[1] if len(args) > 1 else None, shim="--no-shim" not in sys.argv)
