@@ -4,6 +4,7 @@ weights compare linearly in the gradients (as in ddp_distill.py) and the optimiz
 
     torchrun --nproc_per_node 2 tests/scripts/fsdp_distill.py OUT [RESUME_CHECKPOINT]   # gloo on CPU
     torchrun --nproc_per_node 2 tests/scripts/fsdp_distill.py OUT --no-shim   # what a CPU user gets
+    torchrun ... OUT RESUME_CHECKPOINT --ram-efficient-models DIR   # from_pretrained(DIR/{student,teacher})
     python tests/scripts/fsdp_distill.py OUT
 
 accelerate 1.15 enables FSDP only for accelerator processes (AcceleratorState keeps a CPU process group
@@ -17,6 +18,7 @@ responses by dataset index, how many of the student's parameters are sharded, an
 (float64 full weights, gathered).
 """
 
+import argparse
 import json
 import os
 import sys
@@ -66,17 +68,20 @@ def _full_weights(model) -> dict[str, torch.Tensor]:
     }
 
 
-def main(out: str, resume: str | None, shim: bool) -> None:
+def main(out: str, resume: str | None, shim: bool, models: str | None) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world > 1 and shim:
         _fsdp_on_cpu()
+    if models:  # as `accelerate launch --use_fsdp --fsdp_cpu_ram_efficient_loading true` sets it
+        os.environ["ACCELERATE_USE_FSDP"] = "true"
     config = DistillConfig(
         output_dir=out,
         report_to=[],
         use_cpu=True,
         ddp_backend="gloo" if world > 1 else None,
         fsdp=world > 1,
+        fsdp_config={"cpu_ram_efficient_loading": bool(models)} if world > 1 else None,
         seed=0,
         per_device_train_batch_size=4 // world,
         max_steps=3,
@@ -90,9 +95,19 @@ def main(out: str, resume: str | None, shim: bool) -> None:
         k=1e-3,
         max_new_tokens=5,
     )
+    if models:
+        # The process group exists now (DistillConfig set it up): transformers loads the weights on local
+        # rank 0 only and leaves the other ranks' tensors uninitialised, for FSDP to broadcast.
+        from transformers import AutoModelForCausalLM
+
+        assert torch.distributed.is_initialized()
+        student = AutoModelForCausalLM.from_pretrained(Path(models) / "student")
+        teacher = AutoModelForCausalLM.from_pretrained(Path(models) / "teacher")
+    else:
+        student, teacher = tiny_student(max_positions=64), tiny_teacher(max_positions=64)
     trainer = RecordingDistiller(
-        model=tiny_student(max_positions=64).train(),
-        teacher_model=tiny_teacher(max_positions=64),
+        model=student.train(),
+        teacher_model=teacher,
         args=config,
         train_dataset=datasets.Dataset.from_list(rows(4, same_length=True)),
         eval_dataset=datasets.Dataset.from_list(rows(4, same_length=True)[::-1]),
@@ -113,6 +128,7 @@ def main(out: str, resume: str | None, shim: bool) -> None:
     log = {
         "world": trainer.accelerator.num_processes,
         "fsdp": trainer.is_fsdp_enabled,
+        "ram_efficient": trainer.is_fsdp_enabled and trainer.accelerator.state.fsdp_plugin.cpu_ram_efficient_loading,
         "sharded_params": sharded,
         "params": len(params),
         "responses": trainer.recorded,
@@ -123,5 +139,10 @@ def main(out: str, resume: str | None, shim: bool) -> None:
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if a != "--no-shim"]
-    main(args[0], args[1] if len(args) > 1 else None, shim="--no-shim" not in sys.argv)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("resume", nargs="?")
+    parser.add_argument("--no-shim", action="store_true", help="leave accelerate's CPU gate in place")
+    parser.add_argument("--ram-efficient-models", help="load the models saved here with cpu_ram_efficient_loading")
+    a = parser.parse_args()
+    main(a.out, a.resume, shim=not a.no_shim, models=a.ram_efficient_models)
