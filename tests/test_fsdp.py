@@ -1,5 +1,6 @@
-"""FSDP2: `torchrun --nproc_per_node 2` (gloo, CPU) with the student sharded trains like one process on the
-same global batch, generates the same tokens, and resumes from its sharded-run checkpoint exactly.
+"""FSDP2: `torchrun --nproc_per_node 2` (gloo, CPU) with the student sharded (and gradient accumulation) trains
+like one process on the same global batch, generates the same tokens, evaluates alike, and resumes from its
+checkpoint exactly.
 
 accelerate enables FSDP only on accelerators, so tests/scripts/fsdp_distill.py lifts that one gate (see
 its docstring); without it a CPU run with fsdp=True must be refused rather than silently run as DDP.

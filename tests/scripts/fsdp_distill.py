@@ -1,6 +1,7 @@
-"""A few Distiller steps on a fixed global batch of 4: under torchrun with FSDP2 (2 x batch 2, the student
-sharded by accelerate's `fully_shard` path) or alone (1 x batch 4, no FSDP). SGD with momentum, so the
-weights compare linearly in the gradients (as in ddp_distill.py) and the optimizer has a state to resume.
+"""A few Distiller steps on a fixed global batch of 4: under torchrun with FSDP2 (2 processes x batch 1 x 2
+accumulation steps, the student sharded by accelerate's `fully_shard` path) or alone (1 x batch 4, no FSDP).
+SGD with momentum, so the weights compare linearly in the gradients (as in ddp_distill.py) and the
+optimizer has a state to resume.
 
     torchrun --nproc_per_node 2 tests/scripts/fsdp_distill.py OUT [RESUME_CHECKPOINT]   # gloo on CPU
     torchrun --nproc_per_node 2 tests/scripts/fsdp_distill.py OUT --no-shim   # what a CPU user gets
@@ -83,7 +84,8 @@ def main(out: str, resume: str | None, shim: bool, models: str | None) -> None:
         fsdp=world > 1,
         fsdp_config={"cpu_ram_efficient_loading": bool(models)} if world > 1 else None,
         seed=0,
-        per_device_train_batch_size=4 // world,
+        per_device_train_batch_size=4 // world // 2 if world > 1 else 4,
+        gradient_accumulation_steps=2 if world > 1 else 1,  # FSDP2's no-sync micro-batch, then the synced one
         max_steps=3,
         save_strategy="steps",
         save_steps=2,
