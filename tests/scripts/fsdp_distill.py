@@ -6,7 +6,11 @@ optimizer has a state to resume.
     torchrun --nproc_per_node 2 tests/scripts/fsdp_distill.py OUT [RESUME_CHECKPOINT]   # gloo on CPU
     torchrun --nproc_per_node 2 tests/scripts/fsdp_distill.py OUT --no-shim   # what a CPU user gets
     torchrun ... OUT RESUME_CHECKPOINT --ram-efficient-models DIR   # from_pretrained(DIR/{student,teacher})
-    python tests/scripts/fsdp_distill.py OUT
+    python tests/scripts/fsdp_distill.py OUT                             # one process, no FSDP
+
+On a CUDA machine it runs on the GPUs (NCCL, no shim); `--fsdp` turns FSDP on for one process as well, so
+one GPU can compare `torchrun --nproc_per_node 1 ... OUT --fsdp` with `python ... OUT2`
+(tests/scripts/fsdp_gpu_check.py does that).
 
 accelerate 1.15 enables FSDP only for accelerator processes (AcceleratorState keeps a CPU process group
 as MULTI_CPU and drops the FSDP plugin, so Trainer would silently run DDP). `_fsdp_on_cpu` lifts exactly
@@ -69,23 +73,25 @@ def _full_weights(model) -> dict[str, torch.Tensor]:
     }
 
 
-def main(out: str, resume: str | None, shim: bool, models: str | None) -> None:
+def main(out: str, resume: str | None, shim: bool, models: str | None, fsdp: bool) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    if world > 1 and shim:
+    gpu = torch.cuda.is_available()
+    fsdp = fsdp or world > 1
+    if fsdp and shim and not gpu:
         _fsdp_on_cpu()
     if models:  # as `accelerate launch --use_fsdp --fsdp_cpu_ram_efficient_loading true` sets it
         os.environ["ACCELERATE_USE_FSDP"] = "true"
     config = DistillConfig(
         output_dir=out,
         report_to=[],
-        use_cpu=True,
-        ddp_backend="gloo" if world > 1 else None,
-        fsdp=world > 1,
-        fsdp_config={"cpu_ram_efficient_loading": bool(models)} if world > 1 else None,
+        use_cpu=not gpu,
+        ddp_backend="gloo" if world > 1 and not gpu else None,
+        fsdp=fsdp,
+        fsdp_config={"cpu_ram_efficient_loading": bool(models)} if fsdp else None,
         seed=0,
-        per_device_train_batch_size=4 // world // 2 if world > 1 else 4,
-        gradient_accumulation_steps=2 if world > 1 else 1,  # FSDP2's no-sync micro-batch, then the synced one
+        per_device_train_batch_size=4 // world // 2 if fsdp else 4,
+        gradient_accumulation_steps=2 if fsdp else 1,  # FSDP2's no-sync micro-batch, then the synced one
         max_steps=3,
         save_strategy="steps",
         save_steps=2,
@@ -146,5 +152,6 @@ if __name__ == "__main__":
     parser.add_argument("resume", nargs="?")
     parser.add_argument("--no-shim", action="store_true", help="leave accelerate's CPU gate in place")
     parser.add_argument("--ram-efficient-models", help="load the models saved here with cpu_ram_efficient_loading")
+    parser.add_argument("--fsdp", action="store_true", help="FSDP with one process too (GPU: torchrun -n 1)")
     a = parser.parse_args()
-    main(a.out, a.resume, shim=not a.no_shim, models=a.ram_efficient_models)
+    main(a.out, a.resume, shim=not a.no_shim, models=a.ram_efficient_models, fsdp=a.fsdp)
