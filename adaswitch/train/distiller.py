@@ -82,10 +82,8 @@ def full_weights(model: nn.Module):
     # The root must be initialised by FSDP before any submodule runs (the prefill enters at the decoder):
     # that is what the root's first forward does; the first module in pre-order is the root.
     states[id(modules[0]._get_fsdp_state())]._lazy_init()
-    saved = [
-        (state, state._auto_reshard_after_forward, [(g, g.post_forward_mesh_info) for g in state._fsdp_param_groups])
-        for state in states.values()
-    ]
+    saved = [(state, state._auto_reshard_after_forward, _param_groups(state)) for state in states.values()]
+    saved = [(state, auto, [(g, g.post_forward_mesh_info) for g in groups]) for state, auto, groups in saved]
     try:
         for m in modules:
             m.set_reshard_after_forward(False, recurse=False)
@@ -98,6 +96,13 @@ def full_weights(model: nn.Module):
             state._auto_reshard_after_forward = auto
             for group, info in groups:
                 group.post_forward_mesh_info = info
+
+
+def _param_groups(state) -> list:
+    """An FSDP2 state's parameter groups (recent torch keeps a list; older versions one group or None)."""
+    if hasattr(state, "_fsdp_param_groups"):
+        return list(state._fsdp_param_groups)
+    return [state._fsdp_param_group] if state._fsdp_param_group is not None else []
 
 
 def _accepts(model, name: str) -> bool:
@@ -261,7 +266,8 @@ class Distiller(Trainer):
         was_training = student.training
         student.eval()
         try:
-            with full_weights(student):  # FSDP: generation runs on the gathered weights
+            # FSDP: generation runs on the gathered weights (FSDP2 needs torch >= 2.6: imported only then)
+            with full_weights(student) if self.is_fsdp_enabled else contextlib.nullcontext():
                 extra = {}
                 if self.args.uses_completions:  # mixed: rows that lose the coin use their dataset completion
                     extra["completions"] = inputs["completion_ids"]
