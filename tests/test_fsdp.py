@@ -24,7 +24,7 @@ def _launch(out, *extra, world=2):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     launcher = [sys.executable]
     if world > 1:
-        # --standalone: the rendezvous picks a free port itself (no race with other processes for one)
+        # --standalone: no fixed port; the launcher picks a free one (see the retry in _run)
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
     return subprocess.run(
         launcher + [str(SCRIPT), str(out), *extra], env=env, capture_output=True, text=True, timeout=600
