@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,12 +11,6 @@ import torch
 from tiny_models import tiny_student
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "ddp_distill.py"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(cmd, out):
@@ -36,8 +29,7 @@ def test_two_processes_match_one(tmp_path):
             "torch.distributed.run",
             "--nproc_per_node",
             "2",
-            "--master_port",
-            str(_free_port()),
+            "--standalone",  # the launcher picks a free port (no race with other jobs on the host)
             str(SCRIPT),
         ],
         tmp_path / "ddp",
