@@ -13,7 +13,15 @@ Each training step (SPEC.md sections 2 and 5):
 
 FSDP2 (`fsdp=True`): accelerate shards the student only; generation runs inside `full_weights`, which
 gathers its weights; the teacher is replicated on every process; the loss takes the student's logits,
-since the LM-head weight is a shard outside the forward. FSDP1 and DeepSpeed are refused.
+since the LM-head weight is a shard outside the forward. FSDP1 is refused.
+
+DeepSpeed ZeRO stage 2 or 3 (`deepspeed=` a config): the engine wraps the student only. ZeRO-2 keeps full
+weights on every process, so nothing changes. ZeRO-3 partitions the student: generation runs inside
+DeepSpeed's `unwrap_model_for_generation` (gathers the weights once and removes the engine's per-module
+hooks, which would otherwise re-gather in every forward, a collective that processes whose rows stop early
+would leave waiting), and the loss takes the student's logits (the LM-head weight is a partition outside the
+forward). A teacher created under ZeRO-3's `zero.Init` (e.g. `from_pretrained` after the config) stays
+partitioned at rest and is gathered for each step. Stages 0 and 1 are refused (untested).
 
 Normalisation: the loss is the mean over the valid response tokens of the whole micro-batch across all
 processes (so N processes give the loss and gradients of one process on the same global batch);
@@ -45,11 +53,47 @@ STAGING_PREFIX = ".staging-"  # checkpoints are written under this name, then re
 
 
 def _vocab_size(model) -> int:
-    return (
-        model.get_output_embeddings().weight.shape[0]
-        if model.get_output_embeddings() is not None
-        else model.config.vocab_size
-    )
+    head = model.get_output_embeddings()
+    if head is None:
+        return model.config.vocab_size
+    # a ZeRO-3 partitioned weight (created under deepspeed.zero.Init) is empty; ds_shape is its full shape
+    return getattr(head.weight, "ds_shape", head.weight.shape)[0]
+
+
+def _zero3_partitioned(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters under DeepSpeed ZeRO-3 (partitioned: empty outside a gather unless below the persistence
+    threshold), or []."""
+    return [p for p in model.parameters() if hasattr(p, "ds_id")]
+
+
+@contextlib.contextmanager
+def zero3_full_weights(engine):
+    """Gives a DeepSpeed ZeRO-3 engine's model its full weights on every process for the duration of the block
+    and removes the engine's per-module hooks meanwhile (DeepSpeed's `unwrap_model_for_generation`), so
+    generation runs without a collective per forward; an engine without ZeRO-3 hooks is only gathered."""
+    import deepspeed
+    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+    if getattr(engine, "optimizer", None) is None:  # no ZeRO-3 optimizer or offload: no hooks to remove
+        with deepspeed.zero.GatheredParameters(_zero3_partitioned(engine)):
+            yield engine
+    else:
+        with unwrap_model_for_generation(engine):
+            yield engine
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module):
+    """Full weights of a module partitioned by ZeRO-3's `zero.Init` that no engine manages (the teacher), for
+    the block; any other module is left as is."""
+    params = _zero3_partitioned(model)
+    if not params:
+        yield model
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params):
+        yield model
 
 
 def _linear_head(model) -> nn.Linear | None:
@@ -164,11 +208,12 @@ class Distiller(Trainer):
                 "train_dataset is required: a datasets.Dataset or a .jsonl/.json/.parquet/.csv path"
             )
         if args.deepspeed:
-            raise ValueError(
-                "Distiller supports one device, DDP and FSDP2 (fsdp=True); DeepSpeed is not supported "
-                "(generation needs the student's full weights: ZeRO-3 would have to gather them, and no "
-                "DeepSpeed run has been tested); use fsdp=True to shard the student"
-            )
+            ds = args.hf_deepspeed_config
+            if not (ds.is_zero2() or ds.is_zero3()):
+                raise ValueError(
+                    "deepspeed: Distiller supports ZeRO stage 2 and 3 (zero_optimization.stage), got stage "
+                    f"{ds.get_value('zero_optimization.stage', 0)!r}; stages 0 and 1 are untested"
+                )
         if args.fsdp and (args.fsdp_plugin_args or {}).get("fsdp_version", 2) != 2:
             raise ValueError(
                 "fsdp_config['version'] must be 2: Distiller supports FSDP2 (transformers' default; FSDP1 "
@@ -214,13 +259,23 @@ class Distiller(Trainer):
                 f"({self.accelerator.distributed_type}); FSDP needs GPUs (torchrun --nproc_per_node N on CUDA "
                 "devices). For CPU or one device, leave fsdp unset (DDP under torchrun)"
             )
+        if args.deepspeed and not self.is_deepspeed_enabled:
+            # accelerate drops the DeepSpeed plugin when told to run on the CPU (Accelerator(cpu=True)); the
+            # run would silently be plain DDP.
+            raise ValueError(
+                f"deepspeed is set but accelerate did not enable DeepSpeed ({self.accelerator.distributed_type} "
+                f"on {self.accelerator.device.type}): accelerate drops it when told to use the CPU (`accelerate "
+                "launch --cpu`, ACCELERATE_USE_CPU=true); launch with torchrun or the deepspeed launcher instead, "
+                "or leave deepspeed unset"
+            )
         # The loss is normalised here (per token over the micro-batch), so Trainer divides it by the number
         # of accumulation steps; compute_loss flips this when Trainer passes num_items_in_batch.
         self.loss_is_scaled_for_ga = False
         teacher_model.eval()
         teacher_model.requires_grad_(False)
-        # evaluation_mode: never wrapped in DDP nor sharded by FSDP (accelerate shards only the model given
-        # to `prepare` with the optimizer), so every process holds the full teacher for generation.
+        # evaluation_mode: never wrapped in DDP nor sharded by FSDP or a DeepSpeed engine (accelerate wraps only
+        # the model given to `prepare` with the optimizer), so every process holds the full teacher for
+        # generation (one partitioned by zero.Init is gathered per step, see `gathered`).
         # device_placement: accelerate skips the move to the device under FSDP; the teacher needs it.
         self.teacher_model = self.accelerator.prepare_model(
             teacher_model, device_placement=True, evaluation_mode=True
@@ -266,8 +321,14 @@ class Distiller(Trainer):
         was_training = student.training
         student.eval()
         try:
-            # FSDP: generation runs on the gathered weights (FSDP2 needs torch >= 2.6: imported only then)
-            with full_weights(student) if self.is_fsdp_enabled else contextlib.nullcontext():
+            # FSDP / ZeRO-3: generation runs on the gathered weights (FSDP2 needs torch >= 2.6: imported only then)
+            if self.is_fsdp_enabled:
+                weights = full_weights(student)
+            elif _zero3_partitioned(student):
+                weights = zero3_full_weights(self.model_wrapped)
+            else:
+                weights = contextlib.nullcontext()
+            with weights, gathered(self.teacher_model):
                 extra = {}
                 if self.args.uses_completions:  # mixed: rows that lose the coin use their dataset completion
                     extra["completions"] = inputs["completion_ids"]
@@ -321,6 +382,8 @@ class Distiller(Trainer):
             # the logits of the wrapped model do not depend on how the model was wrapped.
             return False
         student = self.accelerator.unwrap_model(model)
+        if _zero3_partitioned(student):  # ZeRO-3: the LM-head weight is a partition outside the forward
+            return False
         teacher = self.accelerator.unwrap_model(self.teacher_model)
         return all(_linear_head(m) is not None and _accepts(m, "logits_to_keep") for m in (student, teacher))
 
@@ -357,7 +420,7 @@ class Distiller(Trainer):
         fused = self._use_fused(model)
         teacher_positions = positions.to(next(self.teacher_model.parameters()).device)
         s_out, s_head = self._forward(model, ids, mask, positions, fused=fused)
-        with torch.no_grad():
+        with torch.no_grad(), gathered(self.teacher_model):
             t_out, t_head = self._forward(
                 self.teacher_model,
                 ids.to(teacher_positions.device),
