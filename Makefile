@@ -13,7 +13,7 @@ $(STAMP): setup.py pyproject.toml CMakeLists.txt $(wildcard kernels/csrc/*.cpp)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=64" wheel cmake numpy
 	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
-	$(BIN)/python -m pip install -q --no-build-isolation -e ".[dev,compare]" "$(TORCH_PIN)"
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[dev,compare,deepspeed]" "$(TORCH_PIN)"
 	$(BIN)/python -c "import adaswitch, adaswitch.kernels; print('adaswitch', adaswitch.__version__, 'native op:', adaswitch.native_available())"
 	touch $(STAMP)
 

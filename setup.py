@@ -81,6 +81,7 @@ setup(
         "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "ruff>=0.5"],
         "compare": ["liger-kernel", "trl"],
         "flash": ["flash-attn"],
+        "deepspeed": ["deepspeed>=0.19"],
     },
     entry_points={"console_scripts": ["adaswitch=adaswitch.cli:main"]},
 )
