@@ -68,7 +68,7 @@ class DistillConfig(TrainingArguments):
         },
     )
     window: int = field(
-        default=4,
+        default=8,
         metadata={"help": "adaswitch: L, number of earlier divergences in the moving average (>= 1)."},
     )
     k: float = field(
