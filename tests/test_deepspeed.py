@@ -124,6 +124,26 @@ def test_zero3_partitioned_models_match_one_process_and_resume(tmp_path, single)
         assert torch.allclose(w_resumed[name], w, rtol=0, atol=1e-7), f"{name}: resumed run differs"
 
 
+@pytest.fixture
+def deepspeed_in_this_process():
+    """A DeepSpeed config in this (pytest) process leaves global state behind: TrainingArguments sets
+    ACCELERATE_USE_DEEPSPEED in os.environ (inherited by every process a later test launches),
+    transformers registers the config for from_pretrained, accelerate keeps its state singletons. Undo all
+    of it so the tests after this one run without DeepSpeed."""
+    from accelerate.state import AcceleratorState, GradientState
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        unset_hf_deepspeed_config()
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
 def _distiller(tmp_path, stage):
     import datasets
 
@@ -155,13 +175,9 @@ def _distiller(tmp_path, stage):
         (2, True, "deepspeed is set but accelerate did not enable DeepSpeed (DistributedType.NO on cpu)"),
     ],
 )
-def test_untested_stage_and_accelerate_cpu_are_refused(tmp_path, monkeypatch, stage, use_cpu_env, message):
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
+def test_untested_stage_and_accelerate_cpu_are_refused(tmp_path, deepspeed_in_this_process, stage, use_cpu_env,
+                                                       message):
     if use_cpu_env:
-        monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
-    try:
-        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-            _distiller(tmp_path, stage)
-    finally:
-        unset_hf_deepspeed_config()  # the config registers itself globally for from_pretrained
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        _distiller(tmp_path, stage)
