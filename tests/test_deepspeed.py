@@ -9,14 +9,12 @@ differences are in tests/scripts/deepspeed_distill.py's docstring). Where accele
 the CPU), and for the ZeRO stages not tested here (0, 1), Distiller refuses rather than silently running DDP.
 """
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from distributed_runs import merged_responses, run
 from scripts.tiny_run import rows, write_models
 from tiny_models import tiny_student, tiny_teacher, tiny_tokenizer
 
@@ -25,34 +23,11 @@ pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "deepspeed_distill.py"
 
 
-def _launch(out, *extra, world=2):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    launcher = [sys.executable]
-    if world > 1:
-        # --standalone: no fixed port; the launcher picks a free one (see the retry in _run)
-        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
-    return subprocess.run(
-        launcher + [str(SCRIPT), str(out), *extra], env=env, capture_output=True, text=True, timeout=600
-    )
-
-
 def _run(out, *extra, world=2):
-    proc = _launch(out, *extra, world=world)
-    if proc.returncode != 0 and "address already in use" in proc.stderr.lower():
-        proc = _launch(out, *extra, world=world)  # the port torchrun picked was taken meanwhile (busy host)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("[rank") or "Error" in line]
-    assert proc.returncode == 0, "\n".join(errors[-60:]) or proc.stderr[-4000:]
-    logs = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
-    return logs, torch.load(out / "weights_rank0.pt")
+    return run(SCRIPT, out, *extra, world=world)
 
 
-def _responses(logs) -> dict:
-    """{step: {dataset index: response ids}} over all ranks."""
-    merged = {}
-    for log in logs:
-        for step, rows_ in log["responses"].items():
-            merged.setdefault(step, {}).update(rows_)
-    return merged
+_responses = merged_responses
 
 
 @pytest.fixture(scope="module")

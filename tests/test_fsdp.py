@@ -6,48 +6,23 @@ accelerate enables FSDP only on accelerators, so tests/scripts/fsdp_distill.py l
 its docstring); without it a CPU run with fsdp=True must be refused rather than silently run as DDP.
 """
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from distributed_runs import launch, merged_responses, run
 from scripts.tiny_run import write_models
 from tiny_models import tiny_student
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "fsdp_distill.py"
 
 
-def _launch(out, *extra, world=2):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    launcher = [sys.executable]
-    if world > 1:
-        # --standalone: no fixed port; the launcher picks a free one (see the retry in _run)
-        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
-    return subprocess.run(
-        launcher + [str(SCRIPT), str(out), *extra], env=env, capture_output=True, text=True, timeout=600
-    )
-
-
 def _run(out, *extra, world=2):
-    proc = _launch(out, *extra, world=world)
-    if proc.returncode != 0 and "address already in use" in proc.stderr.lower():
-        proc = _launch(out, *extra, world=world)  # the port torchrun picked was taken meanwhile (busy host)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("[rank") or "Error" in line]
-    assert proc.returncode == 0, "\n".join(errors[-60:]) or proc.stderr[-4000:]
-    logs = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
-    return logs, torch.load(out / "weights_rank0.pt")
+    return run(SCRIPT, out, *extra, world=world)
 
 
-def _responses(logs) -> dict:
-    """{step: {dataset index: response ids}} over all ranks."""
-    merged = {}
-    for log in logs:
-        for step, rows in log["responses"].items():
-            merged.setdefault(step, {}).update(rows)
-    return merged
+_responses = merged_responses
 
 
 @pytest.mark.slow
@@ -104,6 +79,6 @@ def test_fsdp_matches_one_process_and_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_fsdp_on_cpu_is_refused_not_run_as_ddp(tmp_path):
-    proc = _launch(tmp_path / "out", "--no-shim")
+    proc = launch(SCRIPT, tmp_path / "out", "--no-shim")
     assert proc.returncode != 0
     assert "fsdp=True but accelerate did not enable FSDP on cpu" in proc.stderr

@@ -32,9 +32,9 @@ import datasets
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_run import rows, tiny_student, tiny_teacher, tiny_tokenizer  # noqa: E402
+from tiny_run import recording_distiller, rows, tiny_student, tiny_teacher, tiny_tokenizer  # noqa: E402
 
-from adaswitch import DistillConfig, Distiller  # noqa: E402
+from adaswitch import DistillConfig  # noqa: E402
 
 
 def _without_shm_op() -> None:
@@ -45,14 +45,7 @@ def _without_shm_op() -> None:
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
-class RecordingDistiller(Distiller):
-    """Keeps every response generated, by dataset index, to compare the DeepSpeed and one-process runs."""
-
-    def _responses(self, model, inputs):
-        out = super()._responses(model, inputs)
-        for key, ids in zip(inputs["example_keys"].tolist(), out[0].tolist()):
-            self.recorded.setdefault(str(self.state.global_step), {})[str(key)] = ids
-        return out
+RecordingDistiller = recording_distiller()
 
 
 def _full_weights(trainer) -> dict[str, torch.Tensor]:

@@ -33,9 +33,9 @@ import datasets
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_run import rows, tiny_student, tiny_teacher, tiny_tokenizer  # noqa: E402
+from tiny_run import recording_distiller, rows, tiny_student, tiny_teacher, tiny_tokenizer  # noqa: E402
 
-from adaswitch import DistillConfig, Distiller  # noqa: E402
+from adaswitch import DistillConfig  # noqa: E402
 
 
 def _fsdp_on_cpu() -> None:
@@ -54,14 +54,7 @@ def _fsdp_on_cpu() -> None:
     AcceleratorState.__init__ = patched
 
 
-class RecordingDistiller(Distiller):
-    """Keeps every response generated, by dataset index, to compare the sharded and unsharded runs."""
-
-    def _responses(self, model, inputs):
-        out = super()._responses(model, inputs)
-        for key, ids in zip(inputs["example_keys"].tolist(), out[0].tolist()):
-            self.recorded.setdefault(str(self.state.global_step), {})[str(key)] = ids
-        return out
+RecordingDistiller = recording_distiller()
 
 
 def _full_weights(model) -> dict[str, torch.Tensor]:

@@ -8,8 +8,6 @@ and compares them: the same response tokens, losses and evaluation loss within 1
 within 1e-2 (cuBLAS may sum in another order for another batch shape). Exits 1 on a mismatch.
 """
 
-import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,25 +15,17 @@ import torch
 
 SCRIPT = Path(__file__).resolve().parent / "fsdp_distill.py"
 sys.path.insert(0, str(SCRIPT.parent.parent))
+from distributed_runs import merged_responses, run  # noqa: E402
 from tiny_models import tiny_student  # noqa: E402
 
 
 def _run(out: Path, nproc: int | None) -> tuple[list[dict], dict]:
-    launcher = [sys.executable]
-    if nproc:
-        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    cmd = launcher + [str(SCRIPT), str(out)] + (["--fsdp"] if nproc else [])
-    subprocess.run(cmd, check=True, timeout=900)
-    logs = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
-    return logs, torch.load(out / "weights_rank0.pt")
+    """FSDP under torchrun with nproc processes (NCCL), or one process without FSDP (nproc None)."""
+    extra = ["--fsdp"] if nproc else []
+    return run(SCRIPT, out, *extra, world=nproc or 1, torchrun=bool(nproc))
 
 
-def _responses(logs) -> dict:
-    merged = {}
-    for log in logs:
-        for step, rows in log["responses"].items():
-            merged.setdefault(step, {}).update(rows)
-    return merged
+_responses = merged_responses
 
 
 def main(out: str, nproc: int) -> int:

@@ -58,3 +58,18 @@ def state_dict_file(model, path) -> None:
 
     torch.save({k: v.detach().double().cpu() for k, v in model.state_dict().items()}, path)
 
+
+
+def recording_distiller():
+    """A Distiller that keeps every response it generates, {global step: {dataset index: ids}}, so runs
+    under different parallelisms (DDP, FSDP, DeepSpeed, one process) can be compared token by token."""
+    from adaswitch import Distiller
+
+    class RecordingDistiller(Distiller):
+        def _responses(self, model, inputs):
+            out = super()._responses(model, inputs)
+            for key, ids in zip(inputs["example_keys"].tolist(), out[0].tolist()):
+                self.recorded.setdefault(str(self.state.global_step), {})[str(key)] = ids
+            return out
+
+    return RecordingDistiller
