@@ -52,6 +52,10 @@ def test_two_processes_match_one(tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
         assert a["loss_tokens"] == b["loss_tokens"]  # same responses: draws keyed by dataset index
         assert a["switch_rate"] == b["switch_rate"]
+    # evaluation with a padded last step (3 rows, 2 per step): the repeated row counts nowhere
+    for key in ("eval_response_tokens", "eval_loss_tokens", "eval_switch_rate"):
+        assert ddp["eval"][key] == single["eval"][key], key
+    assert ddp["eval"]["eval_loss"] == pytest.approx(single["eval"]["eval_loss"], rel=1e-4)
     r0 = torch.load(tmp_path / "ddp" / "weights_rank0.pt")
     r1 = torch.load(tmp_path / "ddp" / "weights_rank1.pt")
     one = torch.load(tmp_path / "single" / "weights_rank0.pt")

@@ -32,6 +32,7 @@ are generated. A `num_items_in_batch` given by Trainer replaces the token count,
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
 import os
@@ -230,6 +231,7 @@ class Distiller(Trainer):
 
         # Data checks come first: a bad row is reported before any model is moved or any work is done.
         limit = prompt_limit(args.max_prompt_length, args.max_new_tokens, model, teacher_model)
+        self._prompt_limit = limit
         train_dataset = self._prepare_dataset(train_dataset, processing_class, args, limit, "train dataset")
         if isinstance(eval_dataset, dict):
             eval_dataset = {
@@ -295,6 +297,19 @@ class Distiller(Trainer):
             use_completion=args.uses_completions,
             name=name,
         )
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        """Trainer.evaluate; an `eval_dataset` given here (prompt/completion rows or a file path, or a dict
+        of them) is checked and tokenized like the one given to the constructor."""
+        if eval_dataset is not None:
+            prepare = functools.partial(
+                self._prepare_dataset, tokenizer=self.processing_class, args=self.args, limit=self._prompt_limit
+            )
+            if isinstance(eval_dataset, dict):
+                eval_dataset = {k: prepare(v, name=f"eval dataset {k!r}") for k, v in eval_dataset.items()}
+            else:
+                eval_dataset = prepare(eval_dataset, name="eval dataset")
+        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     # ------------------------------------------------------------------------------------------------
     # responses
@@ -404,6 +419,9 @@ class Distiller(Trainer):
         mask = torch.cat([pmask, valid.long()], dim=1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         keep = {"all": valid, "student": from_student, "teacher": from_teacher}[self.args.token_mask]
+        real = self._real_rows(resp.shape[0], device) if mode == "eval" else None
+        if real is not None:  # rows repeated to pad the last evaluation step count nowhere
+            keep, valid, from_teacher = keep & real[:, None], valid & real[:, None], from_teacher & real[:, None]
         labels = torch.where(keep, resp, torch.full_like(resp, IGNORE_INDEX))
 
         # Global token count of this micro-batch over all processes (see the module docstring).
@@ -455,24 +473,30 @@ class Distiller(Trainer):
         else:
             loss = distill_loss(s_sel[..., :v], t_sel[..., :v], **kwargs)
         if world > 1 and num_items_in_batch is None:
-            loss = loss * world  # DDP averages gradients over processes; this makes it a global token mean
+            if mode == "train":
+                loss = loss * world  # DDP averages gradients over processes; this makes it a global token mean
+            else:  # every process reports the global mean (Trainer keeps some processes' values of a last step)
+                loss = self.accelerator.reduce(loss.detach(), reduction="sum")
 
-        self._record(mode, valid, from_teacher, count, gen)
+        self._record(mode, valid, from_teacher, count, gen, real)
         return (loss, None) if return_outputs else loss
 
     # ------------------------------------------------------------------------------------------------
     # metrics
 
     @torch.no_grad()
-    def _record(self, mode, valid, from_teacher, count, gen) -> None:
-        """Adds this step's generation statistics, summed over processes, to the metrics to be logged."""
-        rows = valid.shape[0]
-        stats = [float(rows), valid.sum(), from_teacher.sum(), count]
+    def _record(self, mode, valid, from_teacher, count, gen, real=None) -> None:
+        """Adds this step's generation statistics, summed over processes, to the metrics to be logged
+        (`real`: the rows to count, see `_real_rows`)."""
+        rows = valid.shape[0] if real is None else real.sum()
+        stats = [float(rows) if real is None else rows, valid.sum(), from_teacher.sum(), count]
         has_switch = gen is not None and self.args.policy == "adaswitch"
         if has_switch:
             switched = gen.switch_position >= 0
             div = gen.divergence
             finite = ~torch.isnan(div)
+            if real is not None:
+                switched, finite = switched & real, finite & real[:, None]
             stats += [
                 switched.sum(),
                 torch.where(switched, gen.switch_position, 0).sum(),
@@ -498,6 +522,16 @@ class Distiller(Trainer):
         m["generation_seconds"].append(self._last_generation_seconds)
         self._last_tokens = vals[1]
 
+    def _real_rows(self, rows: int, device) -> torch.Tensor:
+        """[rows] bool, False for the rows accelerate repeats to give every process a full last evaluation
+        step (the rows its `gather_for_metrics` drops: past the dataset's remainder, in process order)."""
+        real = torch.ones(rows, dtype=torch.bool, device=device)
+        state = self.accelerator.gradient_state
+        if self.accelerator.num_processes > 1 and state.end_of_dataloader and state.remainder > 0:
+            first = self.accelerator.process_index * rows
+            real = first + torch.arange(rows, device=device) < state.remainder
+        return real
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         start = time.perf_counter()
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -520,7 +554,8 @@ class Distiller(Trainer):
         metrics = {k: (sum(v) if k in sums else sum(v) / len(v)) for k, v in self._metrics[mode].items() if v}
         if mode == "eval":
             metrics = {f"eval_{k}": v for k, v in metrics.items()}
-        super().log({**logs, **metrics}, start_time)
+        logs.update(metrics)  # in place: Trainer.evaluate returns the dict it logs, so it holds these too
+        super().log(logs, start_time)
         self._metrics[mode].clear()
 
     # ------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ def main(out: str) -> None:
         ddp_backend="gloo" if world > 1 else None,
         seed=0,
         per_device_train_batch_size=4 // world,
+        per_device_eval_batch_size=2 // world,
         max_steps=3,
         save_strategy="steps",
         save_steps=2,
@@ -51,12 +52,14 @@ def main(out: str) -> None:
         processing_class=tiny_tokenizer(),
     )
     trainer.train()
+    # 3 eval rows in steps of 2: across 2 processes accelerate pads the last step with a repeated row
+    evaluation = trainer.evaluate(eval_dataset=datasets.Dataset.from_list(rows(3)))
     Path(out).mkdir(parents=True, exist_ok=True)
     state_dict_file(trainer.accelerator.unwrap_model(trainer.model), Path(out) / f"weights_rank{rank}.pt")
     if rank == 0:
         steps = [h for h in trainer.state.log_history if "loss" in h]
         Path(out, "log.json").write_text(
-            json.dumps({"world": trainer.accelerator.num_processes, "steps": steps})
+            json.dumps({"world": trainer.accelerator.num_processes, "steps": steps, "eval": evaluation})
         )
 
 
