@@ -28,11 +28,10 @@ import os
 import sys
 from pathlib import Path
 
-import datasets
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_run import recording_distiller, rows, tiny_student, tiny_teacher, tiny_tokenizer  # noqa: E402
+from tiny_run import recording_trainer, tiny_student, tiny_teacher  # noqa: E402
 
 from adaswitch import DistillConfig  # noqa: E402
 
@@ -45,7 +44,6 @@ def _without_shm_op() -> None:
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
-RecordingDistiller = recording_distiller()
 
 
 def _full_weights(trainer) -> dict[str, torch.Tensor]:
@@ -110,16 +108,7 @@ def main(out: str, resume: str | None, stage: int | None, models: str | None, sh
         student = AutoModelForCausalLM.from_pretrained(Path(models) / "student")
         teacher = AutoModelForCausalLM.from_pretrained(Path(models) / "teacher")
         teacher_partitioned = all(hasattr(p, "ds_id") and p.numel() == 0 for p in teacher.parameters())
-    trainer = RecordingDistiller(
-        model=student.train(),
-        teacher_model=teacher,
-        args=config,
-        train_dataset=datasets.Dataset.from_list(rows(4, same_length=True)),
-        eval_dataset=datasets.Dataset.from_list(rows(4, same_length=True)[::-1]),
-        processing_class=tiny_tokenizer(),
-        optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 1.0, "momentum": 0.5}),
-    )
-    trainer.recorded = {}
+    trainer = recording_trainer(student, teacher, config)
     trainer.train(resume_from_checkpoint=resume)
     params = list(trainer.accelerator.unwrap_model(trainer.model).parameters())
     partitioned = sum(hasattr(p, "ds_id") and p.numel() == 0 for p in params)  # empty outside a gather

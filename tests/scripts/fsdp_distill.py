@@ -29,11 +29,10 @@ import os
 import sys
 from pathlib import Path
 
-import datasets
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_run import recording_distiller, rows, tiny_student, tiny_teacher, tiny_tokenizer  # noqa: E402
+from tiny_run import recording_trainer, tiny_student, tiny_teacher  # noqa: E402
 
 from adaswitch import DistillConfig  # noqa: E402
 
@@ -54,7 +53,6 @@ def _fsdp_on_cpu() -> None:
     AcceleratorState.__init__ = patched
 
 
-RecordingDistiller = recording_distiller()
 
 
 def _full_weights(model) -> dict[str, torch.Tensor]:
@@ -106,18 +104,7 @@ def main(out: str, resume: str | None, shim: bool, models: str | None, fsdp: boo
         teacher = AutoModelForCausalLM.from_pretrained(Path(models) / "teacher")
     else:
         student, teacher = tiny_student(max_positions=64), tiny_teacher(max_positions=64)
-    trainer = RecordingDistiller(
-        model=student.train(),
-        teacher_model=teacher,
-        args=config,
-        train_dataset=datasets.Dataset.from_list(rows(4, same_length=True)),
-        eval_dataset=datasets.Dataset.from_list(rows(4, same_length=True)[::-1]),
-        processing_class=tiny_tokenizer(),
-        # momentum: a stateless optimizer (plain SGD) cannot be resumed under FSDP2, torch's
-        # set_optimizer_state_dict asserts on an optimizer state without tensors.
-        optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 1.0, "momentum": 0.5}),
-    )
-    trainer.recorded = {}
+    trainer = recording_trainer(student, teacher, config)
     trainer.train(resume_from_checkpoint=resume)
     from torch.distributed.tensor import DTensor
 

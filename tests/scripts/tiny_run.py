@@ -73,3 +73,23 @@ def recording_distiller():
             return out
 
     return RecordingDistiller
+
+
+def recording_trainer(student, teacher, config):
+    """The recording Distiller on the fixed data of the parallelism tests: 4 training rows, the same 4
+    reversed for evaluation, SGD with momentum (weights compare linearly in the gradients; a stateless
+    optimizer cannot be resumed under FSDP2: torch's set_optimizer_state_dict asserts on it)."""
+    import datasets
+    import torch
+
+    trainer = recording_distiller()(
+        model=student.train(),
+        teacher_model=teacher,
+        args=config,
+        train_dataset=datasets.Dataset.from_list(rows(4, same_length=True)),
+        eval_dataset=datasets.Dataset.from_list(rows(4, same_length=True)[::-1]),
+        processing_class=tiny_tokenizer(),
+        optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 1.0, "momentum": 0.5}),
+    )
+    trainer.recorded = {}
+    return trainer
