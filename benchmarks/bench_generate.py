@@ -29,11 +29,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,6 +43,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 import tiny_models  # noqa: E402
+from machine_info import cpu_model, git_commit, load_average, utc_now  # noqa: E402
 
 from adaswitch import AdaSwitch, Sampling, Student, Teacher, generate  # noqa: E402
 from adaswitch.engine.sync import SyncCounter  # noqa: E402
@@ -56,25 +54,14 @@ PAD, EOS = 151643, 151645
 
 
 def machine(device: torch.device) -> dict:
-    cpu = "unknown"
-    try:
-        for line in subprocess.check_output(["lscpu"], text=True).splitlines():
-            if line.startswith("Model name"):
-                cpu = line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        cpu = platform.processor() or "unknown"
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
     info = {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": commit,
-        "load_avg_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "date": utc_now(),
+        "commit": git_commit(),
+        "load_avg_start": load_average(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -312,7 +299,7 @@ def main(argv=None) -> None:
             row["tokens_per_s"] = batch * n / row["seconds"]
             print(f"{method:>22} {case:>6}  {seconds:8.2f} s  {batch * n / seconds:9.1f} tok/s  "
                   f"{row['switch']}", flush=True)
-        info["load_avg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        info["load_avg_end"] = load_average()
         info["rounds"] = f"{done} of {args.repeats}"
         naive = {r["case"]: r["tokens_per_s"] for r in rows if r["method"] == "naive"}
         hf_teacher = next(r["tokens_per_s"] for r in rows if r["method"] == "hf-teacher")

@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import functools
 import os
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+from machine_info import cpu_model, git_commit, utc_now
 
 from adaswitch._backend import native_ops
 from adaswitch.engine.policies import SKD, AdaSwitch, Student
@@ -96,13 +95,8 @@ def main(argv=None):
                 rows.append(row)
                 print(f"{row['policy']:9s} V={vocab:6d} {impl:6s} {ms:9.2f} ms  "
                       f"naive/impl {row['naive_over_impl']:6.2f}")
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    machine = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if "Model name" in ln), "?")
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    commit = git.stdout.strip()
-    now = datetime.datetime.now(datetime.timezone.utc)
-    header = (f"{machine}, {os.cpu_count()} cores, torch {torch.__version__}, "
-              f"Python {platform.python_version()}, commit {commit}, {now:%Y-%m-%d %H:%M} UTC, "
+    header = (f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+              f"Python {platform.python_version()}, commit {git_commit()}, {utc_now()}, "
               f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

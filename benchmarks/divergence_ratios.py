@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import os
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+from machine_info import cpu_model, git_commit, utc_now
 
 from adaswitch import reference, token_divergence
 from adaswitch._backend import native_available
@@ -37,25 +36,14 @@ TARGET = ("forward_kl", 64, 151936)  # issue 2: native faster than compiled and 
 
 
 def machine() -> dict:
-    model = "unknown"
-    try:
-        for line in subprocess.check_output(["lscpu"], text=True).splitlines():
-            if line.startswith("Model name"):
-                model = line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        model = platform.processor() or "unknown"
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
     return {
-        "cpu": model,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": commit,
+        "date": utc_now(),
+        "commit": git_commit(),
     }
 
 

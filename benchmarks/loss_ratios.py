@@ -18,7 +18,6 @@ import csv
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent))
+
+from machine_info import cpu_model, git_commit  # noqa: E402
 
 # (op, N, V, H): the CPU shapes; the logits-input op at N=4096, V=151936 (and the fused op there)
 # would need > 20 GB for the eager baselines on this 23 GB machine shared with other jobs, so it is cut.
@@ -112,24 +113,6 @@ def run_case(op, n, v, h, provider, reps):
     }
 
 
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        name = platform.processor()
-    return f"{name}, {os.cpu_count()} cores"
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-        ).stdout.strip()
-    except OSError:
-        return "unknown"
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "results" / "loss_cpu.csv"))
@@ -150,7 +133,7 @@ def main(argv=None):
         return
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", TRL_EXPERIMENTAL_SILENCE="1")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
-    mach, sha = machine(), commit()
+    mach, sha = f"{cpu_model()}, {os.cpu_count()} cores", git_commit()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -15,7 +15,7 @@ import statistics
 import time
 from pathlib import Path
 
-from adaswitch.demo.build_teacher import TEACHER_DIR, DataSpec
+from adaswitch.demo.build_teacher import TEACHER_DIR
 
 WINDOWS = (4, 8, 16)
 KS = (1.5, 2.0, 3.0, 5.0)
@@ -62,8 +62,8 @@ def run_ablation(
     """Runs the sweep; writes ablation.json; returns {"meta", "cells", "best", "table"}."""
     from tqdm.auto import tqdm
 
-    from adaswitch.demo.experiment import prepare, quiet_library_bars, run_method
-    from adaswitch.demo.run import PRESETS, cpu_name, git_commit
+    from adaswitch.demo.experiment import quiet_library_bars, run_method
+    from adaswitch.demo.run import PRESETS, cpu_name, git_commit, prepare_preset
     from adaswitch.engine.policies import AdaSwitch
 
     if preset not in PRESETS:
@@ -79,15 +79,7 @@ def run_ablation(
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with quiet_library_bars():
-        ctx = prepare(
-            student=spec.student,
-            sft_steps=spec.sft_steps,
-            num_eval=spec.num_eval,
-            teacher_dir=teacher_dir,
-            data=DataSpec(num_train=spec.num_train),
-            max_new_tokens=spec.budget.max_new_tokens,
-            progress=progress,
-        )
+        ctx = prepare_preset(spec, teacher_dir=teacher_dir, progress=progress)
         jobs = [(w, k, s) for w in windows for k in ks for s in seeds]
         runs = []
         for w, k, s in tqdm(jobs, desc="ablation", unit="run", disable=not progress):

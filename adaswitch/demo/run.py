@@ -79,6 +79,22 @@ PRESETS = {
 SKD_TOP_K = 2
 
 
+def prepare_preset(spec: DemoPreset, *, teacher_dir, progress: bool, student=None):
+    """A preset's teacher, student (SFT-ed at start when the preset says so; `student`: a checkpoint
+    directory instead) and data: what the demo and the ablation start from."""
+    from adaswitch.demo.experiment import prepare
+
+    return prepare(
+        student=spec.student if student is None else student,
+        sft_steps=spec.sft_steps,
+        num_eval=spec.num_eval,
+        teacher_dir=teacher_dir,
+        data=DataSpec(num_train=spec.num_train),
+        max_new_tokens=spec.budget.max_new_tokens,
+        progress=progress,
+    )
+
+
 def adaswitch_defaults() -> tuple[int, float]:
     from adaswitch.engine.policies import AdaSwitch
 
@@ -201,7 +217,7 @@ def run_demo(
     """Runs the demo and writes results.json and the plots; returns the results dict."""
     from tqdm.auto import tqdm
 
-    from adaswitch.demo.experiment import prepare, quiet_library_bars
+    from adaswitch.demo.experiment import quiet_library_bars
     from adaswitch.engine.policies import AdaSwitch
 
     if preset not in PRESETS:
@@ -224,15 +240,7 @@ def run_demo(
     say = tqdm.write if progress else print
     with quiet_library_bars():
         say(f"[adaswitch demo] preset={preset}: loading the teacher and the student ...")
-        ctx = prepare(
-            student=spec.student if student_dir is None else student_dir,
-            sft_steps=spec.sft_steps,
-            num_eval=spec.num_eval,
-            teacher_dir=teacher_dir,
-            data=DataSpec(num_train=spec.num_train),
-            max_new_tokens=spec.budget.max_new_tokens,
-            progress=progress,
-        )
+        ctx = prepare_preset(spec, teacher_dir=teacher_dir, progress=progress, student=student_dir)
         results = _run(spec, ctx, methods, seeds, window, k, out, progress, say)
     results["meta"]["total_seconds"] = round(time.perf_counter() - started, 1)
     (out / "results.json").write_text(json.dumps(_json_safe(results), indent=2) + "\n")

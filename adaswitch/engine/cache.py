@@ -15,7 +15,8 @@ Two attention paths read the same cache (`adaswitch.engine.attention`):
   [B, 1, q, C] and `position_ids` [B, q]; transformers returns a 4-D mask as is, so no mask-building
   code (and none of its data-dependent host checks) runs in the decode loop. K/V are [B, H, C, D].
 * flash-attn (`layout="flash"`): K/V are [B, C, H, D] as `flash_attn_with_kvcache` wants them and the
-  attention reads `lengths` / `start` directly; the mask passed to the model is a placeholder.
+  attention reads `lengths` / `start` directly; the model gets a [B, 1, 1, 1] all-true mask, which
+  only stops transformers from building one (the flash attention ignores it).
 Nothing here depends on a Python int that changes per step, so the same calls can be captured in a CUDA
 graph.
 """
@@ -99,14 +100,16 @@ class RowCache(Cache):
         self.capacity = capacity
         self.layout = layout
         self._cols = torch.arange(capacity, device=device)
-        # flash-attn's int32 views of the row bounds during a forward (end = lengths + q, after the write).
+        # flash-attn's int32 row bounds: end = lengths + q during a forward (after the write), start fixed
+        # by the prompt; and the mask given to the model on that path, which its attention ignores.
         self.kv_end = torch.zeros(batch_size, dtype=torch.int32, device=device)
         self.kv_start = torch.zeros(batch_size, dtype=torch.int32, device=device)
-        self._placeholder_mask = torch.ones(batch_size, 1, 1, 1, dtype=torch.bool, device=device)
+        self._flash_mask = torch.ones(batch_size, 1, 1, 1, dtype=torch.bool, device=device)
 
     def prefill_inputs(self, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask and position ids for the left-padded prompt [B, P] (written at columns 0 .. P - 1)."""
         self.start.copy_((attention_mask == 0).long().sum(-1))
+        self.kv_start.copy_(self.start)
         self.lengths.zero_()
         return self.decode_inputs(attention_mask.shape[1])
 
@@ -116,8 +119,7 @@ class RowCache(Cache):
         position_ids = (own - self.start[:, None]).clamp(min=0)
         if self.layout == "flash":
             self.kv_end.copy_(self.lengths + q)
-            self.kv_start.copy_(self.start)
-            return self._placeholder_mask, position_ids
+            return self._flash_mask, position_ids
         return self._mask(own), position_ids
 
     def _mask(self, own: torch.Tensor) -> torch.Tensor:

@@ -174,7 +174,7 @@ class _Run:
     """All device buffers of one generate call and the two kinds of iteration (step, block)."""
 
     def __init__(self, student, teacher, input_ids, mask, policy, n, eos, pad, seed, keys, lookahead,
-                 vocab, completions, impl):
+                 vocab, completions, impl, attention_scope):
         self.student, self.teacher, self.policy = student, teacher, policy
         self.n, self.eos, self.pad, self.seed, self.keys, self.g = n, eos, pad, seed, keys, lookahead
         self.vocab, self.impl = vocab, impl
@@ -200,32 +200,31 @@ class _Run:
             self.draft_state = SwitchState.new(b, 1, device)
         # Columns: the prompt minus its last token, <= n kept tokens, and one forward's transient columns.
         capacity = p - 1 + n + max(1, lookahead)
-        self.caches, self.flash = {}, {}
+        self.caches = {}
         for name, model, used in (("student", student, self.run_student),
                                   ("teacher", teacher, self.run_teacher)):
             if used:
                 flash = flash_available(model)
+                if flash:  # the model's attention is the cache's flash-attn call until the scope closes
+                    attention_scope.enter_context(kvcache_attention(model))
                 cache = RowCache(model, b, capacity, device, layout="flash" if flash else "sdpa")
-                self.caches[name], self.flash[name] = cache, flash
+                self.caches[name] = cache
                 if p > 1:
                     self._forward(model, cache, input_ids[:, :-1], prefill_mask=mask[:, :-1])
 
     def _forward(self, model, cache, ids, prefill_mask=None):
-        flash = cache.layout == "flash"
-        extra = {"adaswitch_cache": cache} if flash else {}
-        scope = kvcache_attention(model) if flash else contextlib.nullcontext()
-        with scope:
-            if prefill_mask is not None:
-                # Prefill logits are not used (the loop feeds the last prompt token): skip the LM head.
-                attn, position_ids = cache.prefill_inputs(prefill_mask)
-                decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-                body, kw = (model, {"logits_to_keep": 1}) if decoder is model else (decoder, {})
-                body(input_ids=ids, attention_mask=attn, position_ids=position_ids, cache=cache, use_cache=True,
-                     **kw, **extra)
-                cache.advance(ids.shape[1])
-                return None
-            attn, position_ids = cache.decode_inputs(ids.shape[1])
-            out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, cache=cache, **extra)
+        extra = {"adaswitch_cache": cache} if cache.layout == "flash" else {}
+        if prefill_mask is not None:
+            # Prefill logits are not used (the loop feeds the last prompt token): skip the LM head.
+            attn, position_ids = cache.prefill_inputs(prefill_mask)
+            decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+            body, kw = (model, {"logits_to_keep": 1}) if decoder is model else (decoder, {})
+            body(input_ids=ids, attention_mask=attn, position_ids=position_ids, cache=cache, use_cache=True,
+                 **kw, **extra)
+            cache.advance(ids.shape[1])
+            return None
+        attn, position_ids = cache.decode_inputs(ids.shape[1])
+        out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, cache=cache, **extra)
         cache.advance(ids.shape[1])
         return out.logits[..., : self.vocab]
 
@@ -495,8 +494,15 @@ def generate(
     elif completions is not None:
         raise ValueError(f"completions apply to the Mixed policy (lmbda < 1), not {type(policy).__name__}")
 
-    run = _Run(student, teacher, input_ids, mask, policy, max_new_tokens, eos, pad, seed, keys, lookahead,
-               vocab_size, completions, impl)
+    # Flash-attn models get the cache's attention for the whole call, and their own back on any exit.
+    with contextlib.ExitStack() as attention_scope:
+        run = _Run(student, teacher, input_ids, mask, policy, max_new_tokens, eos, pad, seed, keys, lookahead,
+                   vocab_size, completions, impl, attention_scope)
+        return _decode(run, policy, max_new_tokens, lookahead, sync_every, cuda_graph).finish(input_ids, mask)
+
+
+def _decode(run: _Run, policy, max_new_tokens: int, lookahead: int, sync_every: int, cuda_graph: bool) -> _Run:
+    """The decode loop: iterations until every row is done, a host read about every sync_every tokens."""
     graphs = _Graphs() if cuda_graph else None
     mode_block = lookahead > 0
     use_student = run.run_student
@@ -531,4 +537,4 @@ def generate(
                 use_student = use_student and not all_switched
             if progress < sync_every or not mode_block:
                 interval = sync_every
-    return run.finish(input_ids, mask)
+    return run
