@@ -257,9 +257,13 @@ def test_bad_inputs(student, teacher, prompts):
     _bad((student, teacher), prompts, "completions are required", policy=Mixed(0.5))
     _bad((student, teacher), prompts, "completions apply", completions=ids)
     _bad((student, teacher), prompts, "example_keys must be", example_keys=[1, 2])
-    sliding = tiny_teacher()
-    sliding.config.layer_types = ["sliding_attention"] * sliding.config.num_hidden_layers
-    _bad((student, sliding), prompts, "full-attention layers only")
+    no_window = tiny_teacher()
+    no_window.config.layer_types = ["sliding_attention"] * no_window.config.num_hidden_layers
+    no_window.config.sliding_window = None
+    _bad((student, no_window), prompts, "config.sliding_window is None; expected an int >= 1")
+    linear = tiny_teacher()
+    linear.config.layer_types = ["linear_attention", "full_attention", "full_attention"]
+    _bad((student, linear), prompts, "has linear_attention layers")
 
 
 def test_mixed_dtypes_bf16_teacher_fp32_student(student):

@@ -15,21 +15,24 @@ from tiny_models import random_prompts, tiny_student, tiny_teacher
 import adaswitch.engine.attention as attention_module
 import adaswitch.engine.generate as generate_module
 from adaswitch import SKD, AdaSwitch, generate
-from adaswitch.engine.attention import ATTENTION_NAME, flash_attn_with_kvcache_reference, kvcache_attention
+from adaswitch.engine.attention import (
+    ATTENTION_NAME,
+    CACHE_ATTRIBUTE,
+    flash_attn_with_kvcache_reference,
+    kvcache_attention,
+)
 from adaswitch.engine.cache import RowCache
 from adaswitch.engine.sync import SyncCounter
 
 
 def _forward(model, cache, tokens, prefill_mask=None):
-    extra = {"adaswitch_cache": cache} if cache.layout == "flash" else {}
     if prefill_mask is not None:
         mask, positions = cache.prefill_inputs(prefill_mask)
     else:
         mask, positions = cache.decode_inputs(tokens.shape[1])
     if cache.layout == "flash":
-        with kvcache_attention(model):
-            logits = model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache,
-                           **extra).logits
+        with kvcache_attention(model, cache):
+            logits = model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache).logits
     else:
         logits = model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache).logits
     cache.advance(tokens.shape[1])
@@ -82,18 +85,25 @@ def test_cache_rejects_unknown_layout():
 
 def test_kvcache_attention_restores_the_models_attention():
     model = tiny_student()
+    cache = RowCache(model, 1, capacity=4, layout="flash")
     before = model.config._attn_implementation
-    with kvcache_attention(model):
+    with kvcache_attention(model, cache):
         assert model.config._attn_implementation == ATTENTION_NAME
-        with pytest.raises(RuntimeError, match="inside adaswitch.generate"):
-            model(input_ids=torch.tensor([[5, 6]]))
+        assert all(getattr(m, CACHE_ATTRIBUTE) is cache for m in model.modules())
     assert model.config._attn_implementation == before
+    assert not any(hasattr(m, CACHE_ATTRIBUTE) for m in model.modules())
+    attention = model.model.layers[0].self_attn
+    q = torch.zeros(1, 4, 1, 8)
+    with pytest.raises(RuntimeError, match="inside adaswitch.generate"):
+        attention_module._attention(attention, q, q, q, None)
 
 
+@pytest.mark.parametrize("window,softcap", [((-1, -1), 0.0), ((2, 0), 0.0), ((-1, -1), 0.4), ((1, 0), 0.4)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_flash_reference_matches_float64_attention(dtype):
+def test_flash_reference_matches_float64_attention(dtype, window, softcap):
     """The reference's contract, written out independently in float64 per row and query: GQA, left pad,
-    bottom-right causal alignment, a query that sees nothing gives zeros."""
+    bottom-right causal alignment, a sliding window of window[0] columns before the query's own, softcapped
+    scores, a query that sees nothing gives zeros."""
     gen = torch.Generator().manual_seed(0)
     b, nq, h, h_kv, d, c = 3, 3, 4, 2, 16, 11
     q = torch.randn(b, nq, h, d, generator=gen).to(dtype)
@@ -101,18 +111,23 @@ def test_flash_reference_matches_float64_attention(dtype):
     v = torch.randn(b, c, h_kv, d, generator=gen).to(dtype)
     end = torch.tensor([9, 4, 2], dtype=torch.int32)
     left = torch.tensor([2, 0, 2], dtype=torch.int32)  # row 2: queries 0 and 1 see no column
-    out = flash_attn_with_kvcache_reference(q, k, v, cache_seqlens=end, cache_leftpad=left, softmax_scale=0.3)
+    out = flash_attn_with_kvcache_reference(q, k, v, cache_seqlens=end, cache_leftpad=left, softmax_scale=0.3,
+                                            window_size=window, softcap=softcap)
     assert out.dtype == dtype
     for bi in range(b):
         for i in range(nq):
             last = int(end[bi]) - nq + i  # the newest column query i sees
+            first = int(left[bi]) if window[0] < 0 else max(int(left[bi]), last - window[0])
             for hi in range(h):
-                cols = list(range(int(left[bi]), last + 1))
+                cols = list(range(first, last + 1))
                 if not cols:
                     expected = torch.zeros(d, dtype=torch.float64)
                 else:
                     kk = k[bi, cols, hi // 2].double()
-                    w = torch.softmax(kk @ q[bi, i, hi].double() * 0.3, 0)
+                    scores = kk @ q[bi, i, hi].double() * 0.3
+                    if softcap:
+                        scores = softcap * torch.tanh(scores / softcap)
+                    w = torch.softmax(scores, 0)
                     expected = w @ v[bi, cols, hi // 2].double()
                 tol = 1e-5 if dtype == torch.float32 else 2e-2
                 torch.testing.assert_close(out[bi, i, hi].double(), expected, atol=tol, rtol=tol)
@@ -127,7 +142,7 @@ def test_generate_flash_path_equals_sdpa_path(monkeypatch, g):
     policy = AdaSwitch(window=2, k=1.5)
     kw = dict(policy=policy, max_new_tokens=10, seed=5, lookahead=g, sync_every=4)
     sdpa = generate(student, teacher, ids, attn, **kw)
-    monkeypatch.setattr(generate_module, "flash_available", lambda model: True)
+    monkeypatch.setattr(generate_module, "flash_available", lambda model, attention=None: True)
     calls = []
 
     def counted(*args, **kwargs):

@@ -11,9 +11,13 @@ lengths (lengths - start), so nothing else moves. Capacity C = prompt length + t
 the widest forward: no column is wasted on rejected drafts.
 
 Two attention paths read the same cache (`adaswitch.engine.attention`):
-* SDPA (CPU, and CUDA without flash-attn): `decode_inputs` returns an explicit 4-D boolean mask
+* SDPA / eager (CPU, and CUDA without flash-attn): `decode_inputs` returns an explicit 4-D mask
   [B, 1, q, C] and `position_ids` [B, q]; transformers returns a 4-D mask as is, so no mask-building
-  code (and none of its data-dependent host checks) runs in the decode loop. K/V are [B, H, C, D].
+  code (and none of its data-dependent host checks) runs in the decode loop. The mask is what the
+  model's attention expects (`adaswitch.engine.architecture.AttentionLayout`): boolean for SDPA,
+  additive (0 / dtype minimum) for eager, with each layer kind's sliding window, and one mask per layer
+  kind for hybrid models. K/V are [B, H, C, D], with H and D read from the first key states (so
+  multi-query, grouped and per-family head layouts need no config field).
 * flash-attn (`layout="flash"`): K/V are [B, C, H, D] as `flash_attn_with_kvcache` wants them and the
   attention reads `lengths` / `start` directly; the model gets a [B, 1, 1, 1] all-true mask, which
   only stops transformers from building one (the flash attention ignores it).
@@ -25,6 +29,8 @@ from __future__ import annotations
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+from adaswitch.engine.architecture import AttentionLayout, attention_layout
 
 LAYOUTS = ("sdpa", "flash")
 
@@ -84,19 +90,18 @@ class RowCache(Cache):
     `rollback(n)` to forget the last n[b] tokens of row b."""
 
     def __init__(self, model, batch_size: int, capacity: int, device: torch.device | None = None,
-                 layout: str = "sdpa"):
+                 layout: str = "sdpa", attention: AttentionLayout | None = None):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         config = model.config.get_text_config(decoder=True)
         device = device or next(model.parameters()).device
+        self.attention = attention or attention_layout("model", model)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.start = torch.zeros(batch_size, dtype=torch.long, device=device)
+        # K/V buffers are allocated by the first forward, in the shape of its key states.
         layers = [_RowLayer(capacity, self.lengths, layout) for _ in range(config.num_hidden_layers)]
         super().__init__(layers=layers)
-        dtype = next(model.parameters()).dtype
-        heads = config.num_key_value_heads or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.early_initialization(batch_size, heads, head_dim, dtype, device)
+        self.dtype = next(model.parameters()).dtype
         self.capacity = capacity
         self.layout = layout
         self._cols = torch.arange(capacity, device=device)
@@ -105,15 +110,27 @@ class RowCache(Cache):
         self.kv_end = torch.zeros(batch_size, dtype=torch.int32, device=device)
         self.kv_start = torch.zeros(batch_size, dtype=torch.int32, device=device)
         self._flash_mask = torch.ones(batch_size, 1, 1, 1, dtype=torch.bool, device=device)
+        self.name, self.checked = "model", False  # set / used by the engine's first-forward check
+        self.flash_layers: set = set()  # layer indices the flash-attn function served (a check, no sync)
 
-    def prefill_inputs(self, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def check_layers(self, name: str) -> None:
+        """After the first forward: every layer wrote K/V here (a layer that did not is no attention layer the
+        masks describe, so its output would be wrong without an error)."""
+        unused = [i for i, layer in enumerate(self.layers) if not layer.is_initialized]
+        if self.layout == "flash" and not unused:
+            unused = sorted(set(range(len(self.layers))) - self.flash_layers)
+        if unused:
+            raise ValueError(f"{name}: layers {unused} did not use the KV cache; adaswitch.generate supports "
+                             "models whose layers are all attention over a KV cache")
+
+    def prefill_inputs(self, attention_mask: torch.Tensor) -> tuple:
         """Mask and position ids for the left-padded prompt [B, P] (written at columns 0 .. P - 1)."""
         self.start.copy_((attention_mask == 0).long().sum(-1))
         self.kv_start.copy_(self.start)
         self.lengths.zero_()
         return self.decode_inputs(attention_mask.shape[1])
 
-    def decode_inputs(self, q: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode_inputs(self, q: int) -> tuple:
         """Mask and position ids for q new tokens per row, at columns lengths[b] .. lengths[b] + q - 1."""
         own = self.lengths[:, None] + torch.arange(q, device=self.lengths.device)  # [B, q]
         position_ids = (own - self.start[:, None]).clamp(min=0)
@@ -122,13 +139,21 @@ class RowCache(Cache):
             return self._flash_mask, position_ids
         return self._mask(own), position_ids
 
-    def _mask(self, own: torch.Tensor) -> torch.Tensor:
-        """[B, 1, q, C]: query j of row b sees columns start[b] .. own[b, j], and always itself (so a
-        left-pad query is never fully masked, which would give NaN states)."""
+    def _mask(self, own: torch.Tensor):
+        """[B, 1, q, C] per layer kind: query j of row b sees columns start[b] .. own[b, j] (within the kind's
+        window), and always itself (so a left-pad query is never fully masked, which would give NaN states).
+        Boolean, or additive for attention that adds the mask; a {kind: mask} dict for hybrid models."""
         cols = self._cols[None, None, :]
         own = own[:, :, None]
-        mask = ((cols >= self.start[:, None, None]) & (cols <= own)) | (cols == own)
-        return mask[:, None]
+        causal = (cols >= self.start[:, None, None]) & (cols <= own)
+        masks = {}
+        for kind, window in self.attention.windows.items():
+            visible = (causal & (cols > own - window) if window else causal) | (cols == own)
+            if self.attention.additive:
+                zero = torch.zeros((), dtype=self.dtype, device=visible.device)
+                visible = torch.where(visible, zero, torch.finfo(self.dtype).min)
+            masks[kind] = visible[:, None]
+        return masks if self.attention.per_kind else next(iter(masks.values()))
 
     def advance(self, q: int) -> None:
         """Every row keeps the q columns just written (call after the forward)."""

@@ -37,10 +37,15 @@ Design (gpt-fast style: prefill, then a short per-token loop; details fixed here
 * cuda_graph=True: each kind of iteration (block / step, with or without the student) runs once
   eagerly (warm-up: Triton compiles, cuBLAS initialises), is then captured into a CUDA graph and
   replayed; everything that changes per iteration is a device tensor updated in place.
-* Vocabulary: logits are cut to `vocab_size` (default: the smaller of the two models' vocabularies, so
-  an embedding matrix padded past the tokenizer's vocabulary is fine). Models whose configs disagree on
-  bos/eos/pad ids do not share a tokenizer: an error.
-* Not supported (clear errors): sliding-window attention layers, models that are not decoder-only.
+* Vocabulary: logits are cut to `vocab_size`, so no id >= vocab_size is ever sampled (default:
+  len(tokenizer) when `tokenizer` is given, else the smaller of the two models' vocabularies; with
+  embedding matrices padded past the tokenizer's vocabulary, pass `tokenizer` or vocab_size so the
+  padded rows are never sampled). Models whose configs disagree on bos/eos/pad ids do not share a
+  tokenizer: an error.
+* Attention: full, sliding-window and hybrid (per-layer) attention, SDPA or eager, MHA / GQA / MQA, ALiBi,
+  rotary or learned positions: the cache's masks follow `adaswitch.engine.architecture`.
+* Not supported (clear errors before any work): layers that are not attention over a KV cache (linear
+  attention, convolutions, state-space blocks, chunked attention), models that are not decoder-only.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from dataclasses import dataclass
 
 import torch
 
+from adaswitch.engine.architecture import alibi_adapter, attention_layout
 from adaswitch.engine.attention import flash_available, kvcache_attention
 from adaswitch.engine.cache import RowCache
 from adaswitch.engine.policies import SKD, AdaSwitch, Mixed, Student, check_policy
@@ -114,10 +120,7 @@ def _check_model(name: str, model, needed: bool, policy) -> None:
     config = _config(model)
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError(f"{name} must be a decoder-only causal LM, got an encoder-decoder model")
-    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
-    if kinds != {"full_attention"}:
-        raise ValueError(f"{name} has {sorted(kinds)} layers; generate supports full-attention layers only "
-                         "(disable sliding-window attention in the config)")
+    attention_layout(name, model)  # a clear error for layers the cache's masks cannot describe
 
 
 def _special_id(name: str, value, models, vocab: int) -> int:
@@ -204,29 +207,38 @@ class _Run:
         for name, model, used in (("student", student, self.run_student),
                                   ("teacher", teacher, self.run_teacher)):
             if used:
-                flash = flash_available(model)
+                attention = attention_layout(name, model)
+                flash = flash_available(model, attention)
+                alibi_adapter(model)
+                cache = RowCache(model, b, capacity, device, layout="flash" if flash else "sdpa",
+                                 attention=attention)
+                cache.name = name
                 if flash:  # the model's attention is the cache's flash-attn call until the scope closes
-                    attention_scope.enter_context(kvcache_attention(model))
-                cache = RowCache(model, b, capacity, device, layout="flash" if flash else "sdpa")
+                    attention_scope.enter_context(kvcache_attention(model, cache))
                 self.caches[name] = cache
                 if p > 1:
                     self._forward(model, cache, input_ids[:, :-1], prefill_mask=mask[:, :-1])
 
     def _forward(self, model, cache, ids, prefill_mask=None):
-        extra = {"adaswitch_cache": cache} if cache.layout == "flash" else {}
         if prefill_mask is not None:
             # Prefill logits are not used (the loop feeds the last prompt token): skip the LM head.
             attn, position_ids = cache.prefill_inputs(prefill_mask)
             decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
             body, kw = (model, {"logits_to_keep": 1}) if decoder is model else (decoder, {})
-            body(input_ids=ids, attention_mask=attn, position_ids=position_ids, cache=cache, use_cache=True,
-                 **kw, **extra)
-            cache.advance(ids.shape[1])
+            body(input_ids=ids, attention_mask=attn, position_ids=position_ids, cache=cache, use_cache=True, **kw)
+            self._advance(cache, ids.shape[1])
             return None
         attn, position_ids = cache.decode_inputs(ids.shape[1])
-        out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, cache=cache, **extra)
-        cache.advance(ids.shape[1])
+        out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, cache=cache)
+        self._advance(cache, ids.shape[1])
         return out.logits[..., : self.vocab]
+
+    @staticmethod
+    def _advance(cache, q: int) -> None:
+        if not cache.checked:  # the first forward shows which layers used the cache (Python state, no sync)
+            cache.check_layers(cache.name)
+            cache.checked = True
+        cache.advance(q)
 
     def _idle(self) -> torch.Tensor:
         """[B] bool: rows that are finished or at max_new_tokens (they run along with the batch)."""
@@ -390,6 +402,7 @@ def generate(
     cuda_graph: bool = False,
     vocab_size: int | None = None,
     impl: str | None = None,
+    tokenizer=None,
 ) -> GenerationOutput:
     """Generate responses for a batch of left-padded prompts under a distillation policy.
 
@@ -407,8 +420,14 @@ def generate(
         completions: int64 [B, M] dataset responses (right-padded with pad) for `Mixed` rows that use
             the dataset.
         cuda_graph: capture the per-iteration work in CUDA graphs (CUDA tensors only).
-        vocab_size: the tokenizer's vocabulary size (logits are cut to it); default min of the models'.
+        vocab_size: the tokenizer's vocabulary size (logits are cut to it: no id >= vocab_size is ever
+            sampled); default len(tokenizer), else the smaller of the models' output vocabularies (which
+            includes the rows of an embedding matrix padded past the tokenizer: pass `tokenizer` or
+            vocab_size when the matrices are padded).
         impl: implementation of the fused step op ("auto", "triton", "torch").
+        tokenizer: the tokenizer shared by student and teacher (optional): vocab_size defaults to
+            len(tokenizer), eos_token_id and pad_token_id to the tokenizer's; an explicit vocab_size
+            larger than len(tokenizer) is an error.
 
     Returns:
         GenerationOutput (fixed shapes [B, P + N] / [B, N]).
@@ -449,6 +468,17 @@ def generate(
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs CUDA tensors and models, got {device}")
 
+    if tokenizer is not None:
+        if not hasattr(tokenizer, "__len__") or not hasattr(tokenizer, "eos_token_id"):
+            raise TypeError(f"tokenizer must be a Hugging Face tokenizer, got {type(tokenizer).__name__}")
+        n_tok = len(tokenizer)
+        if vocab_size is None:
+            vocab_size = n_tok
+        elif _is_int(vocab_size) and vocab_size > n_tok:
+            raise ValueError(f"vocab_size={vocab_size} exceeds the tokenizer's {n_tok} tokens: ids past it are "
+                             "not tokens (e.g. embedding rows padded past the tokenizer) and must not be sampled")
+        eos_token_id = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+        pad_token_id = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
     model_vocab = min(_vocab(m) for m in models) if models else None
     if vocab_size is None:
         if model_vocab is None:

@@ -1,0 +1,135 @@
+"""Conformance of `generate` across the decoder-only model zoo (tiny random-init models, tests/model_zoo.py).
+
+For every family, with SDPA and eager attention (eager alone where transformers has no SDPA for it):
+greedy Teacher and Student equal transformers' `generate`; AdaSwitch and SKD in step and lookahead mode
+equal a no-cache reference that re-runs both models on each row's whole prefix (rows that switch and
+student tokens that are rejected occur in every run); the flash-attn layout (through
+`flash_attn_with_kvcache_reference`, with windows and softcapping) gives the masked path's tokens. Prompts
+of different lengths are left padded and prompt + response runs past the windowed families' window.
+Families whose layers are not attention are refused before any forward.
+"""
+
+import math
+
+import pytest
+import torch
+from model_zoo import CONFIGS, REFUSED, WINDOW, attentions, build, build_refused
+from tiny_models import EOS_ID, PAD_ID, VOCAB_SIZE, random_prompts
+
+import adaswitch.engine.generate as generate_module
+from adaswitch import AdaSwitch, Student, generate
+from adaswitch.engine.architecture import attention_layout
+from adaswitch.engine.conformance import check_pair, greedy_matches_transformers
+
+N, B, P = 12, 3, 7
+assert P + N > 2 * WINDOW  # every row's response runs past the window
+CASES = [(name, attn) for name in CONFIGS for attn in attentions(name)]
+IDS = [f"{name}-{attn}" for name, attn in CASES]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _prompts(seed=3):
+    return random_prompts(B, P, min_len=2, seed=seed)
+
+
+@pytest.mark.parametrize("name,attn", CASES, ids=IDS)
+def test_greedy_equals_transformers_generate(name, attn):
+    model = build(name, attn=attn)
+    ids, mask = _prompts()
+    kw = dict(max_new_tokens=N, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    assert greedy_matches_transformers(model, ids, mask, role="teacher", **kw)
+    assert greedy_matches_transformers(model, ids, mask, role="student", **kw)
+
+
+@pytest.mark.parametrize("name,attn", CASES, ids=IDS)
+def test_policies_equal_nocache_reference(name, attn):
+    student, teacher = build(name, seed=1, attn=attn), build(name, seed=0, attn=attn)
+    ids, mask = _prompts()
+    results = check_pair(student, teacher, ids, mask, max_new_tokens=N, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+                         vocab_size=VOCAB_SIZE)
+    assert all(results.values()), results
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_flash_layout_equals_masked_path(monkeypatch, name):
+    """The flash-attn layout (its PyTorch reference on CPU) gives the masked path's tokens, in step and
+    lookahead mode; families it cannot serve (no attention interface, attention sinks) never take it."""
+    attn = attentions(name)[0]
+    student, teacher = build(name, seed=1, attn=attn), build(name, seed=0, attn=attn)
+    if not attention_layout("teacher", teacher).flash_ok:
+        assert name in ("falcon-mqa", "falcon-alibi", "bloom", "gpt-oss")
+        return
+    ids, mask = _prompts(seed=4)
+    kw = dict(policy=AdaSwitch(window=2, k=1.1, warmup=2), max_new_tokens=N, eos_token_id=EOS_ID,
+              pad_token_id=PAD_ID, vocab_size=VOCAB_SIZE)
+    masked = [generate(student, teacher, ids, mask, lookahead=g, **kw) for g in (0, 3)]
+    monkeypatch.setattr(generate_module, "flash_available", lambda model, attention=None: attention.flash_ok)
+    for g, ref in zip((0, 3), masked):
+        out = generate(student, teacher, ids, mask, lookahead=g, **kw)
+        assert torch.equal(out.sequences, ref.sequences) and torch.equal(out.from_teacher, ref.from_teacher)
+        torch.testing.assert_close(out.divergence, ref.divergence, equal_nan=True, atol=1e-4, rtol=1e-3)
+    assert (masked[0].switch_position > 0).any()
+
+
+PAIRS = [("gemma2", "qwen3"), ("falcon-alibi", "mistral"), ("gpt-oss", "gpt2"), ("cohere2", "falcon-mqa"),
+         ("qwen2-sliding", "bloom")]
+
+
+@pytest.mark.parametrize("teacher_name,student_name", PAIRS, ids=[f"{t}>{s}" for t, s in PAIRS])
+def test_mixed_family_pairs_with_padded_vocabularies(teacher_name, student_name):
+    """Teacher and student of different families, both embedding matrices padded past the tokenizer."""
+    teacher = build(teacher_name, seed=0, attn="eager", vocab_size=VOCAB_SIZE + 24)
+    student = build(student_name, seed=1, attn=attentions(student_name)[0], vocab_size=VOCAB_SIZE + 8)
+    ids, mask = _prompts(seed=6)
+    results = check_pair(student, teacher, ids, mask, max_new_tokens=N, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+                         vocab_size=VOCAB_SIZE)
+    assert all(results.values()), results
+    out = generate(student, teacher, ids, mask, policy=AdaSwitch(window=2, k=1.1), max_new_tokens=N,
+                   eos_token_id=EOS_ID, pad_token_id=PAD_ID, vocab_size=VOCAB_SIZE)
+    assert (out.response < VOCAB_SIZE).all()
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_non_attention_layers_are_refused_before_any_forward(name):
+    model = build_refused(name)
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    student = build("llama", seed=1)
+    ids, mask = _prompts()
+    with pytest.raises(ValueError, match=f"{REFUSED[name][1]}.*supported: decoder-only models"):
+        generate(student, model, ids, mask, max_new_tokens=4, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    assert not calls
+
+
+def test_other_attention_implementations_are_refused():
+    model = build("llama")
+    model.config._attn_implementation_internal = "flex_attention"
+    ids, mask = _prompts()
+    with pytest.raises(ValueError, match="attn_implementation='flex_attention'.*'sdpa', 'eager'"):
+        generate(model, None, ids, mask, policy=Student(), max_new_tokens=4, eos_token_id=EOS_ID,
+                 pad_token_id=PAD_ID)
+
+
+def test_eager_mask_is_additive_and_windows_bound_the_past():
+    """The masks the families above rely on: eager gets 0 / dtype minimum (a boolean would be added as 1 / 0),
+    a sliding layer sees only its last WINDOW positions, hybrid models get one mask per layer kind."""
+    from adaswitch.engine.cache import RowCache
+
+    model = build("gemma2", attn="eager")
+    cache = RowCache(model, 1, capacity=12, attention=attention_layout("model", model))
+    cache.prefill_inputs(torch.ones(1, 9, dtype=torch.long))
+    cache.advance(9)
+    masks, _ = cache.decode_inputs(1)
+    assert set(masks) == {"full_attention", "sliding_attention"}
+    full, sliding = masks["full_attention"][0, 0, 0], masks["sliding_attention"][0, 0, 0]
+    assert full.dtype == torch.float32 and set(full.unique().tolist()) == {0.0, torch.finfo(torch.float32).min}
+    assert (full[:10] == 0).all() and (full[10:] < -1e30).all()
+    assert (sliding[9 - WINDOW + 1:10] == 0).all() and (sliding[: 9 - WINDOW + 1] < -1e30).all()
+    assert not math.isnan(float(full.sum()))
