@@ -1,7 +1,9 @@
 """The `adaswitch` command: distill, generate, evaluate, demo, bench.
 
 Every failure is one line on stderr and exit code 2 (set ADASWITCH_DEBUG=1 for the traceback).
-Models and tokenizers load from local directories (`AutoModelForCausalLM` / `AutoTokenizer`).
+Models and tokenizers load from local directories (`AutoModelForCausalLM` / `AutoTokenizer`). Teacher and
+student must use one tokenizer (their directories' tokenizers are compared before any model loads), and
+only its ids are generated or scored (embedding rows padded past it are cut off).
 """
 
 from __future__ import annotations
@@ -178,21 +180,45 @@ def load_model(option: str, path):
 
 
 def load_tokenizer(option: str, path):
-    from transformers import AutoTokenizer
+    """The tokenizer saved in a model directory; a clear error when the directory holds none."""
+    from adaswitch.train import data
 
     p = _model_dir(option, path)
     try:
-        tok = AutoTokenizer.from_pretrained(str(p))
-    except (OSError, ValueError) as exc:
-        raise CliError(
-            f"{option}: no tokenizer in {str(p)!r} (save it with tokenizer.save_pretrained(dir)): "
-            f"{_first_line(exc)}"
-        ) from exc
+        tok = data.load_tokenizer(p, name=option)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
             raise CliError(f"{option}: the tokenizer in {str(p)!r} has neither a pad nor an EOS token")
         tok.pad_token = tok.eos_token
     return tok
+
+
+def shared_tokenizer(dirs: list[tuple[str, Path]]):
+    """{option: tokenizer} of the model directories that hold a tokenizer (in the order given), after
+    checking that they are one tokenizer (same token -> id vocabulary); an error when none holds one.
+    Run before any model is loaded."""
+    from adaswitch.train import data
+
+    found = {option: load_tokenizer(option, d) for option, d in dirs if data.has_tokenizer(d)}
+    if not found:
+        where = " nor ".join(f"{option} {str(d)!r}" for option, d in dirs)
+        raise CliError(
+            f"no tokenizer in {where} (none of {', '.join(data.TOKENIZER_FILES)}); save the tokenizer "
+            "with tokenizer.save_pretrained(dir) in one of them"
+        )
+    _check_one_tokenizer(found)
+    return found
+
+
+def _check_one_tokenizer(tokenizers: dict) -> None:
+    from adaswitch.train import data
+
+    try:
+        data.check_same_tokenizer([(f"the {option} tokenizer", tok) for option, tok in tokenizers.items()])
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
 
 
 def _first_line(exc: BaseException) -> str:
@@ -220,7 +246,7 @@ def _distill_parser(sub, fields):
         metavar="DIR",
         default=argparse.SUPPRESS,
         help="teacher model directory (save_pretrained); its tokenizer is used unless the student "
-        "directory holds one",
+        "directory holds one (when both hold one, they must be the same tokenizer)",
     )
     g.add_argument("--student", metavar="DIR", default=argparse.SUPPRESS, help="student model directory")
     g.add_argument(
@@ -314,16 +340,15 @@ def _run_distill(args) -> int:
     from adaswitch.train.data import load_prompt_completion
 
     config = DistillConfig(**settings)  # validates every field before any model is loaded
+    student_dir = _model_dir("--student", paths["student"])
+    teacher_dir = _model_dir("--teacher", paths["teacher"])
+    # One tokenizer for both models (the student's, else the teacher's), checked before anything else.
+    tokenizers = shared_tokenizer([("--student", student_dir), ("--teacher", teacher_dir)])
+    tokenizer = next(iter(tokenizers.values()))
     # Data files are read (and their columns checked) before the models load.
     load_prompt_completion(paths["train"], name="train dataset", require_completion=config.uses_completions)
     if paths.get("eval"):
         load_prompt_completion(paths["eval"], name="eval dataset", require_completion=config.uses_completions)
-    student_dir = _model_dir("--student", paths["student"])
-    teacher_dir = _model_dir("--teacher", paths["teacher"])
-    has_tok = any((student_dir / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json"))
-    tokenizer = load_tokenizer(
-        "--student" if has_tok else "--teacher", student_dir if has_tok else teacher_dir
-    )
     student = load_model("--student", student_dir)
     teacher = load_model("--teacher", teacher_dir)
 
@@ -336,6 +361,7 @@ def _run_distill(args) -> int:
         train_dataset=paths["train"],
         eval_dataset=paths.get("eval"),
         processing_class=tokenizer,
+        teacher_processing_class=tokenizers.get("--teacher"),
     )
     resume = args.resume
     if resume == "last":
@@ -433,8 +459,10 @@ def _run_generate(args) -> int:
         )
     else:
         prompts = args.prompt
-    tokenizer = load_tokenizer("--teacher", args.teacher)
-    student, teacher = load_model("--student", args.student), load_model("--teacher", args.teacher)
+    teacher_dir, student_dir = _model_dir("--teacher", args.teacher), _model_dir("--student", args.student)
+    tokenizers = shared_tokenizer([("--teacher", teacher_dir), ("--student", student_dir)])
+    tokenizer = next(iter(tokenizers.values()))
+    student, teacher = load_model("--student", student_dir), load_model("--teacher", teacher_dir)
     from adaswitch.train.data import DistillCollator, encode_example
 
     rows = [
@@ -456,6 +484,7 @@ def _run_generate(args) -> int:
             max_new_tokens=config.max_new_tokens,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
+            tokenizer=tokenizer,  # only the tokenizer's ids are sampled (not padded embedding rows)
             seed=args.seed,
             example_keys=batch["example_keys"],
             lookahead=config.lookahead,
@@ -496,7 +525,11 @@ def _evaluate_parser(sub):
         required=True,
         help=".jsonl/.json/.parquet/.csv with prompt and completion columns",
     )
-    p.add_argument("--teacher", metavar="DIR", help="teacher model directory for the teacher-forced KL")
+    p.add_argument(
+        "--teacher",
+        metavar="DIR",
+        help="teacher model directory for the teacher-forced KL (same tokenizer as --model)",
+    )
     p.add_argument("--answer-marker", default="####", help="final-answer marker (default: ####)")
     p.add_argument(
         "--max-new-tokens",
@@ -512,18 +545,25 @@ def _evaluate_parser(sub):
 
 
 def _run_evaluate(args) -> int:
+    from adaswitch.train import data
     from adaswitch.train.evaluate import evaluate
 
     model_dir = _model_dir("--model", args.model)
-    tokenizer = load_tokenizer("--model", model_dir)
+    tokenizer = load_tokenizer("--model", model_dir)  # the model's own tokenizer is required
+    teacher_dir = _model_dir("--teacher", args.teacher) if args.teacher else None
+    teacher_tokenizer = None
+    if teacher_dir is not None and data.has_tokenizer(teacher_dir):  # the KL compares ids: one tokenizer
+        teacher_tokenizer = load_tokenizer("--teacher", teacher_dir)
+        _check_one_tokenizer({"--model": tokenizer, "--teacher": teacher_tokenizer})
     model = load_model("--model", model_dir)
-    teacher = load_model("--teacher", args.teacher) if args.teacher else None
+    teacher = load_model("--teacher", teacher_dir) if teacher_dir is not None else None
     results = evaluate(
         model,
         tokenizer,
         args.data,
         answer_marker=args.answer_marker,
         teacher=teacher,
+        teacher_tokenizer=teacher_tokenizer,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         output_path=args.output,

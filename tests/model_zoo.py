@@ -60,6 +60,7 @@ CONFIGS = {
                                   **_ids()),
     "opt": lambda: tf.OPTConfig(hidden_size=HIDDEN, ffn_dim=2 * HIDDEN, num_hidden_layers=LAYERS,
                                 num_attention_heads=HEADS, word_embed_proj_dim=HIDDEN, max_position_embeddings=128,
+                                dropout=0.0,
                                 **_ids()),
     "falcon-mqa": lambda: tf.FalconConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                                           multi_query=True, new_decoder_architecture=False, alibi=False,
@@ -91,11 +92,14 @@ def attentions(name: str) -> tuple:
 
 
 def build(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, attn: str = "sdpa",
-          vocab_size: int = VOCAB_SIZE):
+          vocab_size: int = VOCAB_SIZE, init: float | None = None):
     """The family's tiny model, random init from `seed`, in eval mode; `vocab_size` > VOCAB_SIZE pads the
-    embedding matrix past the tokenizer's vocabulary."""
+    embedding matrix past the tokenizer's vocabulary; `init` sets the weights' initializer range (larger:
+    peakier distributions)."""
     cfg = CONFIGS[name]()
     cfg.vocab_size = vocab_size
+    if init is not None:
+        cfg.initializer_range = init
     if hasattr(cfg, "rope_parameters") and isinstance(cfg.rope_parameters, dict) \
             and "original_max_position_embeddings" in cfg.rope_parameters:  # GPT-OSS's YaRN: same length
         cfg.rope_parameters["original_max_position_embeddings"] = cfg.max_position_embeddings

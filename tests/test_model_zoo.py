@@ -27,12 +27,7 @@ CASES = [(name, attn) for name in CONFIGS for attn in attentions(name)]
 IDS = [f"{name}-{attn}" for name, attn in CASES]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _prompts(seed=3):
@@ -133,3 +128,21 @@ def test_eager_mask_is_additive_and_windows_bound_the_past():
     assert (full[:10] == 0).all() and (full[10:] < -1e30).all()
     assert (sliding[9 - WINDOW + 1:10] == 0).all() and (sliding[: 9 - WINDOW + 1] < -1e30).all()
     assert not math.isnan(float(full.sum()))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_distiller_step_loss_is_the_loss_of_the_models_logits(tmp_path, name):
+    """One Distiller training step on a pair of the family: its loss is `distill_loss` on both models' own
+    `model(...).logits` (whichever loss path the start-up check chose for the family). Weights initialised
+    wide enough that the loss is far above float32 rounding; dropout off (GPT-2, OPT, ... train with it)."""
+    from test_loss_model_heads import first_batch, logits_loss, make_trainer
+
+    attn = attentions(name)[0]
+    pair = [build(name, seed=seed, attn=attn, init=0.2) for seed in (1, 0)]
+    for module in pair[0].modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    trainer = make_trainer(tmp_path, *pair)
+    batch = first_batch(trainer)
+    expected = logits_loss(trainer, batch)
+    assert float(trainer.training_step(trainer.model, batch)) == pytest.approx(float(expected), rel=2e-5)

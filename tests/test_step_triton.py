@@ -228,7 +228,7 @@ SCAN = ("DRAFT:*i64 YT:*i64 D:*fp32 KEEP:*i8 POS:*i64 G:i32 WINDOW:*fp32 COUNT:*
         "k_bits:i64 f_bits:i64 eos:i32 pad:i32")
 for code in (0, 1, 3, 4):
     compile(k._lookahead_scan_kernel, SCAN, {"CODE": code, "BLOCK_L": 8}, warps=1)
-compile(k._uniform_kernel, "KEYS:*i64 POS:*i64 OUT:*fp32 seed_hash:i64 V:i32", {"stream": 1, "BLOCK": 1024})
+compile(k._uniform_kernel, "KEYS:*i64 POS:*i64 OUT:*fp32 seed_hash:i64 V:i32", {"STREAM": 1, "BLOCK": 1024})
 print("compiled")
 """
 

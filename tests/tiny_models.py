@@ -38,9 +38,10 @@ def _vocabulary() -> dict[str, int]:
     return {t: i for i, t in enumerate(tokens)}
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer (whitespace + punctuation split), left padding, pad/eos/bos/unk set."""
-    tok = Tokenizer(models.WordLevel(vocab=_vocabulary(), unk_token="<unk>"))
+def tiny_tokenizer(vocabulary: dict[str, int] | None = None) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer (whitespace + punctuation split), left padding, pad/eos/bos/unk set; `vocabulary`
+    (token -> id) replaces the default one."""
+    tok = Tokenizer(models.WordLevel(vocab=vocabulary or _vocabulary(), unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,

@@ -1,25 +1,32 @@
 """`fused_linear_distill_loss`: the distillation loss straight from hidden states and LM-head weights.
 
 Tokens are processed in chunks: for each chunk the student and teacher logits are computed in float32
-(the matmul accumulates in fp32 and its result is never rounded to bf16, unlike Liger issue #1432),
-the per-row loss and d loss / d logits come from the same kernel as `distill_loss`, and the gradients
-of the student hidden states, weight and bias are accumulated right away (Liger's fused-linear
-pattern). So the full [N, V] logits never exist; peak extra memory is a few [chunk, V] fp32 tiles plus
-an fp32 copy of the weight gradient. Backward only scales the saved gradients by `grad_output`.
+(the matmul accumulates in fp32 and its result is never rounded to bf16), the per-row loss and
+d loss / d logits come from the same kernel as `distill_loss`, and the gradients of the student hidden
+states, weight and bias are accumulated right away (Liger's fused-linear pattern). So the full [N, V]
+logits never exist; peak extra memory is a few [chunk, V] fp32 tiles plus an fp32 copy of the
+weight gradient. A model's own processing of its LM head's output (a logit scale as in Cohere or
+Granite, a final tanh softcap as in Gemma 2) is applied to each chunk, so the loss is the loss of the
+logits the model itself returns. Backward only scales the saved gradients by `grad_output`.
 
 reduction="none" cannot pre-scale the weight gradient by a per-row grad_output, so there the forward
 computes only the losses and the backward recomputes the chunks with the per-row scale.
+
+Autocast is switched off inside (forward and backward): it would run the matmuls in bf16/fp16 and round
+the logits, which is what the explicit fp32 computation avoids.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
 from adaswitch._backend import resolve_impl
 from adaswitch._validation import FLOAT_DTYPES, check_divergence_args
 from adaswitch.ops.loss import (
+    autocast_off,
     check_labels,
     check_num_items,
     check_reduction,
@@ -53,13 +60,29 @@ def _mm(a: torch.Tensor, b: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
     return a.to(compute) @ b.to(compute)
 
 
-def _logits(h, w, b, compute):
+def _logits(h, w, b, compute, head=(1.0, None)):
+    """softcap(logit_scale * (h @ w.T + b)) in `compute`; head = (logit_scale, softcap or None)."""
     z = _mm(h, w.t(), compute)
-    return z if b is None else z.add_(b.to(compute))
+    if b is not None:
+        z.add_(b.to(compute))
+    logit_scale, cap = head
+    if cap is not None:
+        return z.mul_(logit_scale / cap).tanh_().mul_(cap)
+    return z if logit_scale == 1.0 else z.mul_(logit_scale)
 
 
-def _run_chunks(hs, ws, bs, ht, wt, bt, valid, scale, params, chunk, want):
-    """Loss rows and (per `want` = (hidden, weight, bias)) gradients, scaled by `scale` per row."""
+def _raw_grad(g, z, head):
+    """d loss / d (h @ w.T + b) from g = d loss / d logits, in place; z (the processed logits, consumed)
+    gives the softcap's derivative: 1 - tanh^2 = 1 - (z / cap)^2."""
+    logit_scale, cap = head
+    if cap is not None:
+        g.mul_(z.div_(cap).square_().neg_().add_(1.0))
+    return g if logit_scale == 1.0 else g.mul_(logit_scale)
+
+
+def _run_chunks(hs, ws, bs, ht, wt, bt, valid, scale, params, chunk, want, heads):
+    """Loss rows and (per `want` = (hidden, weight, bias)) gradients, scaled by `scale` per row.
+    heads: ((logit_scale, softcap) of the student, the same of the teacher)."""
     n = hs.shape[0]
     compute = torch.float64 if hs.dtype == torch.float64 else torch.float32
     # a weight that is not in `compute` is cast once here on the CPU (no fp32 matmul from bf16 there)
@@ -72,9 +95,9 @@ def _run_chunks(hs, ws, bs, ht, wt, bt, valid, scale, params, chunk, want):
     any_grad = any(want)
     for i in range(0, n, chunk):
         j = min(n, i + chunk)
-        zs = _logits(hs[i:j], ws_c, bs, compute)
+        zs = _logits(hs[i:j], ws_c, bs, compute, heads[0])
         with torch.no_grad():
-            zt = _logits(ht[i:j], wt_c, bt, compute)
+            zt = _logits(ht[i:j], wt_c, bt, compute, heads[1])
         sc = scale if scale.numel() == 1 else scale[i:j]
         rows, g = loss_rows_and_grad(
             zs, zt, valid=None if valid is None else valid[i:j], scale=sc, want_grad=any_grad, **params
@@ -83,12 +106,13 @@ def _run_chunks(hs, ws, bs, ht, wt, bt, valid, scale, params, chunk, want):
         loss_rows[i:j] = rows
         if not any_grad:
             continue
+        g = _raw_grad(g, zs, heads[0])
         if want[0]:
             g_h[i:j] = _mm(g.to(ws_c.dtype) if ws_c.dtype != compute else g, ws_c, compute)
         if want[1]:
-            if hs.dtype == compute or not hs.is_cuda:  # accumulate in place, no [V, H] temporary
+            if hs.dtype == compute or not hs.is_cuda or ws.dtype == compute:  # in place, no [V, H] temporary
                 g_w.addmm_(g.t(), hs[i:j].to(compute))
-            else:  # bf16/fp16 operands on CUDA, fp32 product
+            else:  # bf16/fp16 model on CUDA: bf16/fp16 operands, fp32 product
                 g_w += _mm(g.t().to(hs.dtype), hs[i:j], compute)
         if want[2]:
             g_b += g.sum(0)
@@ -99,10 +123,11 @@ class FusedLinearDistillFunction(torch.autograd.Function):
     """Chunked forward that also produces the student-side gradients; backward scales them."""
 
     @staticmethod
-    def forward(ctx, hs, ws, bs, ht, wt, bt, valid, scale, params, reduction, chunk, lead_shape):
+    def forward(ctx, hs, ws, bs, ht, wt, bt, valid, scale, params, reduction, chunk, lead_shape, heads):
         want = tuple(ctx.needs_input_grad[:3]) if reduction != "none" else (False, False, False)
-        loss_rows, g_h, g_w, g_b = _run_chunks(hs, ws, bs, ht, wt, bt, valid, scale, params, chunk, want)
-        ctx.reduction, ctx.params, ctx.chunk, ctx.used = reduction, params, chunk, False
+        with autocast_off(hs.device):
+            loss_rows, g_h, g_w, g_b = _run_chunks(hs, ws, bs, ht, wt, bt, valid, scale, params, chunk, want, heads)
+        ctx.reduction, ctx.params, ctx.chunk, ctx.heads, ctx.used = reduction, params, chunk, heads, False
         ctx.dtypes = (hs.dtype, ws.dtype, None if bs is None else bs.dtype)
         if reduction == "none":
             ctx.save_for_backward(hs, ws, bs, ht, wt, bt, valid)
@@ -120,7 +145,10 @@ class FusedLinearDistillFunction(torch.autograd.Function):
             hs, ws, bs, ht, wt, bt, valid = ctx.saved_tensors
             want = tuple(ctx.needs_input_grad[:3])
             scale = grad_output.reshape(-1).to(torch.float32)
-            _, g_h, g_w, g_b = _run_chunks(hs, ws, bs, ht, wt, bt, valid, scale, ctx.params, ctx.chunk, want)
+            with autocast_off(hs.device):
+                _, g_h, g_w, g_b = _run_chunks(
+                    hs, ws, bs, ht, wt, bt, valid, scale, ctx.params, ctx.chunk, want, ctx.heads
+                )
         else:
             g_h, g_w, g_b = ctx.saved_tensors
             for g in (g_h, g_w, g_b):
@@ -129,7 +157,7 @@ class FusedLinearDistillFunction(torch.autograd.Function):
         g_h = None if g_h is None else g_h.to(ctx.dtypes[0])
         g_w = None if g_w is None else g_w.to(ctx.dtypes[1])
         g_b = None if g_b is None else g_b.to(ctx.dtypes[2])
-        return g_h, g_w, g_b, None, None, None, None, None, None, None, None, None
+        return g_h, g_w, g_b, None, None, None, None, None, None, None, None, None, None
 
 
 def _check_float(name, x, dims=None):
@@ -139,6 +167,16 @@ def _check_float(name, x, dims=None):
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
     if dims is not None and x.dim() != dims:
         raise ValueError(f"{name} must have {dims} dimension(s), got shape {tuple(x.shape)}")
+
+
+def check_head_processing(name, logit_scale, softcap) -> tuple[float, float | None]:
+    """(logit_scale, softcap) as floats: a finite scale > 0, a softcap None or finite > 0."""
+    for arg, value, optional in ((f"{name}_logit_scale", logit_scale, False), (f"{name}_softcap", softcap, True)):
+        if optional and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{arg} must be a finite number > 0{' or None' if optional else ''}, got {value!r}")
+    return float(logit_scale), None if softcap is None else float(softcap)
 
 
 def check_fused_args(hs, ws, ht, wt, bs, bt, chunk_size):
@@ -191,6 +229,10 @@ def fused_linear_distill_loss(
     *,
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
     beta: float = 0.5,
     alpha: float = 0.1,
     temperature: float = 1.0,
@@ -201,17 +243,25 @@ def fused_linear_distill_loss(
     chunk_size: int | None = None,
     impl: str | None = None,
 ) -> torch.Tensor:
-    """`distill_loss(student_hidden @ student_weight.T + student_bias, teacher_hidden @ teacher_weight.T
-    + teacher_bias, ...)` without materialising the [N, V] logits.
+    """`distill_loss(student_logits, teacher_logits, ...)` without materialising the [N, V] logits, where
+    each model's logits are `softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap)`, or
+    `logit_scale * (hidden @ weight.T + bias)` when its softcap is None (`lm_head_logits`).
 
     student_hidden (..., H_s) and teacher_hidden (..., H_t) share the leading shape; the hidden sizes
     may differ, the vocabulary (weight rows) may not. Gradients flow to the student hidden states,
-    weight and bias; the teacher side is a constant. chunk_size: tokens per chunk (default: 2**27 / V
-    on a GPU, 512 MB of fp32 logits per model; 2**24 / V on the CPU). Other arguments as in
+    weight and bias; the teacher side is a constant. The logit scales and softcaps reproduce a model's
+    own processing of its LM head's output (e.g. Cohere's `logit_scale`, Granite's 1 / `logits_scaling`,
+    Gemma 2's `final_logit_softcapping`); the loss is computed in fp32 inside `torch.autocast` too.
+    chunk_size: tokens per chunk (default: 2**27 / V on a GPU, 512 MB of fp32 logits per model; 2**24 / V
+    on the CPU). Other arguments as in
     `distill_loss`.
     """
     check_fused_args(
         student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias, chunk_size
+    )
+    heads = (
+        check_head_processing("student", student_logit_scale, student_softcap),
+        check_head_processing("teacher", teacher_logit_scale, teacher_softcap),
     )
     kind_code, beta, alpha, temperature = check_divergence_args(kind, beta, alpha, temperature)
     check_reduction(reduction)
@@ -247,4 +297,25 @@ def fused_linear_distill_loss(
         reduction,
         chunk,
         lead_shape,
+        heads,
     )
+
+
+def lm_head_logits(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """The logits `fused_linear_distill_loss` works with, computed as in its chunks (fp32, or fp64 for
+    fp64 hidden states; no grad), so a model's own logits can be checked against them."""
+    logit_scale, softcap = check_head_processing("head", logit_scale, softcap)
+    compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    h = hidden.detach().reshape(-1, hidden.shape[-1])
+    with torch.no_grad(), autocast_off(hidden.device):
+        w = weight.detach() if (weight.dtype == compute or weight.is_cuda) else weight.detach().to(compute)
+        b = None if bias is None else bias.detach()
+        z = _logits(h, w, b, compute, (logit_scale, softcap))
+    return z.reshape(*hidden.shape[:-1], weight.shape[0])

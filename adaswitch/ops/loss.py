@@ -19,6 +19,7 @@ The JSD endpoints follow TRL/Liger: beta = 0 is forward KL, beta = 1 reverse KL.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -34,6 +35,16 @@ _TORCH_CHUNK_ELEMENTS = 1 << 22  # logits per chunk of the PyTorch path: ~16 MB 
 
 # ----------------------------------------------------------------------------------------------------------
 # argument checks (all before any work)
+
+
+def autocast_off(device: torch.device):
+    """A context that turns autocast off for `device`'s type: the ops pick their own precision (fp32
+    accumulation, explicit casts), which autocast would override by running matmuls in bf16/fp16."""
+    try:
+        enabled = torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # a device type autocast does not know (e.g. meta)
+        enabled = False
+    return torch.autocast(device.type, enabled=False) if enabled else contextlib.nullcontext()
 
 
 def check_reduction(reduction) -> str:
@@ -291,8 +302,9 @@ def distill_loss(
         impl: "auto" (Triton on CUDA, the native op on CPU when built, else PyTorch), "triton",
             "native" or "torch".
 
-    Accumulates in float32 (float64 for float64 inputs on the PyTorch path); the gradient is returned
-    in the student's dtype. If every position is ignored, the loss is 0 with a zero gradient.
+    Accumulates in float32 (float64 for float64 inputs on the PyTorch path), inside `torch.autocast` too;
+    the gradient is returned in the student's dtype. If every position is ignored, the loss is 0 with a
+    zero gradient.
     """
     check_logits_pair(student_logits, teacher_logits)
     kind_code, beta, alpha, temperature = check_divergence_args(kind, beta, alpha, temperature)
@@ -302,6 +314,14 @@ def distill_loss(
     check_num_items(num_items_in_batch, reduction, device)
     which = resolve_impl(impl, device, native_op="distill_loss_rows")
     n_rows = student_logits.numel() // student_logits.shape[-1]
+    with autocast_off(device):
+        return _distill_loss(student_logits, teacher_logits, labels, ignore_index, n_rows, reduction,
+                             num_items_in_batch, kind_code, beta, alpha, temperature, which)
+
+
+def _distill_loss(student_logits, teacher_logits, labels, ignore_index, n_rows, reduction, num_items_in_batch,
+                  kind_code, beta, alpha, temperature, which):
+    device = student_logits.device
     valid = None if labels is None else (labels != ignore_index).reshape(-1)
     scale = reduction_scale(valid, n_rows, reduction, num_items_in_batch, device)
     return DistillLossFunction.apply(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from adaswitch._validation import check_divergence_args
-from adaswitch.ops.fused_linear import fused_linear_distill_loss
+from adaswitch.ops.fused_linear import check_head_processing, fused_linear_distill_loss
 from adaswitch.ops.loss import check_reduction, distill_loss
 
 
@@ -65,7 +65,8 @@ class DistillLoss(_LossConfig):
 class FusedLinearDistillLoss(_LossConfig):
     """`fused_linear_distill_loss` as a module; forward takes (student_hidden, student_weight,
     teacher_hidden, teacher_weight, labels, student_bias, teacher_bias, num_items_in_batch), the
-    argument order of Liger's LigerFusedLinearJSD plus the optional biases."""
+    argument order of Liger's LigerFusedLinearJSD plus the optional biases. The models' logit scales and
+    softcaps are configuration, given to the constructor."""
 
     def __init__(
         self,
@@ -78,8 +79,18 @@ class FusedLinearDistillLoss(_LossConfig):
         reduction="mean",
         chunk_size=None,
         impl=None,
+        student_logit_scale=1.0,
+        teacher_logit_scale=1.0,
+        student_softcap=None,
+        teacher_softcap=None,
     ):
         super().__init__(kind, beta, alpha, temperature, ignore_index, reduction, impl)
+        self.student_logit_scale, self.student_softcap = check_head_processing(
+            "student", student_logit_scale, student_softcap
+        )
+        self.teacher_logit_scale, self.teacher_softcap = check_head_processing(
+            "teacher", teacher_logit_scale, teacher_softcap
+        )
         if chunk_size is not None and (
             isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
         ):
@@ -105,6 +116,10 @@ class FusedLinearDistillLoss(_LossConfig):
             self.kind,
             student_bias=student_bias,
             teacher_bias=teacher_bias,
+            student_logit_scale=self.student_logit_scale,
+            teacher_logit_scale=self.teacher_logit_scale,
+            student_softcap=self.student_softcap,
+            teacher_softcap=self.teacher_softcap,
             labels=labels,
             num_items_in_batch=num_items_in_batch,
             chunk_size=self.chunk_size,

@@ -1,5 +1,5 @@
-"""Distillation against a sparse teacher: only its top-k log-probabilities and their token ids (TRL #3055,
-Liger #441), so teacher outputs can be precomputed, stored or served at k values per token instead of V.
+"""Distillation against a sparse teacher: only its top-k log-probabilities and their token ids, so
+teacher outputs can be precomputed, stored or served at k values per token instead of V.
 
 Semantics (exact): both distributions are collapsed onto k + 1 buckets, the teacher's k token ids and
 one tail bucket holding everything else.
@@ -25,7 +25,14 @@ import torch
 
 from adaswitch import reference
 from adaswitch._validation import KINDS, check_divergence_args, check_logits, check_temperature
-from adaswitch.ops.loss import check_labels, check_num_items, check_reduction, reduce_rows, reduction_scale
+from adaswitch.ops.loss import (
+    autocast_off,
+    check_labels,
+    check_num_items,
+    check_reduction,
+    reduce_rows,
+    reduction_scale,
+)
 
 
 class SparseTeacher(NamedTuple):
@@ -135,6 +142,8 @@ def sparse_distill_loss(
         teacher_tail_logprobs: optional (...) log of the teacher's mass outside the k ids.
         check_indices: validate range and uniqueness of the ids (one host sync).
         Other arguments as in `distill_loss`.
+
+    Computed in float32 (float64 for float64 logits), inside `torch.autocast` too.
     """
     check_logits("student_logits", student_logits)
     kind_code, beta, alpha, temperature = check_divergence_args(kind, beta, alpha, temperature)
@@ -145,7 +154,16 @@ def sparse_distill_loss(
     check_sparse_teacher(
         student_logits, teacher_logprobs, teacher_indices, teacher_tail_logprobs, check_indices
     )
+    with autocast_off(device):
+        return _sparse_loss(
+            student_logits, teacher_logprobs, teacher_indices, teacher_tail_logprobs, kind_code, beta, alpha,
+            temperature, labels, ignore_index, reduction, num_items_in_batch,
+        )
 
+
+def _sparse_loss(student_logits, teacher_logprobs, teacher_indices, teacher_tail_logprobs, kind_code, beta, alpha,
+                 temperature, labels, ignore_index, reduction, num_items_in_batch):
+    device = student_logits.device
     vocab, k = student_logits.shape[-1], teacher_logprobs.shape[-1]
     compute = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     s = student_logits.reshape(-1, vocab).to(compute)

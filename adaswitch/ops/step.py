@@ -162,14 +162,24 @@ def _draw(logits, sampling, seed, keys, positions, stream, native=False, rows=No
                                       rng.sampling_threshold(logits, sampling), sampling.greedy, rows)
 
 
+# the rank of a token outside the vocabulary: SKD rejects it whatever its top_k (the Triton kernel's too)
+OUT_OF_VOCAB_RANK = 1 << 62
+
+
 def _teacher_rank(teacher_logits, token, native=False):
-    """Rank of `token` among the teacher's logits, ties to the lower id (0 = the teacher's argmax)."""
+    """Rank of `token` among the teacher's logits, ties to the lower id (0 = the teacher's argmax); a
+    token outside [0, V) gets OUT_OF_VOCAB_RANK (checked on the device, no host sync)."""
+    vocab = teacher_logits.shape[-1]
+    in_vocab = (token >= 0) & (token < vocab)
+    safe = torch.where(in_vocab, token, torch.zeros_like(token))
     if native and hasattr(native_ops(), "logit_rank"):
-        return native_ops().logit_rank(teacher_logits, token)
-    t = teacher_logits.float()
-    ty = t.gather(-1, token[:, None])
-    ids = torch.arange(t.shape[-1], device=t.device)
-    return ((t > ty) | ((t == ty) & (ids < token[:, None]))).sum(-1)
+        rank = native_ops().logit_rank(teacher_logits, safe)
+    else:
+        t = teacher_logits.float()
+        ty = t.gather(-1, safe[:, None])
+        ids = torch.arange(vocab, device=t.device)
+        rank = ((t > ty) | ((t == ty) & (ids < safe[:, None]))).sum(-1)
+    return torch.where(in_vocab, rank, torch.full_like(rank, OUT_OF_VOCAB_RANK))
 
 
 def _divergence(student_logits, teacher_logits, policy: AdaSwitch, native=False):
@@ -328,7 +338,9 @@ def fused_lookahead(student_logits, teacher_logits, draft, policy, state: Switch
         student_logits: [B, G, V], the student's logits at the drafted positions (those the drafts were
             drawn from, with adaswitch.ops.rng stream 0 at the same positions).
         teacher_logits: [B, G, V], the teacher's logits for the same positions (one teacher forward).
-        draft: int64 [B, G], the student's drafted tokens.
+        draft: int64 [B, G], the student's drafted tokens. An SKD draft outside [0, V) is rejected (the
+            teacher's draw replaces it) on every backend, without a host check; the other policies never
+            read logits at a draft id.
         policy: AdaSwitch (switch scan) or SKD (top-k acceptance); Student accepts every draft, Teacher none.
         position: int64 [B], the response position of draft[:, 0].
         other arguments: as `fused_step`.
@@ -336,6 +348,10 @@ def fused_lookahead(student_logits, teacher_logits, draft, policy, state: Switch
     Returns:
         LookaheadOutput(accepted, token, from_teacher, divergence [B, G]). A row stops at its switch (or
         first rejected draft), at EOS, or after G drafts; `state` is updated up to that point.
+
+    Given the same logits, this is exactly G fused_step calls. In generate, lookahead's teacher logits
+    come from one G-token forward and step mode's from 1-token forwards (different GEMMs), so "same
+    tokens as step mode" holds in fp32 and up to near-ties in bf16 (docs/numerics.md).
     """
     if not isinstance(teacher_logits, torch.Tensor) or teacher_logits.dim() != 3:
         raise ValueError("teacher_logits must be a [B, G, V] tensor, got "

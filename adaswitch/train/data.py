@@ -241,3 +241,141 @@ def prompt_limit(max_prompt_length: int | None, max_new_tokens: int, *models) ->
     if max_prompt_length is None:
         return room if room is not None else 1 << 30
     return max_prompt_length if room is None else min(max_prompt_length, room)
+
+
+# ---------------------------------------------------------------------------------------------------
+# tokenizers: one tokenizer for teacher and student
+
+# Files of a saved tokenizer. A directory with none of them (only a model) makes AutoTokenizer build an empty
+# tokenizer from the model config instead of failing.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.tiktoken",
+)
+
+CROSS_TOKENIZER_HINT = (
+    "distillation compares the two models' distributions token id by token id, so teacher and student "
+    "must use the same tokenizer (the same token -> id vocabulary; an embedding matrix padded past it is "
+    "fine); cross-tokenizer distillation (aligning two vocabularies) is not supported: pick a teacher and "
+    "a student built on one tokenizer (e.g. of the same model family)"
+)
+
+
+def has_tokenizer(directory) -> bool:
+    """Whether a local directory holds a saved tokenizer (one of `TOKENIZER_FILES`)."""
+    p = Path(directory)
+    return p.is_dir() and (any((p / n).is_file() for n in TOKENIZER_FILES) or any(p.glob("*.tiktoken")))
+
+
+def load_tokenizer(directory, *, name: str = "model directory"):
+    """The tokenizer saved in a local directory (`AutoTokenizer.from_pretrained`).
+
+    Raises ValueError naming the directory when it holds no tokenizer file, when loading fails, or when
+    the result has no ordinary tokens (what AutoTokenizer builds from a model config alone).
+    """
+    p = Path(directory)
+    fix = "save the model's tokenizer there with tokenizer.save_pretrained(dir)"
+    if not has_tokenizer(p):
+        raise ValueError(
+            f"{name}: no tokenizer in {str(p)!r} (none of {', '.join(TOKENIZER_FILES)}); {fix}"
+        )
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p))
+    except Exception as exc:  # tokenizers raise OSError, ValueError, ImportError, JSON errors, ...
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
+        raise ValueError(f"{name}: cannot load the tokenizer in {str(p)!r}: {first}") from exc
+    if not set(tok.get_vocab().values()) - set(tok.all_special_ids):
+        raise ValueError(f"{name}: the tokenizer in {str(p)!r} is empty (only special tokens); {fix}")
+    return tok
+
+
+def local_model_dir(model) -> Path | None:
+    """The local directory a model was loaded from (`from_pretrained(dir)` sets `name_or_path`), or None."""
+    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not isinstance(name, (str, os.PathLike)) or not str(name):
+        return None
+    p = Path(name).expanduser()
+    return p.resolve() if p.is_dir() else None
+
+
+def describe_tokenizer(label: str, tokenizer) -> str:
+    """`label ('path', Class)`: what an error calls a tokenizer."""
+    path = getattr(tokenizer, "name_or_path", None)
+    where = f"{str(path)!r}, " if path else ""
+    return f"{label} ({where}{type(tokenizer).__name__}, {len(tokenizer)} tokens)"
+
+
+def vocabulary_difference(a, b) -> str | None:
+    """None when the two tokenizers map the same tokens to the same ids, else a short description of how
+    their vocabularies (`get_vocab()`, added tokens included) differ."""
+    if a is b or not (hasattr(a, "get_vocab") and hasattr(b, "get_vocab")):
+        return None
+    va, vb = a.get_vocab(), b.get_vocab()
+    if va == vb:
+        return None
+    moved = sorted((va[t], t) for t in va if t in vb and va[t] != vb[t])
+    only_a = sorted((i, t) for t, i in va.items() if t not in vb)
+    only_b = sorted((i, t) for t, i in vb.items() if t not in va)
+    parts = []
+    if moved:
+        i, t = moved[0]
+        parts.append(f"{len(moved)} shared tokens have different ids (e.g. {t!r}: {i} vs {vb[t]})")
+    if only_a:
+        parts.append(f"{len(only_a)} tokens only in the first (e.g. {only_a[0][1]!r})")
+    if only_b:
+        parts.append(f"{len(only_b)} tokens only in the second (e.g. {only_b[0][1]!r})")
+    return "; ".join(parts)
+
+
+def check_same_tokenizer(tokenizers: Sequence[tuple[str, object]]) -> None:
+    """Raises ValueError unless every tokenizer has the first one's vocabulary (token -> id map).
+
+    Args:
+        tokenizers: (label, tokenizer) pairs, e.g. [("the student's tokenizer", s), ("the teacher's", t)];
+            the error names the first pair that differs by label, path and class.
+    """
+    (label, first), *others = tokenizers
+    for other_label, other in others:
+        diff = vocabulary_difference(first, other)
+        if diff is not None:
+            raise ValueError(
+                f"{describe_tokenizer(label, first)} and {describe_tokenizer(other_label, other)} are "
+                f"different tokenizers ({diff}): {CROSS_TOKENIZER_HINT}"
+            )
+
+
+def saved_tokenizers(models: Sequence[tuple[str, object]], known: Sequence[object] = ()) -> list[tuple[str, object]]:
+    """(label, tokenizer) of the tokenizers saved with models loaded from local directories, for
+    `check_same_tokenizer`: models with no local directory, directories holding no tokenizer or one that
+    does not load, and the directories the `known` tokenizers were loaded from are skipped.
+
+    Args:
+        models: (role, model) pairs, e.g. [("student", student), ("teacher", teacher)].
+        known: tokenizers already at hand (their `name_or_path` directories are not loaded again).
+    """
+    seen = set()
+    for tok in known:
+        path = getattr(tok, "name_or_path", None)
+        if path and Path(path).expanduser().is_dir():
+            seen.add(Path(path).expanduser().resolve())
+    found = []
+    for role, model in models:
+        directory = local_model_dir(model)
+        if directory is None or directory in seen or not has_tokenizer(directory):
+            continue
+        seen.add(directory)
+        try:
+            tok = load_tokenizer(directory)
+        except ValueError:
+            continue
+        found.append((f"the tokenizer saved with the {role}", tok))
+    return found

@@ -6,8 +6,10 @@ Each training step (SPEC.md sections 2 and 5):
    dataset's completions (`policy="dataset"`, and the dataset rows of `mixed`);
 2. one forward of the student (with grad) and of the teacher (no grad) over prompt + response;
 3. the loss over the response tokens: `fused_linear_distill_loss` from the last hidden states and the
-   LM-head weights when the models expose a linear LM head (no [N, V] logits kept), else
-   `distill_loss` on the logits; prompt, padding and tokens outside `token_mask` are `ignore_index`;
+   LM-head weights (no [N, V] logits kept) when, for both models, it forms the model's own logits (a
+   linear LM head with a known logit scale / softcap, checked once against a real forward at
+   start-up, `verify_fused_head`), else `distill_loss` on the logits; prompt, padding and tokens outside
+   `token_mask` are `ignore_index`;
 4. Trainer's backward and optimizer step (so accelerate's DDP, gradient accumulation, mixed precision,
    checkpoints, resume and `report_to` all apply).
 
@@ -39,18 +41,29 @@ import os
 import shutil
 import time
 from collections import defaultdict
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel, Trainer
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.utils import logging
 
 from adaswitch.train.config import DistillConfig
-from adaswitch.train.data import DistillCollator, load_prompt_completion, prompt_limit, tokenize_dataset
+from adaswitch.train.data import (
+    DistillCollator,
+    check_same_tokenizer,
+    load_prompt_completion,
+    prompt_limit,
+    saved_tokenizers,
+    tokenize_dataset,
+)
 
 IGNORE_INDEX = -100
 STAGING_PREFIX = ".staging-"  # checkpoints are written under this name, then renamed
+
+logger = logging.get_logger(__name__)
 
 
 def _vocab_size(model) -> int:
@@ -157,6 +170,182 @@ def _accepts(model, name: str) -> bool:
         return False
 
 
+# ----------------------------------------------------------------------------------------------------------
+# a causal LM's logits from its last hidden state: what the fused loss must reproduce
+
+
+class LogitProcessing(NamedTuple):
+    """What a causal LM's forward does to its LM head's output z: logits = softcap * tanh(logit_scale * z /
+    softcap), or logit_scale * z when softcap is None (the form `fused_linear_distill_loss` computes)."""
+
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+
+def _text_config(model):
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
+def _optional_softcap(model) -> LogitProcessing:
+    return LogitProcessing(softcap=getattr(_text_config(model), "final_logit_softcapping", None))
+
+
+# transformers' causal-LM classes whose forward changes lm_head(h), as their code does it; the library's
+# other causal LMs are taken to return lm_head(h) itself, which `verify_fused_head` confirms. Keyed by
+# class: e.g. Gemma3ForCausalLM softcaps its logits, Gemma3ForConditionalGeneration does not.
+_LOGIT_PROCESSING = {
+    **dict.fromkeys(
+        (
+            "CohereForCausalLM",
+            "Cohere2ForCausalLM",
+            "Cohere2MoeForCausalLM",
+            "CohereCompassForCausalLM",
+            "CohereCompassForConditionalGeneration",
+        ),
+        lambda m: LogitProcessing(logit_scale=1.0 if m.logit_scale is None else m.logit_scale),
+    ),
+    **dict.fromkeys(
+        (
+            "GraniteForCausalLM",
+            "GraniteSWAForCausalLM",
+            "GraniteMoeForCausalLM",
+            "GraniteMoeSWAForCausalLM",
+            "GraniteMoeHybridForCausalLM",
+            "GraniteMoeSharedForCausalLM",
+            "Granite4VisionForConditionalGeneration",
+            "GraniteDoclingForConditionalGeneration",
+        ),
+        lambda m: LogitProcessing(logit_scale=1.0 / _text_config(m).logits_scaling),  # logits / logits_scaling
+    ),
+    **dict.fromkeys(
+        ("HyperCLOVAXForCausalLM", "HyperCLOVAXVisionV2ForConditionalGeneration"),
+        lambda m: LogitProcessing(logit_scale=_text_config(m).logits_scaling),
+    ),
+    "FalconH1ForCausalLM": lambda m: LogitProcessing(logit_scale=m.model.lm_head_multiplier),
+    **dict.fromkeys(
+        (
+            "Gemma2ForCausalLM",
+            "Gemma3ForCausalLM",
+            "Gemma3nForCausalLM",
+            "Gemma3nForConditionalGeneration",
+            "Gemma4ForCausalLM",
+            "Gemma4ForConditionalGeneration",
+            "Gemma4UnifiedForCausalLM",
+            "Gemma4UnifiedForConditionalGeneration",
+            "VaultGemmaForCausalLM",
+            "NanoChatForCausalLM",
+            "BeamForCausalLM",
+            "PaliGemmaForConditionalGeneration",
+        ),
+        _optional_softcap,
+    ),
+    "RecurrentGemmaForCausalLM": lambda m: LogitProcessing(softcap=m.config.logits_soft_cap),
+    "MistralLarge4ForConditionalGeneration": lambda m: LogitProcessing(softcap=m.final_logit_softcapping),
+    **dict.fromkeys(
+        ("MuseGlimmerForConditionalGeneration", "MuseSparkForConditionalGeneration"),
+        lambda m: LogitProcessing(_text_config(m).output_multiplier, _text_config(m).final_logit_softcapping),
+    ),
+}
+# transformers' causal LMs whose logits the fused loss cannot form (vocabulary slicing, a softcap module
+# with its own rules, chunked inference-time capping)
+_UNSUPPORTED_HEADS = frozenset(
+    {
+        "InklingForCausalLM",
+        "Inkling2ForCausalLM",
+        "Inkling2ForConditionalGeneration",
+        "Inkling2LoopForCausalLM",
+        "Inkling2LoopForConditionalGeneration",
+        "xLSTMForCausalLM",
+    }
+)
+
+
+def logit_processing(model: nn.Module) -> LogitProcessing | None:
+    """How `model`'s forward turns its LM head's output into its logits, read from its class and config
+    (a PEFT wrapper is looked through); None when unknown: a class from outside transformers, or one
+    whose processing the fused loss cannot express."""
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    cls = type(base)
+    if not cls.__module__.startswith("transformers.models.") or cls.__name__ in _UNSUPPORTED_HEADS:
+        return None
+    read = _LOGIT_PROCESSING.get(cls.__name__)
+    if read is None:
+        return LogitProcessing()
+    try:
+        scale, cap = read(base)
+    except (AttributeError, TypeError, ZeroDivisionError):
+        return None
+    ok = lambda x: not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x) and x > 0  # noqa: E731
+    if not ok(scale) or not (cap is None or ok(cap)):
+        return None
+    return LogitProcessing(float(scale), None if cap is None else float(cap))
+
+
+def _matmul_eps(dtype: torch.dtype) -> float:
+    """Relative rounding of a logit the model computes in `dtype` (fp32 matmuls may run as TF32 or bf16
+    when torch is told so)."""
+    if dtype == torch.float32:
+        return {"highest": torch.finfo(torch.float32).eps, "high": 2.0**-10}.get(
+            torch.get_float32_matmul_precision(), 2.0**-7
+        )
+    return torch.finfo(dtype).eps
+
+
+@torch.no_grad()
+def verify_fused_head(
+    model: nn.Module, vocab_size: int | None = None, tokens: int = 16, amp_dtype: torch.dtype | None = None
+):
+    """(processing, "") when the logits the fused loss forms from `model`'s last hidden state, LM head and
+    `logit_processing` equal its own `model(...).logits` on `tokens` fixed token ids (to the rounding of
+    the model's dtype, or of `amp_dtype` when its forward runs under autocast, as accelerate's mixed
+    precision makes it); else (None, the reason). Runs in eval mode, modes restored after."""
+    head = _linear_head(model)
+    if head is None:
+        return None, "its LM head (get_output_embeddings) is not an nn.Linear"
+    processing = logit_processing(model)
+    if processing is None:
+        return None, f"{type(model).__name__}'s logit processing is unknown"
+    if not _accepts(model, "logits_to_keep"):
+        return None, "its forward takes no logits_to_keep argument"
+    from adaswitch.ops.fused_linear import lm_head_logits
+
+    if head.weight.is_meta:
+        return None, "its LM-head weight is offloaded (on the meta device)"
+    rows = head.weight.shape[0]
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    device = getattr(getattr(embeddings, "weight", None), "device", head.weight.device)  # where inputs go
+    gen = torch.Generator().manual_seed(0)  # fixed ids, and the global RNG stream is left alone
+    ids = torch.randint(0, min(rows, vocab_size or rows), (1, tokens), generator=gen).to(device)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True, use_cache=False)
+    except Exception as e:  # a model that needs more than token ids
+        return None, f"its check forward failed ({type(e).__name__}: {e})"
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    hidden = getattr(out, "hidden_states", None)
+    if not hidden or getattr(out, "logits", None) is None:
+        return None, "its forward returns no hidden_states or logits"
+    logits = out.logits.float()
+    if hidden[-1].shape[:-1] != logits.shape[:-1] or logits.shape[-1] != rows:
+        return None, f"its logits {tuple(logits.shape)} are not [tokens, LM-head rows ({rows})]"
+    ours = lm_head_logits(hidden[-1].to(head.weight.device), head.weight, head.bias,
+                          logit_scale=processing.logit_scale, softcap=processing.softcap)
+    ours = ours.float().to(logits.device)
+    dtypes = (out.logits.dtype, head.weight.dtype, hidden[-1].dtype) + ((amp_dtype,) if amp_dtype else ())
+    eps = max(_matmul_eps(d) for d in dtypes)
+    tol = 1e-6 + max(2 * eps, 1e-4) * float(ours.abs().max())
+    err = float((ours - logits).abs().max())
+    if not err <= tol:
+        return None, (
+            f"its logits differ from lm_head(last hidden state) with {processing} by {err:.3g} (tolerance "
+            f"{tol:.3g}): its forward processes the logits in a way the fused loss does not reproduce"
+        )
+    return processing, ""
+
+
 class Distiller(Trainer):
     """Knowledge distillation with a generation policy (student, teacher, dataset, mixed, skd, adaswitch).
 
@@ -168,8 +357,14 @@ class Distiller(Trainer):
         args: a `DistillConfig`.
         train_dataset, eval_dataset: `datasets.Dataset`s or .jsonl/.json/.parquet/.csv paths with a `prompt`
             column and, for policies `dataset` and `mixed`, a `completion` column (text or chat messages).
-        processing_class: the shared tokenizer (must define a pad token).
+        processing_class: the shared tokenizer (must define a pad token). Its ids are the vocabulary:
+            generation never samples, and the loss never weighs, an id >= len(processing_class) (embedding
+            rows padded past the tokenizer).
         callbacks, optimizers, optimizer_cls_and_kwargs: as in `transformers.Trainer`.
+        teacher_processing_class: the teacher's tokenizer, when loaded separately: must have the same
+            vocabulary (token -> id map) as processing_class. Tokenizers saved in the local directories
+            the models were loaded from (`from_pretrained(dir)`) are compared too. Different tokenizers
+            are an error before any work: cross-tokenizer distillation is not supported.
 
     Example:
         >>> config = DistillConfig(output_dir="out", policy="adaswitch", max_new_tokens=64, max_steps=100)
@@ -190,6 +385,7 @@ class Distiller(Trainer):
         callbacks=None,
         optimizers=(None, None),
         optimizer_cls_and_kwargs=None,
+        teacher_processing_class=None,
     ):
         if not isinstance(args, DistillConfig):
             raise TypeError(f"args must be an adaswitch.DistillConfig, got {type(args).__name__}")
@@ -220,6 +416,12 @@ class Distiller(Trainer):
                 "fsdp_config['version'] must be 2: Distiller supports FSDP2 (transformers' default; FSDP1 "
                 "is deprecated there)"
             )
+        # One tokenizer: the given ones and those saved with the models must have one vocabulary.
+        named = [("processing_class", processing_class)]
+        if teacher_processing_class is not None:
+            named.append(("teacher_processing_class", teacher_processing_class))
+        known = [tok for _, tok in named]
+        check_same_tokenizer(named + saved_tokenizers([("student", model), ("teacher", teacher_model)], known))
         n_tok = len(processing_class)
         v_student, v_teacher = _vocab_size(model), _vocab_size(teacher_model)
         if min(v_student, v_teacher) < n_tok:
@@ -227,7 +429,9 @@ class Distiller(Trainer):
                 f"the tokenizer has {n_tok} tokens but the student has {v_student} and the teacher "
                 f"{v_teacher} output rows; both must cover the tokenizer's vocabulary"
             )
-        self.vocab_size = min(v_student, v_teacher)  # the shared prefix: rows past it are padding
+        # The tokenizer's ids: generation samples in [0, vocab_size) and the loss cuts logits to it, so rows
+        # padded past the tokenizer (e.g. Qwen2.5: 151936 rows, 151665 tokens) are never sampled nor weighed.
+        self.vocab_size = n_tok
 
         # Data checks come first: a bad row is reported before any model is moved or any work is done.
         limit = prompt_limit(args.max_prompt_length, args.max_new_tokens, model, teacher_model)
@@ -285,6 +489,7 @@ class Distiller(Trainer):
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._last_generation_seconds = 0.0
         self._last_tokens = 0.0
+        self._check_fused_heads()
 
     @staticmethod
     def _prepare_dataset(dataset, tokenizer, args, limit, name):
@@ -358,6 +563,7 @@ class Distiller(Trainer):
                     max_new_tokens=self.args.max_new_tokens,
                     eos_token_id=self.processing_class.eos_token_id,
                     pad_token_id=self.processing_class.pad_token_id,
+                    vocab_size=self.vocab_size,
                     seed=self._generation_seed(),
                     example_keys=inputs["example_keys"],
                     sync_every=self.args.sync_every,
@@ -390,6 +596,24 @@ class Distiller(Trainer):
             return out.hidden_states[-1], head
         return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits, None
 
+    def _check_fused_heads(self) -> None:
+        """Decides once per model whether the fused LM-head loss may stand in for its logits
+        (`verify_fused_head`); when not, the loss takes the logits and the reason is logged."""
+        self._fused_heads = {"student": None, "teacher": None}
+        if self.is_fsdp_enabled or (self.args.deepspeed and self.args.hf_deepspeed_config.is_zero3()):
+            return  # the loss takes the logits there (see `_use_fused`): nothing to check
+        # mixed precision: the teacher's forward already runs under autocast (accelerate wrapped it)
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(self.accelerator.mixed_precision))
+        for name, wrapped in (("student", self.model), ("teacher", self.teacher_model)):
+            model = self.accelerator.unwrap_model(wrapped)
+            with gathered(model):
+                processing, why = verify_fused_head(model, self.vocab_size, amp_dtype=amp)
+            if processing is None:
+                logger.warning(f"Distiller: the loss uses the {name}'s logits (no fused LM-head loss): {why}")
+            else:
+                logger.info(f"Distiller: fused LM-head loss for the {name}, {processing} (checked)")
+            self._fused_heads[name] = processing
+
     def _use_fused(self, model) -> bool:
         if self.is_fsdp_enabled:
             # Outside the student's forward its LM-head weight is a shard (DTensor) unless its FSDP unit
@@ -398,6 +622,9 @@ class Distiller(Trainer):
             return False
         student = self.accelerator.unwrap_model(model)
         if _zero3_partitioned(student):  # ZeRO-3: the LM-head weight is a partition outside the forward
+            return False
+        heads = getattr(self, "_fused_heads", {})
+        if heads.get("student") is None or heads.get("teacher") is None:  # not checked, or failed the check
             return False
         teacher = self.accelerator.unwrap_model(self.teacher_model)
         return all(_linear_head(m) is not None and _accepts(m, "logits_to_keep") for m in (student, teacher))
@@ -461,6 +688,9 @@ class Distiller(Trainer):
         )
         v = self.vocab_size
         if fused:
+            s_proc, t_proc = self._fused_heads["student"], self._fused_heads["teacher"]
+            if s_proc is None or t_proc is None:
+                raise RuntimeError("the fused loss needs both models' logit processing (see _check_fused_heads)")
             loss = fused_linear_distill_loss(
                 s_sel,
                 s_head.weight[:v],
@@ -468,6 +698,10 @@ class Distiller(Trainer):
                 t_head.weight[:v].to(s_sel.device),
                 student_bias=None if s_head.bias is None else s_head.bias[:v],
                 teacher_bias=None if t_head.bias is None else t_head.bias[:v].to(s_sel.device),
+                student_logit_scale=s_proc.logit_scale,
+                teacher_logit_scale=t_proc.logit_scale,
+                student_softcap=s_proc.softcap,
+                teacher_softcap=t_proc.softcap,
                 **kwargs,
             )
         else:

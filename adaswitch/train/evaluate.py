@@ -15,14 +15,17 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from adaswitch.train.data import (
     COMPLETION_IDS,
     PROMPT_IDS,
     DistillCollator,
+    check_same_tokenizer,
     context_length,
     load_prompt_completion,
     prompt_limit,
+    saved_tokenizers,
     tokenize_dataset,
 )
 
@@ -52,8 +55,22 @@ def _device_of(model) -> torch.device:
     return next(model.parameters()).device
 
 
+class _TokenizerVocabulary(LogitsProcessor):
+    """Logits processor for `model.generate`: ids >= vocab (embedding rows padded past the tokenizer's
+    vocabulary, which are not tokens) get -inf, so they are never generated."""
+
+    def __init__(self, vocab: int):
+        self.vocab = vocab
+
+    def __call__(self, input_ids, scores):
+        if scores.shape[-1] > self.vocab:
+            scores = scores.clone()
+            scores[:, self.vocab :] = -math.inf
+        return scores
+
+
 @torch.no_grad()
-def _teacher_forced_kl(model, teacher, batch, device) -> tuple[float, int]:
+def _teacher_forced_kl(model, teacher, batch, device, vocab: int) -> tuple[float, int]:
     """Sum over valid completion tokens of KL(p_T || p_S), and the number of those tokens."""
     from adaswitch.ops import token_divergence
 
@@ -67,7 +84,7 @@ def _teacher_forced_kl(model, teacher, batch, device) -> tuple[float, int]:
     s = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, width - 1 : -1]
     t = teacher(input_ids=ids, attention_mask=mask, position_ids=positions.to(_device_of(teacher))).logits
     t = t[:, width - 1 : -1].to(s.device)
-    vocab = min(s.shape[-1], t.shape[-1])  # an embedding matrix padded past the tokenizer's vocabulary
+    # the tokenizer's ids only: rows of an embedding matrix padded past its vocabulary weigh nothing
     kl = token_divergence(s[..., :vocab].float(), t[..., :vocab].float(), "forward_kl")
     valid = cmask.bool()
     return float(kl[valid].sum()), int(valid.sum())
@@ -85,12 +102,14 @@ def evaluate(
     batch_size: int = 8,
     output_path: str | Path | None = None,
     progress: bool = True,
+    teacher_tokenizer=None,
 ) -> dict:
     """Greedy-decode every prompt, check the answers and (with `teacher`) measure the teacher-forced KL.
 
     Args:
         model: a causal LM (`AutoModelForCausalLM`), evaluated in eval mode.
-        tokenizer: its tokenizer (chat template applied to message-list rows).
+        tokenizer: its tokenizer (chat template applied to message-list rows). Only its ids are generated
+            and scored: ids >= len(tokenizer) (embedding rows padded past it) are cut off.
         dataset: a `datasets.Dataset` or a .jsonl/.json/.parquet/.csv path with `prompt` and `completion`
             (the reference) columns.
         answer_marker: the default checker compares the text after the last occurrence of this marker.
@@ -102,6 +121,9 @@ def evaluate(
         batch_size: prompts per generation batch.
         output_path: where to also write the results as JSON.
         progress: show a tqdm progress bar.
+        teacher_tokenizer: the teacher's tokenizer, when loaded separately. It, and the tokenizers saved in
+            the local directories the models were loaded from, must have `tokenizer`'s vocabulary
+            (token -> id map): the KL compares distributions id by id (an error otherwise).
 
     Returns:
         {"accuracy", "correct", "num_examples", "teacher_kl" (when a teacher is given), "examples": [{"index",
@@ -121,6 +143,19 @@ def evaluate(
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if tokenizer.pad_token_id is None:
         raise ValueError("tokenizer must define a pad token (tokenizer.pad_token_id is None)")
+    named = [("tokenizer", tokenizer)]
+    if teacher_tokenizer is not None:
+        named.append(("teacher_tokenizer", teacher_tokenizer))
+    known = [tok for _, tok in named]
+    check_same_tokenizer(
+        named + saved_tokenizers([("model", model)] + ([("teacher", teacher)] if teacher is not None else []), known)
+    )
+    vocab = len(tokenizer)
+    for name, m in (("model", model), ("teacher", teacher)):
+        head = m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None
+        rows = getattr(head, "out_features", None)
+        if rows is not None and rows < vocab:
+            raise ValueError(f"the tokenizer has {vocab} tokens but the {name} has {rows} output rows")
     check = checker or exact_match_checker(answer_marker)
     data = load_prompt_completion(dataset, name="evaluation dataset", require_completion=True)
     models = [model] + ([teacher] if teacher is not None else [])
@@ -152,6 +187,7 @@ def evaluate(
                     max_new_tokens=max_new_tokens,
                     pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=tokenizer.eos_token_id,
+                    logits_processor=LogitsProcessorList([_TokenizerVocabulary(vocab)]),
                 )
             for j, row in enumerate(rows):
                 index = start + j
@@ -166,7 +202,7 @@ def evaluate(
                     }
                 )
             if teacher is not None:
-                s, n = _teacher_forced_kl(model, teacher, batch, device)
+                s, n = _teacher_forced_kl(model, teacher, batch, device, vocab)
                 kl_sum, kl_count = kl_sum + s, kl_count + n
             bar.update(len(rows))
     finally:

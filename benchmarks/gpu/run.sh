@@ -51,6 +51,7 @@ bench() {  # bench SCRIPT [ARGS...]: run one benchmark script, log it, remember 
 bench benchmarks/gpu/bench_divergence_gpu.py "$@"
 bench benchmarks/gpu/bench_generate_gpu.py "$@"
 bench benchmarks/gpu/bench_loss_gpu.py "$@"
+bench benchmarks/gpu/bench_firstrun_gpu.py "$@"
 
 echo
 echo "================ summary ($OUT/summary.md) ================"

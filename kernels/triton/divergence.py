@@ -20,6 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
+from adaswitch._backend import triton_interpreted
+
+from .launch import launch, tile
+
 LOG2E = 1.4426950408889634
 
 # Kernel "modes" (host routes the six public kinds onto these).
@@ -41,7 +45,8 @@ def _divergence_kernel(
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_x_row
     y_row = Y + row * stride_y_row
-    offs = tl.arange(0, BLOCK)
+    # int64 offsets: a column stride times a column index passes 2^31 on a transposed [16384, 151936]
+    offs = tl.arange(0, BLOCK).to(tl.int64)
 
     # Pass 1: online base-2 log-sum-exp of both rows (and, for KL, E_{p_x}[x - y] unnormalised).
     m_x = float("-inf")
@@ -143,9 +148,9 @@ def _route(kind_code: int, beta: float, alpha: float) -> tuple[int, bool, float]
 
 def _launch_config(vocab: int, device: torch.device) -> tuple[int, int]:
     """(BLOCK, num_warps): tiles of up to 4096 entries on GPU; the interpreter prefers few big tiles."""
-    if device.type != "cuda":
-        return min(triton.next_power_of_2(vocab), 8192), 1
-    block = min(triton.next_power_of_2(vocab), 4096)
+    if device.type != "cuda" and triton_interpreted():
+        return tile(vocab, 8192), 1
+    block = tile(vocab, 4096)
     return block, (4 if block <= 1024 else 8)
 
 
@@ -162,11 +167,11 @@ def token_divergence_triton(
     mode, swap, weight = _route(kind_code, beta, alpha)
     x, y = (s2d, t2d) if swap else (t2d, s2d)
     block, num_warps = _launch_config(vocab, s2d.device)
-    _divergence_kernel[(n_rows,)](
-        x, y, out,
+    launch(
+        _divergence_kernel, (n_rows,), x, y, out,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1),
         vocab, LOG2E / temperature, float(weight),
-        MODE=mode, BLOCK=block, num_warps=num_warps,
+        MODE=mode, BLOCK=block, num_warps=num_warps, device=s2d.device,
     )
     return out
 

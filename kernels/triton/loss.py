@@ -17,6 +17,10 @@ alpha = 0 are mapped to forward / reverse KL by the caller.
 import triton
 import triton.language as tl
 
+from adaswitch._backend import triton_interpreted
+
+from .launch import launch, tile
+
 NEG_BIG = -1.0e30  # log(0) for the mixture weights; finite so that 0 * NEG_BIG stays 0
 
 
@@ -159,13 +163,25 @@ def distill_loss_rows_triton(s, t, grad, loss_rows, valid, scale, kind_code, w, 
     `scale` is a float32 tensor with 1 element (broadcast) or N elements (per row).
     """
     n, vocab = s.shape
-    block = min(triton.next_power_of_2(vocab), 4096 if s.is_cuda else 65536)
     write_grad = grad is not None
     g = grad if write_grad else s  # never written when WRITE_GRAD is False
-    _distill_loss_fwd_kernel[(n,)](
-        s, t, g, loss_rows, valid if valid is not None else loss_rows, scale if write_grad else loss_rows,
+    interpreted = not s.is_cuda and triton_interpreted()
+    # 4096-entry tiles over 8 warps; where that makes ptxas spill (tests/test_triton_compile.py checks
+    # every launch), 2048 over 8 for float64 inputs and 2048 over 4 for rows not 16-element aligned
+    if interpreted:
+        cap, num_warps = 65536, 1
+    elif max(s.element_size(), t.element_size()) > 4:
+        cap, num_warps = 2048, 8
+    elif any(x.stride(0) % 16 for x in (s, t, g)):
+        cap, num_warps = 2048, 4
+    else:
+        cap, num_warps = 4096, 8
+    block = tile(vocab, cap)
+    launch(
+        _distill_loss_fwd_kernel, (n,), s, t, g, loss_rows, valid if valid is not None else loss_rows,
+        scale if write_grad else loss_rows,
         s.stride(0), t.stride(0), g.stride(0), (1 if scale.numel() > 1 else 0) if write_grad else 0,
         vocab, inv_temp, w, log_w, log_1mw,
         KIND=kind_code, HAS_VALID=valid is not None, WRITE_GRAD=write_grad, BLOCK=block,
-        num_warps=8 if s.is_cuda else 1,
+        num_warps=num_warps, device=s.device,
     )

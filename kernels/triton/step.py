@@ -29,6 +29,8 @@ from adaswitch._validation import KIND_CODES
 from adaswitch.engine.policies import SKD, AdaSwitch, Mixed, Student, Teacher
 from adaswitch.ops import rng
 
+from .launch import launch, tile
+
 # Kernel divergence modes: the public kinds routed onto the four computations.
 _NONE, _FKL, _RKL, _JSD, _TVD, _SKEW_F, _SKEW_R = -1, 0, 1, 2, 3, 4, 5
 
@@ -50,13 +52,13 @@ def _combine(h, word):
 
 
 @triton.jit
-def _row_hash(seed_hash, key, position, stream: tl.constexpr):
+def _row_hash(seed_hash, key, position, STREAM: tl.constexpr):
     """rng.row_hash with the seed's part (rng.seed_hash) precomputed on the host."""
     h = seed_hash.to(tl.uint32)
     h = _combine(h, (key & 0xFFFFFFFF).to(tl.uint32))
     h = _combine(h, ((key >> 32) & 0xFFFFFFFF).to(tl.uint32))
     h = _combine(h, (position & 0xFFFFFFFF).to(tl.uint32))
-    return _combine(h, tl.full((), stream, tl.uint32))
+    return _combine(h, tl.full((), STREAM, tl.uint32))
 
 
 @triton.jit
@@ -68,10 +70,11 @@ def _uniform(rowh, cols):
 
 
 @triton.jit(do_not_specialize=["seed_hash", "V"])
-def _uniform_kernel(KEYS, POS, OUT, seed_hash, V, stream: tl.constexpr, BLOCK: tl.constexpr):
-    """OUT[b, :V] = rng.uniform(...): exposes the in-kernel bits to the tests."""
+def _uniform_kernel(KEYS, POS, OUT, seed_hash, V, STREAM: tl.constexpr, BLOCK: tl.constexpr):
+    """OUT[b, :V] = rng.uniform(...): exposes the in-kernel bits to the tests. (The stream is named
+    STREAM: Triton's launcher reserves the keyword `stream`.)"""
     row = tl.program_id(0).to(tl.int64)
-    rowh = _row_hash(seed_hash, tl.load(KEYS + row), tl.load(POS + row), stream)
+    rowh = _row_hash(seed_hash, tl.load(KEYS + row), tl.load(POS + row), STREAM)
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         tl.store(OUT + row * V + cols, _uniform(rowh, cols), mask=cols < V)
@@ -147,7 +150,12 @@ def _row_stats(
 ):
     """One row: the student's draw ys, the teacher's draw yt, the divergence d and the teacher rank of
     the draft (RANK 1: of ys, in a second pass over the teacher's logits; RANK 2: of the given `draft`,
-    in the same pass). Logits are read once unless KIND or RANK 1 need a second pass."""
+    in the same pass). Logits are read once unless KIND or RANK 1 need a second pass.
+
+    A `draft` outside [0, V) is never read: its rank is 2^62, so SKD rejects it (as the PyTorch path).
+    The KLs follow the reference's conventions: an entry with p > 0 where the other side is -inf makes
+    the KL +inf, also where exp underflows in fp32 (the float64 reference still sees p > 0), never the
+    0 * inf = NaN of the plain product."""
     offs = tl.arange(0, BLOCK)
     best_s = float("-inf")
     best_t = float("-inf")
@@ -161,7 +169,8 @@ def _row_stats(
     bad = 0.0
     rank = tl.zeros((), tl.int64)
     if RANK == 2:
-        t_draft = tl.load(t_row + draft).to(tl.float32)
+        draft_ok = (draft >= 0) & (draft < V)
+        t_draft = tl.load(t_row + tl.where(draft_ok, draft, 0), mask=draft_ok, other=0.0).to(tl.float32)
     for start in range(0, V, BLOCK):
         cols = start + offs
         mask = cols < V
@@ -184,12 +193,18 @@ def _row_stats(
             bad += tl.sum(((xs != xs) | (xt != xt)).to(tl.float32), axis=0)
             m_s_new, z_s, r_s, e_s = _online_lse(m_s, z_s, xs)
             m_t_new, z_t, r_t, e_t = _online_lse(m_t, z_t, xt)
-            if KIND == 0:  # forward KL: E_{p_T}[t - s], unnormalised, rescaled with z_t
-                acc = acc * r_t + tl.sum(tl.where(xt == float("-inf"), 0.0, e_t * (xt - xs)), axis=0)
+            if KIND == 0:  # forward KL: E_{p_T}[t - s], unnormalised, rescaled with z_t (inf stays inf)
+                term = tl.where(xs == float("-inf"), float("inf"), e_t * (xt - xs))
+                term = tl.where(xt == float("-inf"), 0.0, term)
+                acc = tl.where(acc == float("inf"), acc, acc * r_t) + tl.sum(term, axis=0)
             if KIND == 1:
-                acc = acc * r_s + tl.sum(tl.where(xs == float("-inf"), 0.0, e_s * (xs - xt)), axis=0)
+                term = tl.where(xt == float("-inf"), float("inf"), e_s * (xs - xt))
+                term = tl.where(xs == float("-inf"), 0.0, term)
+                acc = tl.where(acc == float("inf"), acc, acc * r_s) + tl.sum(term, axis=0)
             m_s = m_s_new
             m_t = m_t_new
+    if RANK == 2:
+        rank = tl.where(draft_ok, rank, 1 << 62)
     if RANK == 1:
         t_ys = tl.load(t_row + ys).to(tl.float32)
         for start in range(0, V, BLOCK):
@@ -222,7 +237,9 @@ def _row_stats(
                 else:  # KL(p_S || w p_S + (1 - w) p_T)
                     term = _kl_terms(lps, _logaddexp(lps + log_w, lpt + log_1mw))
                 d += tl.sum(tl.where(mask, term, 0.0), axis=0)
-        d = tl.where(bad > 0, float("nan"), d)
+        # NaN logits, all -inf rows (lse = -inf) and +inf logits (lse = +inf or NaN) give NaN
+        ok = (bad == 0) & (tl.abs(lse_s) < float("inf")) & (tl.abs(lse_t) < float("inf"))
+        d = tl.where(ok, d, float("nan"))
     return ys, yt, d, rank
 
 
@@ -419,7 +436,7 @@ def _rule_args(policy, state):
 
 
 def _block(vocab: int) -> int:
-    return min(4096, triton.next_power_of_2(vocab))
+    return tile(vocab, 4096)
 
 
 def _warps(block: int) -> int:
@@ -452,8 +469,8 @@ def fused_step_triton(student_logits, teacher_logits, policy, state, seed, keys,
     token = torch.empty(batch, dtype=torch.int64, device=device)
     from_t = torch.empty(batch, dtype=torch.bool, device=device)
     div = torch.empty(batch, dtype=torch.float32, device=device)
-    _fused_step_kernel[(batch,)](
-        s, t, s.stride(0), t.stride(0), vocab,
+    launch(
+        _fused_step_kernel, (batch,), s, t, s.stride(0), t.stride(0), vocab,
         thr_s if thr_s is not None else div, thr_t if thr_t is not None else div,
         keys, position, rng.seed_hash(seed),
         state.window, state.count, _as_i8(state.switched), state.switch_pos, _as_i8(state.finished),
@@ -463,7 +480,7 @@ def fused_step_triton(student_logits, teacher_logits, policy, state, seed, keys,
         CODE=policy.code, NEED_YS=need_ys, NEED_YT=need_yt, GREEDY_S=ss.greedy, GREEDY_T=ts.greedy,
         FILTER_S=thr_s is not None, FILTER_T=thr_t is not None, KIND=kind, PRECISE=not triton_interpreted(),
         BLOCK=_block(vocab), BLOCK_L=triton.next_power_of_2(length), enable_fp_fusion=False,
-        num_warps=_warps(_block(vocab)),
+        num_warps=_warps(_block(vocab)), device=device,
     )
     from adaswitch.ops.step import StepOutput
 
@@ -484,24 +501,24 @@ def fused_lookahead_triton(student_logits, teacher_logits, draft, policy, state,
     yt = torch.empty(batch * g, dtype=torch.int64, device=device)
     d = torch.empty(batch * g, dtype=torch.float32, device=device)
     keep = torch.empty(batch * g, dtype=torch.bool, device=device)
-    _lookahead_stats_kernel[(batch * g,)](
-        s, t, flat_draft, vocab, g, thr_t if thr_t is not None else d, keys, position, rng.seed_hash(seed),
+    launch(
+        _lookahead_stats_kernel, (batch * g,), s, t, flat_draft, vocab, g, thr_t if thr_t is not None else d, keys, position, rng.seed_hash(seed),
         yt, d, _as_i8(keep), _inv(ts), inv_td, log_w, log_1mw, w,
         policy.top_k if isinstance(policy, SKD) else 0,
         GREEDY_T=ts.greedy, FILTER_T=thr_t is not None, KIND=kind, RANK=2 if isinstance(policy, SKD) else 0,
         PRECISE=not triton_interpreted(), BLOCK=_block(vocab), enable_fp_fusion=False,
-        num_warps=_warps(_block(vocab)),
+        num_warps=_warps(_block(vocab)), device=device,
     )
     length, min_hist, k_bits, f_bits = _rule_args(policy, state)
     accepted = torch.empty(batch, dtype=torch.int64, device=device)
     token = torch.empty(batch, dtype=torch.int64, device=device)
     from_t = torch.empty(batch, dtype=torch.bool, device=device)
     div = torch.full((batch, g), math.nan, dtype=torch.float32, device=device)
-    _lookahead_scan_kernel[(batch,)](
-        flat_draft, yt, d, _as_i8(keep), position, g, state.window, state.count, _as_i8(state.switched),
+    launch(
+        _lookahead_scan_kernel, (batch,), flat_draft, yt, d, _as_i8(keep), position, g, state.window, state.count, _as_i8(state.switched),
         state.switch_pos, _as_i8(state.finished), accepted, token, _as_i8(from_t), div,
         length, min_hist, k_bits, f_bits, eos, pad,
-        CODE=policy.code, BLOCK_L=triton.next_power_of_2(length),
+        CODE=policy.code, BLOCK_L=triton.next_power_of_2(length), device=device,
     )
     from adaswitch.ops.step import LookaheadOutput
 
@@ -511,6 +528,6 @@ def fused_lookahead_triton(student_logits, teacher_logits, draft, policy, state,
 def uniform_triton(seed: int, keys: torch.Tensor, positions: torch.Tensor, stream: int, vocab: int):
     """float32 [B, vocab] uniforms from the kernels' hash (tests compare them with rng.uniform)."""
     out = torch.empty(keys.shape[0], vocab, dtype=torch.float32, device=keys.device)
-    _uniform_kernel[(keys.shape[0],)](keys, positions, out, rng.seed_hash(seed), vocab, stream=stream,
-                                      BLOCK=_block(vocab))
+    launch(_uniform_kernel, (keys.shape[0],), keys, positions, out, rng.seed_hash(seed), vocab, STREAM=stream,
+           BLOCK=_block(vocab), device=keys.device)
     return out
