@@ -27,8 +27,8 @@ import torch
 from machine_info import cpu_model, git_commit, utc_now
 
 from adaswitch._backend import native_ops
-from adaswitch.engine.policies import SKD, AdaSwitch, Student
 from adaswitch.ops import SwitchState, fused_step
+from adaswitch.policies import SKD, AdaSwitch, Student
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

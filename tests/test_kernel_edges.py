@@ -17,9 +17,9 @@ from adaswitch.kernels.triton import launch
 from adaswitch import reference
 from adaswitch._backend import native_available, native_ops
 from adaswitch._validation import KINDS
-from adaswitch.engine.policies import SKD, AdaSwitch, Sampling, Student, Teacher
 from adaswitch.ops import SwitchState, distill_loss, fused_lookahead, fused_step, token_divergence
 from adaswitch.ops.loss import reference_distill_loss
+from adaswitch.policies import SKD, AdaSwitch, Sampling, Student, Teacher
 
 NATIVE = pytest.param("native", marks=pytest.mark.skipif(
     not (native_available() and hasattr(native_ops(), "gumbel_argmax")), reason="adaswitch._C not built"))

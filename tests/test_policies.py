@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from adaswitch.engine.policies import SKD, AdaSwitch, Mixed, Sampling, Student, Teacher, check_policy
+from adaswitch.policies import SKD, AdaSwitch, Mixed, Sampling, Student, Teacher, check_policy
 
 
 def test_defaults_and_codes():

@@ -8,8 +8,8 @@ import torch
 from adaswitch.kernels.triton.step import uniform_triton
 
 from adaswitch._backend import native_available, native_ops
-from adaswitch.engine.policies import Sampling
 from adaswitch.ops import rng
+from adaswitch.policies import Sampling
 
 # chi-square critical values at p = 0.001 (deterministic draws: a fixed seed cannot flake)
 CHI2_999 = {7: 24.32, 19: 43.82, 49: 85.35}

@@ -9,8 +9,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from adaswitch import reference
 from adaswitch._backend import native_available, native_ops
-from adaswitch.engine.policies import SKD, AdaSwitch, Mixed, Sampling, Student, Teacher
 from adaswitch.ops import SwitchState, fused_lookahead, fused_step
+from adaswitch.policies import SKD, AdaSwitch, Mixed, Sampling, Student, Teacher
 
 NO_NATIVE = not (native_available() and hasattr(native_ops(), "gumbel_argmax"))
 NATIVE = pytest.param("native", marks=pytest.mark.skipif(NO_NATIVE, reason="adaswitch._C not built"))

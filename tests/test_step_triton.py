@@ -13,8 +13,8 @@ import torch
 from adaswitch import reference
 from adaswitch._backend import native_available, native_ops
 from adaswitch._validation import KINDS
-from adaswitch.engine.policies import SKD, AdaSwitch, Mixed, Sampling, Student, Teacher
 from adaswitch.ops import SwitchState, fused_lookahead, fused_step, rng
+from adaswitch.policies import SKD, AdaSwitch, Mixed, Sampling, Student, Teacher
 
 EOS, PAD = 4, 0
 NO_NATIVE = not (native_available() and hasattr(native_ops(), "gumbel_argmax"))

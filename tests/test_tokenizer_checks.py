@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedTokeni
 
 import adaswitch.engine.generate as generate_module
 from adaswitch import DistillConfig, Distiller, cli
-from adaswitch.engine.policies import Student
+from adaswitch.policies import Student
 from adaswitch.train import data
 from adaswitch.train.evaluate import evaluate
 

@@ -86,9 +86,9 @@ def _cases():
     from adaswitch.kernels.triton.step import uniform_triton
 
     from adaswitch._validation import KINDS
-    from adaswitch.engine.policies import SKD, AdaSwitch, Mixed, Sampling, Student, Teacher
     from adaswitch.ops import distill_loss, fused_linear_distill_loss, fused_lookahead, fused_step, token_divergence
     from adaswitch.ops.step import SwitchState
+    from adaswitch.policies import SKD, AdaSwitch, Mixed, Sampling, Student, Teacher
 
     f32, bf16, f16, f64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
     big, odd, tiny = 151936, 50257, 300

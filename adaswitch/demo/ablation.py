@@ -64,7 +64,7 @@ def run_ablation(
 
     from adaswitch.demo.experiment import quiet_library_bars, run_method
     from adaswitch.demo.run import PRESETS, cpu_name, git_commit, prepare_preset
-    from adaswitch.engine.policies import AdaSwitch
+    from adaswitch.policies import AdaSwitch
 
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")

@@ -294,7 +294,7 @@ def switch_trace(
 ) -> dict:
     """AdaSwitch generation on the first eval prompts: per-row switch positions and divergence traces."""
     from adaswitch.engine.generate import generate
-    from adaswitch.engine.policies import AdaSwitch
+    from adaswitch.policies import AdaSwitch
 
     prompts = ctx.eval["prompt"][:num_prompts]
     batch = ctx.tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")

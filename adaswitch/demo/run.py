@@ -96,7 +96,7 @@ def prepare_preset(spec: DemoPreset, *, teacher_dir, progress: bool, student=Non
 
 
 def adaswitch_defaults() -> tuple[int, float]:
-    from adaswitch.engine.policies import AdaSwitch
+    from adaswitch.policies import AdaSwitch
 
     policy = AdaSwitch()
     return policy.window, policy.k
@@ -218,7 +218,7 @@ def run_demo(
     from tqdm.auto import tqdm
 
     from adaswitch.demo.experiment import quiet_library_bars
-    from adaswitch.engine.policies import AdaSwitch
+    from adaswitch.policies import AdaSwitch
 
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")

@@ -1,8 +1,7 @@
-"""The mixed decoding engine. Policies import eagerly (they are light and adaswitch.ops.step needs them);
-`generate` and `GenerationOutput` (transformers) on first use, so importing adaswitch.ops stays cheap and
-free of import cycles."""
+"""The mixed decoding engine: `generate` and `GenerationOutput` load transformers on first use. The policies
+live below the engine (`adaswitch.policies`, used by the ops and kernels too) and are re-exported here."""
 
-from adaswitch.engine.policies import SKD, AdaSwitch, Mixed, Sampling, Student, Teacher
+from adaswitch.policies import SKD, AdaSwitch, Mixed, Sampling, Student, Teacher
 
 _LAZY = {"generate": "adaswitch.engine.generate", "GenerationOutput": "adaswitch.engine.generate"}
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 
 from adaswitch.engine.generate import generate
-from adaswitch.engine.policies import SKD, AdaSwitch, Sampling, Student, Teacher
 from adaswitch.ops.step import SwitchState, fused_step
+from adaswitch.policies import SKD, AdaSwitch, Sampling, Student, Teacher
 
 GREEDY = Sampling(temperature=0)
 # Settings under which tiny random models switch / reject within a few tokens, so the checks see it happen.

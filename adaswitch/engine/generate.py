@@ -61,9 +61,9 @@ import torch
 from adaswitch.engine.architecture import alibi_adapter, attention_layout
 from adaswitch.engine.attention import flash_available, kvcache_attention
 from adaswitch.engine.cache import RowCache
-from adaswitch.engine.policies import SKD, AdaSwitch, Mixed, Student, check_policy
 from adaswitch.ops import rng
 from adaswitch.ops.step import SwitchState, fused_lookahead, fused_step
+from adaswitch.policies import SKD, AdaSwitch, Mixed, Student, check_policy
 
 
 @dataclass

@@ -18,9 +18,9 @@ import torch
 from adaswitch import reference
 from adaswitch._backend import native_ops, resolve_impl
 from adaswitch._validation import FLOAT_DTYPES
-from adaswitch.engine.policies import SKD, AdaSwitch, Mixed, Student, Teacher, check_policy
 from adaswitch.ops import rng
 from adaswitch.ops.divergence import token_divergence
+from adaswitch.policies import SKD, AdaSwitch, Mixed, Student, Teacher, check_policy
 
 
 @dataclass

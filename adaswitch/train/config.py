@@ -258,7 +258,7 @@ class DistillConfig(TrainingArguments):
 
         Returns None for `policy="dataset"`, which generates nothing: the responses are the dataset's.
         """
-        from adaswitch.engine.policies import SKD, AdaSwitch, Mixed, Sampling, Student, Teacher
+        from adaswitch.policies import SKD, AdaSwitch, Mixed, Sampling, Student, Teacher
 
         student = Sampling(self.student_temperature, self.student_top_k, self.student_top_p)
         teacher = Sampling(self.teacher_temperature, self.teacher_top_k, self.teacher_top_p)

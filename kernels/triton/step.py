@@ -26,8 +26,8 @@ from triton.language.extra import libdevice
 
 from adaswitch._backend import triton_interpreted
 from adaswitch._validation import KIND_CODES
-from adaswitch.engine.policies import SKD, AdaSwitch, Mixed, Student, Teacher
 from adaswitch.ops import rng
+from adaswitch.policies import SKD, AdaSwitch, Mixed, Student, Teacher
 
 from .launch import launch, tile
 
