@@ -19,6 +19,8 @@ _LAZY = {
     "Mixed": "adaswitch.policies",
     "SKD": "adaswitch.policies",
     "AdaSwitch": "adaswitch.policies",
+    "FixedSwitch": "adaswitch.policies",
+    "RandomSwitch": "adaswitch.policies",
     "Distiller": "adaswitch.train.distiller",
     "DistillConfig": "adaswitch.train.config",
     "evaluate": "adaswitch.train.evaluate",

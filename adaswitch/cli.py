@@ -1,6 +1,8 @@
 """The `adaswitch` command: distill, generate, evaluate, demo, bench.
 
-Every failure is one line on stderr and exit code 2 (set ADASWITCH_DEBUG=1 for the traceback).
+Bad input (an argument, a data row, a file) is one line on stderr naming it and exit code 2, reported
+before any model loads where it can be checked then; any other failure is reported as an internal error
+with exit code 1. ADASWITCH_DEBUG=1 shows the traceback.
 Models and tokenizers load from local directories (`AutoModelForCausalLM` / `AutoTokenizer`). Teacher and
 student must use one tokenizer (their directories' tokenizers are compared before any model loads), and
 only its ids are generated or scored (embedding rows padded past it are cut off).
@@ -18,7 +20,8 @@ import sys
 from pathlib import Path
 
 PROG = "adaswitch"
-EXIT_ERROR = 2
+EXIT_ERROR = 2  # bad input: one line naming what to change
+EXIT_INTERNAL = 1  # anything else: a bug or the environment, shown as an internal error
 
 # DistillConfig fields offered as options of `distill` (all others: --config run.yaml or --set KEY=VALUE).
 POLICY_FIELDS = (
@@ -30,7 +33,11 @@ POLICY_FIELDS = (
     "switch_divergence",
     "warmup",
     "min_divergence",
+    "max_divergence",
     "switch_temperature",
+    "switch_position",
+    "switch_positions",
+    "switch_weights",
 )
 SAMPLING_FIELDS = (
     "student_temperature",
@@ -41,6 +48,8 @@ SAMPLING_FIELDS = (
     "teacher_top_p",
     "max_new_tokens",
     "lookahead",
+    "guidance",
+    "reuse_teacher_states",
 )
 LOSS_FIELDS = ("loss_kind", "beta", "alpha", "loss_temperature", "token_mask", "max_prompt_length")
 TRAINING_FIELDS = (
@@ -67,7 +76,7 @@ Adaptive-switching knowledge distillation of small language models.
 
 commands:
   distill    train a student from a teacher with a generation policy (student, teacher, dataset,
-             mixed, skd, adaswitch) on a prompt/completion file
+             mixed, skd, adaswitch; the controls fixed_switch, random_switch) on a prompt/completion file
   generate   show what a policy generates: the teacher-produced span is marked, with the switch position
   evaluate   accuracy (answer after a final-answer marker) and teacher-forced KL of a model on a file
   demo       the end-to-end demo on the embedded task (teacher -> distilled students -> plots)
@@ -86,6 +95,11 @@ examples:
 
 class CliError(Exception):
     """A user error: printed as one line, exit code 2."""
+
+
+# What the library and this command raise for input they refuse (argument checks, data rows, files):
+# printed as one line with exit code 2. Any other exception is an internal error.
+INPUT_ERRORS = (CliError, ValueError, TypeError, OSError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -112,7 +126,13 @@ def _field_type(f: dataclasses.Field):
         return bool
     name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     name = name.replace("typing.", "").replace("Optional[", "").split("|")[0].strip()
+    if name.startswith("list[") and name.endswith("]"):  # list[int] -> int (the option takes several values)
+        name = name[5:-1].strip()
     return {"float": _float, "int": int, "bool": bool}.get(name, str)
+
+
+def _is_list_field(f: dataclasses.Field) -> bool:
+    return str(f.type).replace("typing.", "").replace("Optional[", "").strip().lower().startswith("list[")
 
 
 def _float(text: str) -> float:
@@ -150,6 +170,7 @@ def _add_fields(parser, group_title: str, names, fields) -> None:
                 flag,
                 dest=name,
                 type=kind,
+                nargs="+" if _is_list_field(f) else None,
                 choices=choices,
                 default=argparse.SUPPRESS,
                 metavar=None if choices else {int: "N", _float: "X"}.get(kind, "VALUE"),
@@ -287,6 +308,47 @@ def _distill_parser(sub, fields):
     return p
 
 
+def _yaml_loader():
+    """A safe YAML loader with YAML 1.2's core schema for scalars: only true/false are booleans (YAML 1.1
+    also reads yes/no/on/off as booleans, so `save_strategy: no` would become False), and 1e-4 is a
+    number (YAML 1.1 needs a dot)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag.rsplit(":", 1)[-1] not in ("bool", "int", "float")]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    core = [
+        ("tag:yaml.org,2002:bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+        ("tag:yaml.org,2002:int", r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$", "-+0123456789"),
+        (
+            "tag:yaml.org,2002:float",
+            r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$",
+            "-+.0123456789",
+        ),
+    ]
+    for tag, rx, first in core:
+        Loader.add_implicit_resolver(tag, re.compile(rx), list(first))
+
+    def construct_int(loader, node):
+        text = loader.construct_scalar(node)
+        return int(text, 8) if text.startswith("0o") else int(text, 0 if text.startswith("0x") else 10)
+
+    Loader.add_constructor("tag:yaml.org,2002:int", construct_int)
+    return Loader
+
+
+def _load_yaml(text: str):
+    import yaml
+
+    return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 (a SafeLoader subclass)
+
+
 def _read_yaml(path: str) -> dict:
     import yaml
 
@@ -294,7 +356,7 @@ def _read_yaml(path: str) -> dict:
     if not p.is_file():
         raise CliError(f"--config: file not found: {path!r}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = _load_yaml(p.read_text()) or {}
     except yaml.YAMLError as exc:
         raise CliError(f"--config: {path!r} is not valid YAML: {_first_line(exc)}") from exc
     if not isinstance(data, dict):
@@ -309,16 +371,82 @@ def _parse_override(text: str):
         raise CliError(f"--set: expected KEY=VALUE, got {text!r}")
     key, value = text.split("=", 1)
     try:
-        return key.strip().replace("-", "_"), yaml.safe_load(value)
+        return key.strip().replace("-", "_"), (value, _load_yaml(value))
     except yaml.YAMLError as exc:
         raise CliError(f"--set {key}: cannot parse {value!r}: {_first_line(exc)}") from exc
 
 
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "y": True, "1": True,
+               "false": False, "no": False, "off": False, "n": False, "0": False}
+
+
+def _field_members(f: dataclasses.Field) -> set:
+    """The plain types a DistillConfig field admits (`int | None` -> {int, NoneType}; enums count as str)."""
+    import enum
+    import typing
+
+    from adaswitch.train.config import DistillConfig
+
+    try:
+        hint = typing.get_type_hints(DistillConfig)[f.name]
+    except Exception:  # an annotation that does not resolve: no coercion
+        return set()
+    members = set()
+    for t in typing.get_args(hint) or (hint,):
+        t = typing.get_origin(t) or t
+        members.add(str if isinstance(t, type) and issubclass(t, enum.Enum) else t)
+    return members
+
+
+def typed_value(key: str, value, fields, *, raw: str | None = None, source: str = "--set"):
+    """A setting's value made to fit its field's type: YAML's reading of it (core schema: only true / false
+    are booleans, so `save_strategy=no` stays text), except that a number given to a text field stays
+    text, yes/no/on/off given to a boolean field is a boolean, and a text number (e.g. `inf`) given to a
+    numeric field is a number; anything else that does not fit is an error naming the setting."""
+    f = fields.get(key)
+    if f is None:
+        return value
+    members = _field_members(f)
+    if not members:
+        return value
+    text = (raw if raw is not None else str(value)).strip()
+    if isinstance(value, bool):  # true / false (transformers takes `fsdp=true` although fsdp is typed as text)
+        return value
+    if isinstance(value, (int, float)):
+        if float in members or (int in members and isinstance(value, int)):
+            return value
+        if str in members:
+            return text
+        raise CliError(f"{source} {key}: expected {_describe(members)}, got {text!r}")
+    if isinstance(value, str):
+        if str in members:
+            return value
+        if bool in members and value.strip().lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.strip().lower()]
+        if float in members:
+            try:
+                return float(value)  # inf, nan
+            except ValueError:
+                pass
+        if members & {bool, int, float}:
+            raise CliError(f"{source} {key}: expected {_describe(members)}, got {text!r}")
+    return value
+
+
+def _describe(members: set) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "text", type(None): "null",
+             list: "a list", dict: "a mapping"}
+    return " or ".join(names[m] for m in (bool, int, float, str, list, dict, type(None)) if m in members)
+
+
 def distill_settings(args, fields) -> dict:
-    """The merged settings: YAML file, then --set, then explicit options (later wins)."""
+    """The merged settings: YAML file, then --set, then explicit options (later wins); each value from the
+    file or --set is read against its field's type (`typed_value`)."""
     settings = _read_yaml(args.config) if args.config else {}
     settings = {str(k).replace("-", "_"): v for k, v in settings.items()}
-    settings.update(dict(_parse_override(o) for o in args.overrides))
+    settings = {k: typed_value(k, v, fields, source="--config") for k, v in settings.items()}
+    for key, (raw, value) in (_parse_override(o) for o in args.overrides):
+        settings[key] = typed_value(key, value, fields, raw=raw)
     skip = {"config", "overrides", "resume", "run", "command"}
     settings.update({k: v for k, v in vars(args).items() if k not in skip})
     unknown = sorted(k for k in settings if k not in fields and k not in PATH_KEYS)
@@ -327,8 +455,6 @@ def distill_settings(args, fields) -> dict:
     for key in ("teacher", "student", "train", "output_dir"):
         if settings.get(key) in (None, ""):
             raise CliError(f"missing --{key.replace('_', '-')} (or `{key}:` in --config)")
-    if isinstance(settings.get("k"), str):  # YAML reads `inf` as a string
-        settings["k"] = _float(settings["k"])
     return settings
 
 
@@ -336,10 +462,79 @@ def _run_distill(args) -> int:
     fields = _config_fields()
     settings = distill_settings(args, fields)
     paths = {k: settings.pop(k) for k in PATH_KEYS if k in settings and k != "output_dir"}
+    output_dir = settings["output_dir"] = _output_dir(settings["output_dir"])
+    existed = os.path.lexists(output_dir)
+    try:
+        return _distill(args, settings, paths)
+    except BaseException:
+        if not existed:
+            _remove_if_empty(output_dir)  # a failed run leaves nothing behind
+        raise
+
+
+def _output_dir(path) -> str:
+    """--output-dir checked before any work: a directory or a path that can be created as one."""
+    p = Path(str(path)).expanduser()
+    if p.exists() and not p.is_dir():
+        raise CliError(f"--output-dir: {str(p)!r} exists and is not a directory")
+    parent = p
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CliError(f"--output-dir: cannot create {str(p)!r}: {str(parent)!r} is a file, not a directory")
+    if not os.access(parent, os.W_OK):
+        raise CliError(f"--output-dir: cannot write under {str(parent)!r} (permission denied)")
+    return str(p)
+
+
+def _remove_if_empty(path: str) -> None:
+    """Removes a directory tree that holds no file (only empty directories)."""
+    if not os.path.isdir(path) or os.path.islink(path):
+        return
+    for _root, _dirs, files in os.walk(path):
+        if files:
+            return
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _resume_checkpoint(resume, output_dir: str):
+    """--resume-from-checkpoint checked before any model loads: `last` becomes the newest complete
+    checkpoint-N under output_dir, a directory must hold a checkpoint."""
+    if resume is None:
+        return None
+    from transformers.trainer import TRAINER_STATE_NAME
+
+    from adaswitch.train.checkpoint import recover
+
+    if resume == "last":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        found = None
+        if os.path.isdir(output_dir):
+            recover(output_dir)  # a checkpoint replaced while the process was killed is put back first
+            found = get_last_checkpoint(output_dir)
+        if found is None:
+            raise CliError(f"--resume-from-checkpoint last: no checkpoint-N under {output_dir!r}")
+        return found
+    p = Path(resume).expanduser()
+    if not p.is_dir():
+        raise CliError(f"--resume-from-checkpoint: not a directory: {str(p)!r}")
+    if not (p / TRAINER_STATE_NAME).is_file():
+        raise CliError(
+            f"--resume-from-checkpoint: {str(p)!r} is not a checkpoint (no {TRAINER_STATE_NAME}); give a "
+            "checkpoint-N directory or `last`"
+        )
+    return str(p)
+
+
+def _distill(args, settings: dict, paths: dict) -> int:
     from adaswitch.train.config import DistillConfig
     from adaswitch.train.data import load_prompt_completion
 
     config = DistillConfig(**settings)  # validates every field before any model is loaded
+    resume = _resume_checkpoint(args.resume, config.output_dir)
     student_dir = _model_dir("--student", paths["student"])
     teacher_dir = _model_dir("--teacher", paths["teacher"])
     # One tokenizer for both models (the student's, else the teacher's), checked before anything else.
@@ -363,13 +558,6 @@ def _run_distill(args) -> int:
         processing_class=tokenizer,
         teacher_processing_class=tokenizers.get("--teacher"),
     )
-    resume = args.resume
-    if resume == "last":
-        from transformers.trainer_utils import get_last_checkpoint
-
-        resume = get_last_checkpoint(config.output_dir) if os.path.isdir(config.output_dir) else None
-        if resume is None:
-            raise CliError(f"--resume-from-checkpoint last: no checkpoint-N under {config.output_dir!r}")
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(config.output_dir)
     if trainer.is_world_process_zero():
@@ -394,6 +582,12 @@ def _generate_parser(sub, fields):
     src.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeatable)")
     src.add_argument(
         "--prompts", metavar="FILE", help="a .jsonl/.json/.parquet/.csv file with a prompt column"
+    )
+    p.add_argument(
+        "--raw-prompt",
+        action="store_true",
+        help="send each --prompt TEXT as it is; by default a tokenizer with a chat template gets it as one "
+        "user message through the template (as the data files' message lists are)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random draws (default: 0)")
     p.add_argument(
@@ -462,14 +656,19 @@ def _run_generate(args) -> int:
     teacher_dir, student_dir = _model_dir("--teacher", args.teacher), _model_dir("--student", args.student)
     tokenizers = shared_tokenizer([("--teacher", teacher_dir), ("--student", student_dir)])
     tokenizer = next(iter(tokenizers.values()))
-    student, teacher = load_model("--student", student_dir), load_model("--teacher", teacher_dir)
     from adaswitch.train.data import DistillCollator, encode_example
 
+    if args.prompt and not args.raw_prompt and getattr(tokenizer, "chat_template", None):
+        inputs = [[{"role": "user", "content": p}] for p in prompts]  # an instruct model's own format
+    else:
+        inputs = prompts
+    name = "--prompts" if args.prompts else "--prompt"
     rows = [
-        {"prompt_ids": encode_example(tokenizer, p, None, row=i, name="prompts")[0], "example_key": i}
-        for i, p in enumerate(prompts)
+        {"prompt_ids": encode_example(tokenizer, p, None, row=i, name=name)[0], "example_key": i}
+        for i, p in enumerate(inputs)
     ]
     batch = DistillCollator(tokenizer.pad_token_id)(rows)
+    student, teacher = load_model("--student", student_dir), load_model("--teacher", teacher_dir)
     import torch
 
     from adaswitch.engine.generate import generate
@@ -488,6 +687,7 @@ def _run_generate(args) -> int:
             seed=args.seed,
             example_keys=batch["example_keys"],
             lookahead=config.lookahead,
+            guidance=config.guidance,
         )
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     for i, prompt in enumerate(prompts):
@@ -549,6 +749,11 @@ def _run_evaluate(args) -> int:
     from adaswitch.train.evaluate import evaluate
 
     model_dir = _model_dir("--model", args.model)
+    if args.output is not None:  # before any work, not after the whole evaluation
+        try:
+            data.check_output_file(args.output, name="--output")
+        except (ValueError, TypeError) as exc:
+            raise CliError(str(exc)) from exc
     tokenizer = load_tokenizer("--model", model_dir)  # the model's own tokenizer is required
     teacher_dir = _model_dir("--teacher", args.teacher) if args.teacher else None
     teacher_tokenizer = None
@@ -670,9 +875,16 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("ADASWITCH_DEBUG"):
             raise
         where = f"{PROG} {command}" if command and not command.startswith("-") else PROG
-        kind = "" if isinstance(exc, (CliError, ValueError, TypeError)) else f"{type(exc).__name__}: "
-        print(f"{where}: error: {kind}{_first_line(exc)}", file=sys.stderr)
-        return EXIT_ERROR
+        if isinstance(exc, INPUT_ERRORS):
+            kind = "" if isinstance(exc, (CliError, ValueError, TypeError)) else f"{type(exc).__name__}: "
+            print(f"{where}: error: {kind}{_first_line(exc)}", file=sys.stderr)
+            return EXIT_ERROR
+        print(
+            f"{where}: internal error: {type(exc).__name__}: {_first_line(exc)} (not a problem with the "
+            "input: set ADASWITCH_DEBUG=1 for the traceback and report it)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

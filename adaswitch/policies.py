@@ -1,4 +1,4 @@
-"""Generation policies (SPEC.md section 2): small frozen config dataclasses, validated on construction.
+"""Generation policies (docs/spec.md section 2): small frozen config dataclasses, validated on construction.
 
 A policy says, per row and response position, which model's distribution the next token is drawn
 from. `code` is the integer the fused step kernel switches on; `student_sampling`/`teacher_sampling`
@@ -157,15 +157,26 @@ class SKD:
 
 @dataclass(frozen=True)
 class AdaSwitch:
-    """Adaptive switching (SPEC.md section 2): the student generates while its divergence from the teacher
+    """Adaptive switching (docs/spec.md section 2.1): the student generates while its divergence from the teacher
     stays below `k` times its moving average; at the first spike the teacher generates the rest.
+
+    At exploration position i with divergence d_i, the row switches when (1) it holds >= max(L, W)
+    earlier divergences, d_i > K x their mean and d_i >= F (relative trigger), or (2) d_i > A
+    (absolute trigger), or (3) d_i = +inf (e.g. the student gives zero probability to a token the
+    teacher supports: it exceeds every level; it never enters the window, where it would hide every
+    spike for L positions). A NaN d_i (NaN or +inf logits, an all -inf row) carries no information: the
+    row keeps exploring and d_i neither enters the window nor counts toward the warm-up.
 
     Args:
         window: L, how many earlier divergences the moving average covers (>= 1).
         k: K, the spike factor (> 0); `math.inf` never switches (the Student policy's tokens).
-        divergence: the divergence kind D between p_T and p_S (SPEC.md section 1).
+        divergence: the divergence kind D between p_T and p_S (docs/spec.md section 1).
         warmup: W, a row may switch once it holds at least max(L, W) earlier divergences; None means W = L.
         min_divergence: F, a spike must also reach d_i >= F (>= 0).
+        max_divergence: A, the absolute trigger: a row also switches as soon as d_i > A, at any
+            exploration position (warm-up included), whatever the moving mean says; `math.inf` (the
+            default) turns it off. For a student that is far from the teacher from the first token
+            on, whose divergence never spikes relative to its own mean.
         divergence_temperature: temperature of p_T and p_S in d_i (independent of sampling temperature).
         beta: JSD weight (used when divergence == "jsd").
         alpha: skew weight (used by the skewed KLs).
@@ -178,6 +189,7 @@ class AdaSwitch:
     divergence: str = "forward_kl"
     warmup: int | None = None
     min_divergence: float = 0.0
+    max_divergence: float = math.inf
     divergence_temperature: float = 1.0
     beta: float = 0.5
     alpha: float = 0.1
@@ -197,6 +209,9 @@ class AdaSwitch:
         f = self.min_divergence
         if not _is_number(f) or not math.isfinite(f) or f < 0:
             raise ValueError(f"min_divergence must be a finite number >= 0, got {f!r}")
+        a = self.max_divergence
+        if not _is_number(a) or math.isnan(a) or a < 0:
+            raise ValueError(f"max_divergence must be a number >= 0 (math.inf = off), got {a!r}")
         t = self.divergence_temperature
         if not _is_number(t) or not math.isfinite(t) or t <= 0:
             raise ValueError(f"divergence_temperature must be a finite number > 0, got {t!r}")
@@ -216,6 +231,91 @@ class AdaSwitch:
     uses_teacher = property(lambda self: True)
 
 
+# "never switches" in a scheduled policy's per-row switch position (SwitchState.switch_at)
+NEVER = 1 << 62
+
+
+def _check_schedule_fields(policy) -> None:
+    """The fields of AdaSwitch a scheduled control keeps must still be valid (window, sampling, ...)."""
+    AdaSwitch.__post_init__(policy)
+
+
+@dataclass(frozen=True)
+class FixedSwitch(AdaSwitch):
+    """Control for AdaSwitch without the divergence test: the student writes the first `position`
+    response tokens, the teacher the rest. Everything else is AdaSwitch's (the divergence is still
+    computed and reported at the student's positions; k, min_divergence and max_divergence are not
+    used).
+
+    Args:
+        position: the response position of the switch; None means the warm-up, max(L, W), AdaSwitch's
+            earliest possible switch.
+        other arguments: as AdaSwitch.
+    """
+
+    position: int | None = None
+
+    def __post_init__(self):
+        _check_schedule_fields(self)
+        if self.position is not None and (not _is_int(self.position) or self.position < 0):
+            raise ValueError(f"position must be None (the warm-up) or an int >= 0, got {self.position!r}")
+
+    @property
+    def switch_position(self) -> int:
+        return self.min_history if self.position is None else self.position
+
+    def switch_at(self, seed: int, keys):
+        """int64 [B]: every row's switch position."""
+        import torch
+
+        return torch.full_like(keys, self.switch_position, dtype=torch.int64)
+
+
+@dataclass(frozen=True)
+class RandomSwitch(AdaSwitch):
+    """Control for AdaSwitch without the divergence test: each row switches at a position drawn from
+    `positions` (with probabilities proportional to `weights`, default uniform), e.g. AdaSwitch's own
+    observed switch positions, so that it matches AdaSwitch's teacher-token share. -1 in `positions`
+    means the row never switches. The draw is counter-based (adaswitch.ops.rng.switch_draw: seed and
+    example key, stream 4), so a row's position does not depend on its batch. Everything else is
+    AdaSwitch's (k, min_divergence and max_divergence are not used).
+
+    Args:
+        positions: the candidate switch positions (ints >= -1; -1 = never), at least one.
+        weights: None (uniform) or one number >= 0 per position, not all 0.
+        other arguments: as AdaSwitch.
+    """
+
+    positions: tuple = (8,)
+    weights: tuple | None = None
+
+    def __post_init__(self):
+        _check_schedule_fields(self)
+        pos = self.positions
+        if not isinstance(pos, tuple) or not pos or any(not _is_int(p) or p < -1 for p in pos):
+            raise ValueError(f"positions must be a non-empty tuple of ints >= -1 (-1 = never), got {pos!r}")
+        w = self.weights
+        if w is not None:
+            if (not isinstance(w, tuple) or len(w) != len(pos)
+                    or any(not _is_number(x) or not math.isfinite(x) or x < 0 for x in w) or sum(w) <= 0):
+                raise ValueError(f"weights must be None or {len(pos)} finite numbers >= 0, not all 0, got {w!r}")
+
+    def switch_at(self, seed: int, keys):
+        """int64 [B]: every row's drawn switch position (NEVER for -1), a pure function of (seed, key)."""
+        import torch
+
+        from adaswitch.ops import rng
+
+        weights = torch.tensor(self.weights or (1.0,) * len(self.positions), dtype=torch.float64)
+        cdf = (weights.cumsum(0) / weights.sum()).to(keys.device)
+        table = torch.tensor([NEVER if p < 0 else p for p in self.positions], dtype=torch.int64,
+                             device=keys.device)
+        u = rng.switch_draw(seed, keys).double()
+        index = torch.searchsorted(cdf, u, right=True).clamp_(max=len(self.positions) - 1)
+        return table[index]
+
+
+SCHEDULED = (FixedSwitch, RandomSwitch)
 POLICIES = (Student, Teacher, Mixed, SKD, AdaSwitch)
 Policy = Student | Teacher | Mixed | SKD | AdaSwitch
 

@@ -1,4 +1,4 @@
-"""The executable spec (SPEC.md section 1) in plain PyTorch: per-row divergences between the student's
+"""The executable spec (docs/spec.md section 1) in plain PyTorch: per-row divergences between the student's
 and the teacher's distributions at a temperature. Differentiable, runs in any float dtype (float64 for
 tests). Conventions: 0·log 0 = 0; a row that is all -inf or holds NaN gives NaN; gradients at -inf
 entries are 0, never NaN.

@@ -3,7 +3,10 @@ subprocess per (op, shape, provider) so that peak memory is that case's alone; r
 and a ratio table printed (baseline time / adaswitch time, and adaswitch memory / baseline memory).
 
     python benchmarks/loss_ratios.py [--out benchmarks/results/loss_cpu.csv] [--quick] [--providers a,b]
-    python benchmarks/loss_ratios.py --table benchmarks/results/loss_cpu.csv
+    python benchmarks/loss_ratios.py --table benchmarks/results/loss_cpu.csv [--md benchmarks/results/loss_cpu.md]
+
+A run appends its rows to the CSV (date, commit and machine on every row) and writes the Markdown report
+next to it (loss_cpu.md for loss_cpu.csv); `--table CSV --md FILE` renders the report of an existing CSV.
 
 Time: median of --reps runs after one warm-up (torch.compile compiles in the warm-up), per mode:
 forward (loss only), backward (backward only, after an untimed forward), full (both). Peak memory:
@@ -31,8 +34,8 @@ sys.path.insert(0, str(ROOT.parent))
 
 from machine_info import cpu_model, git_commit  # noqa: E402
 
-# (op, N, V, H): the issue's CPU shapes; the logits-input op at N=4096, V=151936 (and the fused op there)
-# would need > 20 GB for the eager baselines on this 23 GB machine shared with other jobs, so it is cut.
+# (op, N, V, H): the CPU shapes; the logits-input op at N=4096, V=151936 (and the fused op there) would need
+# > 20 GB for the eager baselines on the 23 GB machine the results were measured on, so it is cut.
 SHAPES = [
     ("logits", 512, 32000, 0),
     ("logits", 4096, 32000, 0),
@@ -121,6 +124,7 @@ def main(argv=None):
     ap.add_argument("--providers", help="comma-separated subset of providers (default: all)")
     ap.add_argument("--ops", help="comma-separated subset of ops: logits, fused (default: both)")
     ap.add_argument("--table", metavar="CSV", help="only print the ratio table of an existing CSV")
+    ap.add_argument("--md", metavar="FILE", help="with --table: also write the Markdown report there")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.case:
@@ -129,7 +133,10 @@ def main(argv=None):
         return
     if args.table:
         with open(args.table, newline="") as f:
-            print_ratios(list(csv.DictReader(f)))
+            rows = list(csv.DictReader(f))
+        print_ratios(rows)
+        if args.md:
+            write_markdown(rows, Path(args.md), Path(args.table).name)
         return
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", TRL_EXPERIMENTAL_SILENCE="1")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
@@ -181,13 +188,16 @@ def main(argv=None):
                 flush=True,
             )
     print_ratios(rows)
+    with out.open(newline="") as f:  # the report covers the whole CSV (earlier runs' rows included)
+        write_markdown(list(csv.DictReader(f)), out.with_suffix(".md"), out.name)
 
 
-def print_ratios(rows):
-    """baseline time / adaswitch time (> 1: adaswitch faster) and adaswitch peak / baseline peak."""
+def ratio_lines(rows) -> list[str]:
+    """The ratio table: baseline time / adaswitch time (> 1: adaswitch faster), adaswitch peak / baseline
+    peak, per (op, N, V) and baseline."""
     key = lambda r: (r["op"], int(r["N"]), int(r["V"]))  # noqa: E731
-    head = ["op", "N", "V", "baseline", "fwd x", "bwd x", "full x", "mem ratio"]
-    print("\n{:6s} {:>5s} {:>6s} {:13s} {:>7s} {:>7s} {:>7s} {:>9s}".format(*head))
+    lines = ["{:6s} {:>5s} {:>6s} {:13s} {:>7s} {:>7s} {:>7s} {:>9s}".format(
+        "op", "N", "V", "baseline", "fwd x", "bwd x", "full x", "mem ratio")]
     for k in sorted({key(r) for r in rows}):
         case = [r for r in rows if key(r) == k]
         ours = {r["mode"]: r for r in case if r["provider"] == "adaswitch"}
@@ -197,10 +207,54 @@ def print_ratios(rows):
             b = {r["mode"]: r for r in case if r["provider"] == base}
             ratio = {m: float(b[m]["ms"]) / max(float(ours[m]["ms"]), 1e-9) for m in ("forward", "backward", "full")}
             mem = float(ours["full"]["peak_mb"]) / max(float(b["full"]["peak_mb"]), 1e-9)
-            print(
+            lines.append(
                 f"{k[0]:6s} {int(k[1]):5d} {int(k[2]):6d} {base:13s} {ratio['forward']:7.2f} "
                 f"{ratio['backward']:7.2f} {ratio['full']:7.2f} {mem:9.2f}"
             )
+    return lines
+
+
+def write_markdown(rows, path: Path, csv_name: str) -> None:
+    """The report: provenance of the rows (each distinct date / commit / machine and the cases it holds),
+    the set-up, and the ratio table, all taken from the CSV rows."""
+    runs = {}
+    for r in rows:
+        runs.setdefault((r["date"], r["commit"], r["machine"]), set()).add(
+            f"{r['op']} {r['provider']}"
+        )
+    provenance = "\n".join(
+        f"- {date}, commit {sha}, {machine}: {', '.join(sorted(cases))}"
+        for (date, sha, machine), cases in sorted(runs.items())
+    )
+    text = f"""# Distillation-loss CPU benchmark
+
+Written by `python benchmarks/loss_ratios.py` from the rows of {csv_name} (ms per mode, peak MB, machine,
+date and commit on every row). Rows by run:
+
+{provenance}
+
+Ratios compare rows of different runs where the list above shows more than one run for a case: read those
+as rough (the machines were shared with other jobs, so absolute times are inflated and vary with the load).
+float32, kind jsd (beta 0.5), mean over tokens with 1/8 ignored, H=512 for the fused op. Shapes with
+N*V > 2^24 are one timed run per mode, the others the median of the runs asked for (--reps).
+
+Ratios: baseline time / adaswitch time (> 1 means adaswitch is faster); mem ratio = adaswitch peak /
+baseline peak (RSS above the inputs during a full pass). Liger's logits-input JSD is a Triton kernel, not
+runnable natively on CPU; Liger appears in the fused rows (its chunked loss is PyTorch). adaswitch and
+Liger's fused loss both compute the gradients in the forward pass, so their backward is only a scaling:
+the backward-only column against Liger compares two near-zero times.
+
+```
+{chr(10).join(ratio_lines(rows))}
+```
+"""
+    path.write_text(text)
+
+
+def print_ratios(rows):
+    """Prints `ratio_lines`."""
+    print()
+    print("\n".join(ratio_lines(rows)))
 
 
 if __name__ == "__main__":

@@ -29,3 +29,46 @@ def pytest_report_header(config):
     from adaswitch._backend import native_available, triton_interpreted
 
     return f"adaswitch: native op built={native_available()}, triton interpreter={triton_interpreted()}"
+
+
+class _TypedFloat(float):
+    """A Python float that also answers `.to(dtype)` (with itself)."""
+
+    def to(self, dtype):
+        return self
+
+
+class _ScalarArgsKernel:
+    """A Triton kernel whose Python float arguments are passed as `_TypedFloat`s. Liger's kl_div and tvd
+    kernels cast a float argument with `x.to(tl.float32)`: a compiled kernel receives a typed scalar there,
+    the Triton interpreter a bare Python float, which has no `.to`; with this wrapper the same kernel code
+    runs under the interpreter, so the comparison with Liger runs on CPU too."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            wrap = lambda x: _TypedFloat(x) if type(x) is float else x  # noqa: E731
+            return launch(*map(wrap, args), **{k: wrap(v) for k, v in kwargs.items()})
+
+        return run
+
+
+@pytest.fixture
+def liger_on_interpreter(monkeypatch):
+    """Makes Liger's kl_div and tvd Triton kernels runnable under the Triton interpreter (CPU): see
+    `_ScalarArgsKernel`. A no-op on GPU, where the kernels are compiled."""
+    from adaswitch._backend import triton_interpreted
+
+    if not triton_interpreted():
+        return
+    for module, name in (("liger_kernel.ops.kl_div", "_kldiv_kernel_forward"),
+                         ("liger_kernel.ops.tvd", "_tv_distance_kernel")):
+        try:
+            mod = __import__(module, fromlist=[name])
+        except ImportError:
+            continue
+        monkeypatch.setattr(mod, name, _ScalarArgsKernel(getattr(mod, name)))

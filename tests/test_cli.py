@@ -58,10 +58,12 @@ def assert_one_line_error(code, err, *fragments):
         assert f in line, line
 
 
-@pytest.mark.parametrize("policy", ["student", "teacher", "dataset", "mixed", "skd", "adaswitch"])
+@pytest.mark.parametrize("policy", ["student", "teacher", "dataset", "mixed", "skd", "adaswitch", "random_switch"])
 def test_distill_each_policy(files, tmp_path, capsys, policy):
     out = tmp_path / "out"
-    extra = ["--window", "1", "--k", "0.001"] if policy == "adaswitch" else []
+    extra = {"adaswitch": ["--window", "1", "--k", "0.001", "--max-divergence", "inf"],
+             "random_switch": ["--window", "1", "--switch-positions", "0", "2", "-1", "--switch-weights", "1", "1",
+                               "0"]}.get(policy, [])
     code, stdout, err = run(
         [
             "distill",
@@ -85,6 +87,8 @@ def test_distill_each_policy(files, tmp_path, capsys, policy):
     assert {"model.safetensors", "config.json", "tokenizer.json", "checkpoint-1"} <= set(os.listdir(out))
     log = json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())["log_history"][0]
     assert log["loss"] >= 0 and log["loss_tokens"] > 0
+    if policy == "random_switch":  # every row switches at 0 or 2 (weight 0 on never)
+        assert log["switch_rate"] == 1.0 and log["mean_switch_position"] in (0.0, 2.0, 1.0, 0.5, 1.5)
     if policy == "adaswitch":
         assert log["switch_rate"] > 0 and "mean_switch_position" in log
         code, stdout, err = run(
@@ -171,6 +175,59 @@ def test_generate_marks_the_teacher_span(files, capsys):
     assert "switch at response token" in out and "tokens from the teacher" in out
 
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s> {{ m['content'] }} </s> {% endfor %}{% if add_generation_prompt %}answer"
+    "{% endif %}"
+)
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_generate_prompt_goes_through_the_chat_template(files, tmp_path, capsys, monkeypatch, raw):
+    from transformers import AutoTokenizer
+
+    import adaswitch.engine.generate as engine
+
+    dirs = {}
+    for name in ("teacher", "student"):
+        dirs[name] = tmp_path / name
+        shutil.copytree(files[name], dirs[name])
+        tok = AutoTokenizer.from_pretrained(dirs[name])
+        tok.chat_template = CHAT_TEMPLATE
+        tok.save_pretrained(dirs[name])
+    seen = []
+    real = engine.generate
+    monkeypatch.setattr(engine, "generate", lambda s, t, ids, *a, **k: seen.append(ids) or real(s, t, ids, *a, **k))
+    argv = ["generate", "--teacher", dirs["teacher"], "--student", dirs["student"], "--prompt", "what is two",
+            "--max-new-tokens", "2", "--policy", "student"] + (["--raw-prompt"] if raw else [])
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    tok = cli.load_tokenizer("--teacher", dirs["teacher"])  # the tokenizer `generate` uses
+    if raw:
+        want = tok("what is two")["input_ids"]
+    else:
+        want = tok.apply_chat_template([{"role": "user", "content": "what is two"}], add_generation_prompt=True)
+        want = list(want["input_ids"] if hasattr(want, "keys") else want)
+        assert want != tok("what is two")["input_ids"]  # the template changed the ids
+    assert seen[0][0].tolist() == want
+    assert "prompt: what is two" in out
+
+
+def test_internal_errors_are_not_input_errors(monkeypatch, capsys):
+    monkeypatch.delenv("ADASWITCH_DEBUG", raising=False)
+
+    def broken(args):
+        raise KeyError("slot")
+
+    monkeypatch.setattr(cli, "_run_bench", broken)
+    code, _, err = run(["bench"], capsys)
+    assert code == cli.EXIT_INTERNAL == 1 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("adaswitch bench: internal error: KeyError") and "ADASWITCH_DEBUG=1" in line
+    monkeypatch.setenv("ADASWITCH_DEBUG", "1")
+    with pytest.raises(KeyError):
+        cli.main(["bench"])
+
+
 def test_render_response_marks_runs():
     class Tok:
         def decode(self, ids, skip_special_tokens=True):
@@ -198,9 +255,15 @@ def test_render_response_marks_runs():
         ("missing_train", ["missing --train"]),
         ("missing_file", ["train dataset: file not found"]),
         ("bad_set", ["--set: expected KEY=VALUE"]),
+        ("bad_set_type", ["--set seed: expected an integer, got 'abc'"]),
+        ("empty_file", ["train dataset:", "is empty (no rows)"]),
+        ("output_is_file", ["--output-dir:", "exists and is not a directory"]),
+        ("resume_missing", ["--resume-from-checkpoint: not a directory"]),
+        ("resume_not_checkpoint", ["--resume-from-checkpoint:", "is not a checkpoint (no trainer_state.json)"]),
+        ("resume_last_none", ["--resume-from-checkpoint last: no checkpoint-N under"]),
     ],
 )
-def test_distill_bad_inputs(files, tmp_path, capsys, case, fragments):
+def test_distill_bad_inputs(files, tmp_path, capsys, monkeypatch, case, fragments):
     base = [
         "distill",
         "--teacher",
@@ -250,17 +313,91 @@ def test_distill_bad_inputs(files, tmp_path, capsys, case, fragments):
         "missing_train": lambda: base,
         "missing_file": lambda: base + ["--train", tmp_path / "absent.jsonl"],
         "bad_set": lambda: base + train + ["--set", "seed"],
+        "bad_set_type": lambda: base + train + ["--set", "seed=abc"],
+        "empty_file": lambda: base + ["--train", write_jsonl(data, [])],
+        "output_is_file": lambda: base[:-1] + [write_jsonl(tmp_path / "f.jsonl", [])] + train,
+        "resume_missing": lambda: base + train + ["--resume-from-checkpoint", tmp_path / "nope"],
+        "resume_not_checkpoint": lambda: base + train + ["--resume-from-checkpoint", files["student"]],
+        "resume_last_none": lambda: base + train + ["--resume-from-checkpoint", "last"],
     }
     argv = cases[case]()
     (tmp_path / "c.yaml").write_text("learning_rat: 0.1\n")
+    if case not in ("empty_prompt", "long_prompt"):  # rows are tokenized by the Distiller: after the load
+        monkeypatch.setattr(cli, "load_model", lambda *a: pytest.fail("a model was loaded before the error"))
     code, _, err = run(argv + FAST[:7], capsys)
     assert_one_line_error(code, err, *fragments)
-    assert not (tmp_path / "o" / "model.safetensors").exists()
+    assert not (tmp_path / "o").exists()  # nothing left on disk
 
 
-def test_other_commands_bad_inputs(files, tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("case", "fragments"),
+    [
+        ("bad_row_after_load", ["train dataset: row 1 has a prompt of"]),
+        ("fails_in_training", ["internal error: RuntimeError: boom", "ADASWITCH_DEBUG=1"]),
+    ],
+)
+def test_failed_distill_leaves_no_output_dir(files, tmp_path, capsys, monkeypatch, case, fragments):
+    """Errors found once the models are loaded (data rows need the models' context length; a failure
+    inside training): the output directory the run created is removed when it holds no file."""
+    if case == "fails_in_training":
+        from adaswitch.train.distiller import Distiller
+
+        def boom(self, *a, **k):
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(Distiller, "train", boom)
+        data = files["train"]
+    else:
+        data = write_jsonl(tmp_path / "d.jsonl", [rows(1)[0], {"prompt": "the cat " * 40, "completion": "b"}])
+    out = tmp_path / "o"
+    argv = ["distill", "--teacher", files["teacher"], "--student", files["student"], "--train", data,
+            "--output-dir", out, *FAST[:7]]
+    code, _, err = run(argv, capsys)
+    if case == "fails_in_training":
+        assert code == cli.EXIT_INTERNAL and "Traceback" not in err
+        assert all(f in err.strip().splitlines()[-1] for f in fragments), err
+    else:
+        assert_one_line_error(code, err, *fragments)
+    assert not out.exists()
+
+
+def test_set_values_follow_the_field_type():
+    fields = cli._config_fields()
+
+    def typed(key, text):
+        return cli.typed_value(key, cli._load_yaml(text), fields, raw=text)
+
+    assert typed("save_strategy", "no") == "no"  # YAML 1.1 would read False
+    assert typed("eval_strategy", "no") == "no"
+    assert typed("disable_tqdm", "yes") is True and typed("bf16", "off") is False
+    assert typed("learning_rate", "1e-4") == 1e-4 and typed("k", "inf") == float("inf")
+    assert typed("seed", "7") == 7 and typed("max_prompt_length", "null") is None
+    assert typed("hub_model_id", "123") == "123" and typed("report_to", "[tensorboard]") == ["tensorboard"]
+    for key, text in (("seed", "abc"), ("bf16", "maybe"), ("learning_rate", "fast")):
+        with pytest.raises(cli.CliError, match=f"--set {key}: expected"):
+            typed(key, text)
+
+
+def test_set_save_strategy_no_trains(files, tmp_path, capsys):
+    out = tmp_path / "o"
+    argv = ["distill", "--teacher", files["teacher"], "--student", files["student"], "--train", files["train"],
+            "--output-dir", out, *FAST[:9], "--set", "save_strategy=no", "--set", "disable_tqdm=yes"]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err[-3000:]
+    assert (out / "model.safetensors").exists() and not any(out.glob("checkpoint-*"))  # no checkpoint saved
+
+
+def test_other_commands_bad_inputs(files, tmp_path, capsys, monkeypatch):
     code, _, err = run(["evaluate", "--model", files["student"], "--data", tmp_path / "x.csv"], capsys)
     assert_one_line_error(code, err, "evaluation dataset: file not found")
+    with monkeypatch.context() as m:  # found before any model loads, not after the whole evaluation
+        m.setattr(cli, "load_model", lambda *a: pytest.fail("a model was loaded before the error"))
+        code, _, err = run(["evaluate", "--model", files["student"], "--data", files["test"], "--output", tmp_path],
+                           capsys)
+        assert_one_line_error(code, err, "--output:", "is a directory")
+        code, _, err = run(["evaluate", "--model", files["student"], "--data", files["test"], "--output",
+                            Path(files["test"]) / "x.json"], capsys)
+        assert_one_line_error(code, err, "--output: cannot create", "is a file, not a directory")
     code, _, err = run(
         [
             "generate",
@@ -320,7 +457,7 @@ def test_help_is_there(capsys):
         ["bench", "--help"],
     ):
         code, out, _ = run(argv, capsys)
-        assert code in (0, 2) and "usage: adaswitch" in out
+        assert code == (2 if argv == [] else 0) and "usage: adaswitch" in out, (argv, code)
     _, out, _ = run(["distill", "--help"], capsys)
     for flag in ("--teacher", "--policy", "--window", "--k", "--loss-kind", "--token-mask", "--config"):
         assert flag in out

@@ -105,6 +105,29 @@ def test_bad_sources(tmp_path):
     (tmp_path / "broken.jsonl").write_text("{not json\n")
     with pytest.raises(ValueError, match="cannot read"):
         load_prompt_completion(tmp_path / "broken.jsonl")
+    for content in ("", "\n  \n"):
+        (tmp_path / "empty.jsonl").write_text(content)
+        with pytest.raises(ValueError, match=r"^train dataset: '.*empty.jsonl' is empty \(no rows\)$"):
+            load_prompt_completion(tmp_path / "empty.jsonl", name="train dataset")
+
+
+def test_unencodable_character_names_the_row():
+    """A word-level vocabulary without an unknown token (e.g. a character-level tokenizer) cannot encode a
+    character outside it: the error names the dataset, the row and the column."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", *"0123456789+="])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=None))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    char_tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>")
+    data = datasets.Dataset.from_list([{"prompt": "1+2=", "completion": "3"}, {"prompt": "1+x=", "completion": "3"},
+                                       {"prompt": "2+2=", "completion": "4"}])
+    with pytest.raises(ValueError, match=r"^train dataset: row 1: the tokenizer cannot encode the prompt: .*UNK"):
+        tokenize_dataset(data, char_tok, max_prompt_length=16, name="train dataset")
+    data = datasets.Dataset.from_list([{"prompt": "1+2=", "completion": "3"}, {"prompt": "1+1=", "completion": "é"}])
+    with pytest.raises(ValueError, match=r"^train dataset: row 1: the tokenizer cannot encode the completion"):
+        tokenize_dataset(data, char_tok, max_prompt_length=16, name="train dataset")
 
 
 def test_prompt_limit_from_context():

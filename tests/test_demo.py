@@ -3,6 +3,7 @@ teacher checkpoint, and the demo runner and ablation end to end (tiny presets, s
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -151,6 +152,31 @@ def test_shipped_student_starts_clearly_below_the_teacher():
     assert tok.get_vocab() == teacher_tok.get_vocab()
 
 
+def test_quick_preset_starts_from_the_shipped_checkpoint():
+    """Every machine starts the quick demo from the same weights: no SFT at start, the shipped checkpoint
+    (built by `build_teacher --model student --preset quick` on the quick preset's data)."""
+    from adaswitch.demo.build_teacher import (
+        MAX_CHECKPOINT_BYTES,
+        QUICK_STUDENT_DIR,
+        STUDENT_PRESETS,
+        TEACHER_DIR,
+        load_teacher,
+    )
+    from adaswitch.demo.run import PRESETS
+
+    quick = PRESETS["quick"]
+    assert quick.student == QUICK_STUDENT_DIR and quick.sft_steps == 0
+    assert (QUICK_STUDENT_DIR / "model.safetensors").stat().st_size <= MAX_CHECKPOINT_BYTES
+    info = json.loads((QUICK_STUDENT_DIR / "build_info.json").read_text())
+    spec = STUDENT_PRESETS["quick"]
+    assert info["preset"] == "quick" and info["train_steps"] == spec.steps
+    assert info["data"]["num_eval"] == quick.num_eval_problems >= 1000  # the eval split is held out of the SFT
+    assert info["data"]["num_train"] == quick.num_train
+    _, tok = load_teacher(QUICK_STUDENT_DIR)
+    _, teacher_tok = load_teacher(TEACHER_DIR)
+    assert tok.get_vocab() == teacher_tok.get_vocab()
+
+
 # ------------------------------------------------------------------------------------------ runner
 
 
@@ -158,14 +184,17 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
     from matplotlib.image import imread
 
     from adaswitch.demo.experiment import METHOD_NAMES
-    from adaswitch.demo.run import TABLE_COLUMNS, main
+    from adaswitch.demo.run import PAIRED_COLUMNS, TABLE_COLUMNS, main
 
     assert main(["--tiny", "--output-dir", str(tmp_path), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    table = [line for line in printed.splitlines() if line.startswith("|")]
-    assert len(table) == 2 + len(METHOD_NAMES)
+    lines = [line for line in printed.splitlines() if line.startswith("|")]
+    assert len(lines) == 2 * (2 + len(METHOD_NAMES))
+    table, paired_table = lines[: 2 + len(METHOD_NAMES)], lines[2 + len(METHOD_NAMES):]
     assert all(line.count("|") == len(TABLE_COLUMNS) + 1 for line in table)
+    assert all(line.count("|") == len(PAIRED_COLUMNS) + 1 for line in paired_table)
     assert [line.split("|")[1].strip() for line in table[2:]] == list(METHOD_NAMES)
+    assert {"Fixed switch", "Random switch"} <= set(METHOD_NAMES)
 
     results = json.loads((tmp_path / "results.json").read_text())
     entries = results["results"]
@@ -173,8 +202,17 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
     assert all(0.0 <= e["accuracy"] <= 1.0 and len(e["accuracies"]) == 2 for e in entries)
     on_policy = next(e for e in entries if e["method"] == "On-policy (GKD)")
     assert on_policy["overhead_vs_on_policy"] == 1.0
+    assert all(0.0 <= e["step_accuracy"] <= 1.0 for e in entries)
     adaswitch = next(e for e in entries if e["method"] == "AdaSwitch")
     assert 0.0 <= adaswitch["switch_rate"] <= 1.0
+    assert set(adaswitch["paired"]) == {"On-policy (GKD)", "SKD"}
+    assert adaswitch["paired"]["SKD"]["step_accuracy"]["n"] == 2
+    fixed = next(e for e in entries if e["method"] == "Fixed switch")
+    assert fixed["switch_rate"] > 0 and fixed["mean_switch_position"] == 8.0  # the warm-up, L = 8
+    runs = {(r["method"], r["seed"]): r for r in results["runs"]}
+    for seed in (0, 1):  # AdaSwitch's observed switch positions (index p + 1; 0 = never) for the random control
+        counts = runs[("AdaSwitch", seed)]["switch_position_counts"]
+        assert sum(counts) == 4  # 1 step x 4 rows
     assert len(results["runs"]) == 2 * len(METHOD_NAMES)
     assert results["meta"]["preset"] == "tiny" and results["meta"]["teacher_accuracy"] >= 0.9
     for name in ("accuracy.png", "switch_positions.png", "divergence_trace.png"):
@@ -194,9 +232,35 @@ def test_demo_rejects_bad_arguments_before_work(tmp_path):
         run_demo("tiny", tmp_path, window=0)
     with pytest.raises(ValueError, match="methods"):
         run_demo("tiny", tmp_path, methods=("GKD",))
+    with pytest.raises(ValueError, match="Random switch"):
+        run_demo("tiny", tmp_path, methods=("SKD", "Random switch"))
     with pytest.raises(ValueError, match="steps"):
         Budget(steps=0, batch_size=4)
     assert not (tmp_path / "results.json").exists()
+
+
+def test_paired_statistics():
+    from adaswitch.demo.stats import binomial_std, format_paired, paired
+
+    p = paired({0: 0.6, 1: 0.7, 2: 0.65}, {0: 0.5, 1: 0.6, 2: 0.56})
+    assert p["n"] == 3 and p["wins"] == 3 and p["mean"] == pytest.approx(0.0967, abs=1e-4) and p["significant"]
+    noisy = paired({0: 0.6, 1: 0.5, 2: 0.65}, {0: 0.5, 1: 0.6, 2: 0.56})
+    assert noisy["wins"] == 2 and not noisy["significant"]
+    assert not paired({0: 0.9}, {0: 0.1})["significant"]  # one seed: never
+    assert paired({0: 0.5, 1: 0.6}, {1: 0.5, 2: 0.1})["n"] == 1  # only the shared seeds are paired
+    assert format_paired(p) == "+9.7 ± 0.6 (3/3)*" and format_paired(paired({}, {})) == "-"
+    assert binomial_std(0.5, 100) == pytest.approx(0.05)
+
+
+def test_random_switch_overrides_from_counts():
+    from adaswitch.demo.experiment import method_overrides
+
+    got = method_overrides("Random switch", window=8, k=1.5, skd_top_k=2, switch_counts=[3, 0, 0, 5, 0, 1])
+    assert got["policy"] == "random_switch" and got["switch_positions"] == [-1, 2, 4]
+    assert got["switch_weights"] == [3.0, 5.0, 1.0]
+    with pytest.raises(ValueError, match="AdaSwitch"):
+        method_overrides("Random switch", window=8, k=1.5, skd_top_k=2)
+    assert method_overrides("Fixed switch", window=8, k=1.5, skd_top_k=2)["policy"] == "fixed_switch"
 
 
 def test_summary_means_std_and_overhead():
@@ -261,3 +325,41 @@ def test_ablation_tiny(tmp_path):
     assert [(c["window"], c["k"]) for c in result["cells"]] == [(4, 1.5), (4, 3.0)]
     best = max(result["cells"], key=lambda c: (c["accuracy"], -c["teacher_kl"]))
     assert (result["best"]["window"], result["best"]["k"]) == (best["window"], best["k"])
+
+
+def test_switch_ablation_tiny_and_render(tmp_path):
+    """The switching-rule sweep: the default first, one row per setting and control, paired differences
+    against the default; --render regenerates the same table and the plot from the JSON alone."""
+    from adaswitch.demo.ablation import BASELINE, format_switch_table, main, render_switch
+
+    argv = ["--switch", "--tiny", "--output-dir", str(tmp_path), "--divergences", "forward_kl", "tvd",
+            "--min-divergences", "0.5", "--max-divergences", "0", "--seeds", "0", "1", "--no-progress"]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "ablation_switch.json").read_text())
+    names = [c["name"] for c in result["cells"]]
+    assert names == [BASELINE, "D = tvd", "F = 0.5", "A = 0", "fixed switch", "random switch"]
+    assert result["meta"]["seeds"] == [0, 1] and len(result["runs"]) == 12
+    cells = {c["name"]: c for c in result["cells"]}
+    assert cells["A = 0"]["switch_rate"] == 1.0 and cells["A = 0"]["mean_switch_position"] == 0.0
+    assert cells["fixed switch"]["mean_switch_position"] == 8.0
+    assert cells["D = tvd"]["vs_default"]["step_accuracy"]["n"] == 2
+    assert (tmp_path / "ablation_switch.png").read_bytes()[:8] == PNG_MAGIC
+    (tmp_path / "ablation_switch.png").unlink()
+    rendered = render_switch(tmp_path / "ablation_switch.json")
+    assert (tmp_path / "ablation_switch.png").exists()
+    assert rendered["table"].splitlines()[2].startswith(f"| {BASELINE} |")
+    assert rendered["table"] == format_switch_table(rendered["cells"])
+
+
+def test_committed_switch_ablation_table_is_generated_from_its_json():
+    """docs/ablation.md shows the table `--switch --render` generates from the committed JSON (3 seeds, every
+    setting of the sweep, the two controls)."""
+    from adaswitch.demo.ablation import BASELINE, CONTROLS, format_switch_table, switch_configs
+
+    root = Path(__file__).parents[1]
+    result = json.loads((root / "docs" / "demo_results" / "ablation_switch.json").read_text())
+    assert result["meta"]["seeds"] == [0, 1, 2] and result["meta"]["preset"] == "quick"
+    assert [c["name"] for c in result["cells"]] == [c["name"] for c in switch_configs()]
+    assert result["cells"][0]["name"] == BASELINE and [c["name"] for c in result["cells"][-2:]] == list(CONTROLS)
+    assert format_switch_table(result["cells"]) in (root / "docs" / "ablation.md").read_text()
+    assert (root / "docs" / "demo_results" / "ablation_switch.png").read_bytes()[:8] == PNG_MAGIC

@@ -50,6 +50,40 @@ def test_accuracy_with_a_checker_and_json(setup, tmp_path):
     assert [e["index"] for e in res["examples"]] == [0, 1, 2]
 
 
+def test_step_checker_hook(setup):
+    """step_accuracy = right steps / expected steps over all examples; the hook sees each row's own prompt,
+    the prediction and the reference."""
+    model, _, tok, data = setup
+    seen = []
+
+    def step_checker(prompt, prediction, reference):
+        seen.append((prompt, prediction, reference))
+        return {"what is two plus two": [True, False, True], "the cat sat on": [False], "one plus one is": []}[prompt]
+
+    res = adaswitch.evaluate(model, tok, data, step_checker=step_checker, max_new_tokens=3, batch_size=2,
+                             progress=False)
+    assert [p for p, _, _ in seen] == list(data["prompt"])
+    assert [e["prediction"] for e in res["examples"]] == [pred for _, pred, _ in seen]
+    assert res["step_accuracy"] == pytest.approx(2 / 4) and res["steps_total"] == 4
+    assert [(e["steps_correct"], e["steps_total"]) for e in res["examples"]] == [(2, 3), (0, 1), (0, 0)]
+    assert "step_accuracy" not in adaswitch.evaluate(model, tok, data, max_new_tokens=1, progress=False)
+
+
+def test_demo_task_step_checks():
+    from adaswitch.demo.task import build_dataset, step_checks
+
+    p = "7+8*3-5="
+    assert step_checks(p, "8*3=24;7+24=31;31-5=26####26") == [True, True, True]
+    # a wrong product, then right arithmetic on the model's own result: only the first step is wrong
+    assert step_checks(p, "8*3=25;7+25=32;32-5=27####27") == [False, True, True]
+    assert step_checks(p, "8*3=25;7+24=31;31-5=26####26") == [False, False, True]  # ignored its own result
+    assert step_checks(p, "7+8=15;15*3=45") == [False, False, False]  # wrong order
+    assert step_checks(p, "8*3=24;7+24=31") == [True, True, False]  # a missing step
+    assert step_checks(p, "") == [False] * 3
+    for row in build_dataset(200, 50, seed=1)["eval"]:
+        assert step_checks(row["prompt"], row["completion"]) == [True] * row["num_steps"]
+
+
 def test_predictions_are_greedy_generate(setup):
     model, _, tok, data = setup
     res = adaswitch.evaluate(model, tok, data.select([0]), max_new_tokens=4, progress=False)
@@ -84,6 +118,7 @@ def test_teacher_forced_kl(setup):
     [
         ({"answer_marker": ""}, "answer_marker"),
         ({"checker": 3}, "checker"),
+        ({"step_checker": "steps"}, "step_checker"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"batch_size": 0}, "batch_size"),
     ],

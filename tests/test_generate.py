@@ -1,4 +1,4 @@
-"""adaswitch.generate on tiny random-init models (CPU): the equalities of SPEC.md section 3, EOS handling,
+"""adaswitch.generate on tiny random-init models (CPU): the equalities of docs/spec.md section 6, EOS handling,
 host-sync bounds, bad inputs. A Qwen2-style teacher whose embedding is padded past the tokenizer's
 vocabulary (320 vs 300) and a Llama-style student, left-padded prompts of different lengths."""
 
@@ -9,7 +9,18 @@ import pytest
 import torch
 from tiny_models import EOS_ID, PAD_ID, VOCAB_SIZE, random_prompts, tiny_student, tiny_teacher
 
-from adaswitch import SKD, AdaSwitch, Mixed, Sampling, Student, Teacher, generate, native_available
+from adaswitch import (
+    SKD,
+    AdaSwitch,
+    FixedSwitch,
+    Mixed,
+    RandomSwitch,
+    Sampling,
+    Student,
+    Teacher,
+    generate,
+    native_available,
+)
 from adaswitch.engine.sync import SyncCounter
 from adaswitch.ops import rng
 
@@ -71,6 +82,44 @@ def test_output_shapes_and_semantics(student, teacher, prompts):
     assert torch.equal(out.attention_mask, torch.cat([mask, torch.ones(B, N, dtype=torch.long)], 1))
 
 
+def rule_switch_position(divergence: list[float], policy: AdaSwitch) -> int:
+    """The AdaSwitch rule (docs/spec.md) applied, in plain Python, to the divergences a row recorded: the first
+    position i that holds at least max(L, W) earlier divergences with d_i > K x the mean of the last L of
+    them and d_i >= F; -1 if none (the row's exploration ended without a switch)."""
+    held = []
+    for i, d in enumerate(divergence):
+        if math.isnan(d):  # not explored: the row had finished
+            return -1
+        assert math.isfinite(d), d  # tiny models: finite divergences only
+        mean = sum(held[-policy.window:]) / policy.window if held else 0.0
+        if len(held) >= policy.min_history and d > policy.k * mean and d >= policy.min_divergence:
+            return i
+        held.append(d)
+    return -1
+
+
+@pytest.mark.parametrize("g", [0, 3])
+def test_switch_positions_follow_the_rule_read_back_from_divergence(student, teacher, g):
+    """What a user sees: for every row, the switch position `generate` reports is where the rule, applied
+    to the divergences it reports, switches; tokens come from the teacher from there on."""
+    ids, mask = random_prompts(6, P, min_len=2, seed=5)
+    policies = [SWITCHY, AdaSwitch(window=3, k=1.2), AdaSwitch(window=4, k=1.05),
+                AdaSwitch(window=2, k=1.05, warmup=5, min_divergence=0.02)]
+    seen = set()
+    for policy in policies:
+        out = run(student, teacher, (ids, mask), policy, lookahead=g)
+        for r in range(ids.shape[0]):
+            want = rule_switch_position(out.divergence[r].tolist(), policy)
+            assert out.switch_position[r] == want, (policy, r, out.divergence[r])
+            n = int(out.lengths[r])
+            if want >= 0:
+                assert not out.from_teacher[r, :want].any() and out.from_teacher[r, want:n].all()
+            else:
+                assert not out.from_teacher[r, :n].any()
+        seen |= set(out.switch_position.tolist())
+    assert len(seen - {-1}) >= 3 and -1 in seen  # switches at several positions, and rows that never switch
+
+
 def test_teacher_greedy_matches_transformers_generate_with_eos():
     teacher = tiny_teacher()
     ids, mask = random_prompts(B, P, min_len=1, seed=7)
@@ -95,8 +144,11 @@ def test_teacher_greedy_matches_transformers_generate_with_eos():
 @pytest.mark.parametrize(
     "policy",
     [SWITCHY, AdaSwitch(window=2, k=1.05, warmup=4, student_sampling=Sampling(0.7, top_p=0.9)),
-     SKD(top_k=5), SKD(top_k=40, student_sampling=Sampling(top_k=30), teacher_sampling=Sampling(0.5))],
-    ids=["adaswitch", "adaswitch-warmup-topp", "skd5", "skd40-filtered"],
+     SKD(top_k=5), SKD(top_k=40, student_sampling=Sampling(top_k=30), teacher_sampling=Sampling(0.5)),
+     AdaSwitch(window=3, k=50.0, max_divergence=0.02), FixedSwitch(window=3, warmup=5),
+     RandomSwitch(window=3, positions=(1, 4, 9, -1))],
+    ids=["adaswitch", "adaswitch-warmup-topp", "skd5", "skd40-filtered", "adaswitch-absolute", "fixed-switch",
+         "random-switch"],
 )
 @pytest.mark.parametrize("g", [1, 3, 5])
 def test_lookahead_equals_step(student, teacher, prompts, policy, g):
@@ -112,6 +164,26 @@ def test_adaswitch_infinite_k_is_student(student, teacher, prompts):
         assert torch.equal(out.response, ref.response)
         assert not out.from_teacher.any() and (out.switch_position == -1).all()
         assert not out.divergence.isnan().any()  # every position explored
+
+
+def test_controls_and_absolute_trigger_switch_where_defined(student, teacher, prompts):
+    """FixedSwitch at the warm-up, RandomSwitch at each row's counter-based draw, and max_divergence = 0
+    at position 0 (every divergence is > 0), in step and lookahead mode."""
+    from adaswitch.policies import NEVER
+
+    random = RandomSwitch(window=3, positions=(1, 4, 9, -1))
+    drawn = random.switch_at(0, torch.arange(B))
+    assert len(set(drawn.tolist())) > 1
+    for g in (0, 3):
+        fixed = run(student, teacher, prompts, FixedSwitch(window=3, warmup=5), lookahead=g)
+        assert (fixed.switch_position == 5).all()
+        assert torch.equal(fixed.from_teacher, (torch.arange(N) >= 5).expand(B, N))
+        out = run(student, teacher, prompts, random, lookahead=g)
+        assert torch.equal(out.switch_position, torch.where(drawn == NEVER, -1, drawn))
+        absolute = run(student, teacher, prompts, AdaSwitch(window=3, k=50.0, max_divergence=0.0), lookahead=g)
+        assert (absolute.switch_position == 0).all() and absolute.from_teacher.all()
+    relative_only = run(student, teacher, prompts, AdaSwitch(window=3, k=50.0))
+    assert (relative_only.switch_position == -1).all()
 
 
 def test_skd_extremes(student, teacher, prompts):
@@ -250,6 +322,12 @@ def test_bad_inputs(student, teacher, prompts):
     _bad((student, teacher), prompts, "cuda_graph=True needs CUDA", cuda_graph=True)
     _bad((student, teacher), prompts, "completions are required", policy=Mixed(0.5))
     _bad((student, teacher), prompts, "completions apply", completions=ids)
+    masked = torch.full((ids.shape[0], 3), PAD_ID)
+    masked[1, 2] = -100
+    _bad((student, teacher), prompts, r"completions must hold token ids in \[0, 300\).*-100 is a label mask",
+         policy=Mixed(0.5), completions=masked)
+    _bad((student, teacher), prompts, r"completions must hold token ids in \[0, 300\).*got 300", policy=Mixed(0.5),
+         completions=torch.full((ids.shape[0], 3), VOCAB_SIZE))
     _bad((student, teacher), prompts, "example_keys must be", example_keys=[1, 2])
     no_window = tiny_teacher()
     no_window.config.layer_types = ["sliding_attention"] * no_window.config.num_hidden_layers

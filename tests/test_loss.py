@@ -20,7 +20,7 @@ IMPLS = (
     + (["native"] if native_available() and hasattr(native_ops(), "distill_loss_rows") else [])
     + (["triton"] if triton_available(torch.device("cpu")) else [])
 )
-# (kind, beta, alpha): every kind, the JSD betas of the brief (incl. the endpoints), three skew alphas
+# (kind, beta, alpha): every kind, JSD betas across [0, 1] (incl. the endpoints), three skew alphas
 CASES = (
     [(k, 0.5, 0.1) for k in ("forward_kl", "reverse_kl", "tvd")]
     + [("jsd", b, 0.1) for b in (0.0, 0.1, 0.5, 0.9, 1.0)]
@@ -210,6 +210,12 @@ def test_no_host_sync(impl):
                 num_items_in_batch=torch.tensor(4.0) if reduction == "mean" else None,
             )
             loss.backward(torch.ones_like(loss))
+    # one read: the CPU tensor num_items_in_batch is checked to be > 0 (reading a CPU value waits for no
+    # device; a num_items_in_batch on the logits' accelerator is not read). Nothing else reads.
+    assert counter.count == 1
+    with _SyncCounter() as counter:
+        loss = distill_loss(x, t, "jsd", labels=labels, impl=impl)
+        loss.backward()
     assert counter.count == 0
     with _SyncCounter() as control:  # the counter does see a sync
         bool(x.sum() > 0)
@@ -248,6 +254,9 @@ def test_no_grad_when_student_is_constant():
         (dict(num_items_in_batch=0), ValueError, "num_items_in_batch"),
         (dict(num_items_in_batch=-3.0), ValueError, "num_items_in_batch"),
         (dict(num_items_in_batch=torch.ones(2)), ValueError, "num_items_in_batch"),
+        (dict(num_items_in_batch=torch.tensor(0.0)), ValueError, r"num_items_in_batch must be > 0, got tensor"),
+        (dict(num_items_in_batch=torch.tensor(-2)), ValueError, r"num_items_in_batch must be > 0, got tensor"),
+        (dict(num_items_in_batch=torch.tensor(True)), TypeError, "num_items_in_batch must be a real"),
         (dict(num_items_in_batch=4, reduction="sum"), ValueError, "num_items_in_batch"),
         (dict(kind="kl"), ValueError, "kind"),
         (dict(beta=1.5), ValueError, "beta"),
@@ -261,3 +270,30 @@ def test_bad_input(kwargs, err, match):
     args.update(kwargs)
     with pytest.raises(err, match=match):
         distill_loss(**args)
+
+
+@pytest.mark.skipif(not native_available(), reason="the native op is not built")
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16)])
+def test_native_runs_mixed_dtype_pairs(monkeypatch, dtypes):
+    """impl="native" with a student and a teacher of different dtypes runs the native op (no silent fallback
+    to PyTorch) and matches the PyTorch implementation; the gradient keeps the student's dtype."""
+    import adaswitch.ops.loss as loss_module
+
+    calls, real = [], loss_module.native_ops()
+
+    class Spy:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(real, name)
+
+    s = torch.randn(6, 50).to(dtypes[0]).requires_grad_()
+    t = torch.randn(6, 50).to(dtypes[1])
+    ref = distill_loss(s, t, "jsd", impl="torch")
+    (g_ref,) = torch.autograd.grad(ref, s)
+    monkeypatch.setattr(loss_module, "native_ops", lambda: Spy())
+    out = distill_loss(s, t, "jsd", impl="native")
+    (g,) = torch.autograd.grad(out, s)
+    assert calls == ["distill_loss_rows"]
+    assert g.dtype == dtypes[0]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g.float(), g_ref.float(), rtol=1e-2, atol=1e-3)

@@ -89,7 +89,7 @@ def test_chunking_float64_no_bias(chunk_size):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_bf16_logits_stay_fp32(impl):
-    """Liger #1432: logits must not be rounded to bf16 before the fp32 math."""
+    """Logits must not be rounded to bf16 before the fp32 math (a known pitfall of chunked fused losses)."""
     p = _problem(torch.bfloat16, n=9, hs=16, ht=24, v=50)
     go = torch.tensor(1.0)
     ours = _ours(p, "jsd", go, impl=impl, chunk_size=4)

@@ -47,21 +47,62 @@ def test_bucket_semantics_by_hand():
     assert math.isclose(sp.tail_logprobs.exp().item(), (pt[1] + pt[3]).item(), rel_tol=1e-12)
 
 
+def _bucket_divergence(s, sp, kind, beta=0.5, alpha=0.1):
+    """float64 [N]: the divergence between the (k + 1)-bucket distributions, written out by hand from the
+    definitions (probabilities, not log-probabilities; 0 log 0 = 0, +inf where p > 0 meets q = 0)."""
+    ps = torch.softmax(s.double(), -1)
+    top = ps.gather(-1, sp.indices)
+    outside = torch.ones_like(ps, dtype=torch.bool).scatter(-1, sp.indices, False)
+    qs = torch.cat([top, (ps * outside).sum(-1, keepdim=True)], -1)
+    qt = torch.cat([sp.logprobs.double().exp(), sp.tail_logprobs.double().exp()[:, None]], -1)
+
+    def kl(p, q):
+        ratio = torch.where(p > 0, p / q, torch.ones_like(p))
+        return (p * ratio.log()).sum(-1)
+
+    return {
+        "forward_kl": lambda: kl(qt, qs),
+        "reverse_kl": lambda: kl(qs, qt),
+        "jsd": lambda: beta * kl(qt, beta * qt + (1 - beta) * qs) + (1 - beta) * kl(qs, beta * qt + (1 - beta) * qs),
+        "tvd": lambda: 0.5 * (qt - qs).abs().sum(-1),
+        "skew_forward_kl": lambda: kl(qt, alpha * qt + (1 - alpha) * qs),
+        "skew_reverse_kl": lambda: kl(qs, alpha * qs + (1 - alpha) * qt),
+    }[kind]()
+
+
 @pytest.mark.parametrize("kind", KINDS)
-def test_small_k_finite_gradients_bf16(kind):
-    s = (torch.randn(6, 50) * 3).bfloat16()
-    t = torch.randn(6, 50) * 3
+def test_small_k_bf16_values_and_gradients(kind):
+    """bf16 student, k = 5 of 50: per-row values and gradients against the bucket divergence computed by
+    hand in float64 on the same rounded inputs. Row 0's student has mass on 5 ids only, so a teacher bucket
+    it leaves empty makes forward KL +inf there (and only there); every other value is finite."""
+    gen = torch.Generator().manual_seed(1)
+    s = (torch.randn(6, 50, generator=gen) * 3).bfloat16()
+    t = torch.randn(6, 50, generator=gen) * 3
     s[0, :45] = float("-inf")  # the student puts no mass outside a few ids
     sp = topk_teacher_logprobs(t, 5)
+    assert not set(sp.indices[0].tolist()) <= set(range(45, 50))  # row 0 leaves a teacher bucket empty
+    rows = sparse_distill_loss(s, sp.logprobs, sp.indices, kind, teacher_tail_logprobs=sp.tail_logprobs,
+                               reduction="none")
+    want = _bucket_divergence(s, sp, kind)
+    assert rows.dtype == torch.float32
+    assert torch.isinf(want).tolist() == [kind == "forward_kl"] + [False] * 5
+    assert torch.equal(torch.isinf(rows), torch.isinf(want))
+    torch.testing.assert_close(rows.double()[1:], want[1:], rtol=2e-5, atol=1e-6)
+    if kind != "forward_kl":
+        torch.testing.assert_close(rows.double()[0], want[0], rtol=2e-5, atol=1e-6)
+    # gradients over the finite rows (row 0 ignored where its loss is +inf), against float64 autograd
+    labels = torch.tensor([-100 if kind == "forward_kl" else 0, 0, 0, 0, 0, 0])
     loss, grad = _grad(
-        lambda x: sparse_distill_loss(
-            x, sp.logprobs, sp.indices, kind, teacher_tail_logprobs=sp.tail_logprobs
-        ),
+        lambda x: sparse_distill_loss(x, sp.logprobs, sp.indices, kind, teacher_tail_logprobs=sp.tail_logprobs,
+                                      labels=labels),
         s,
     )
     assert loss.dtype == torch.float32 and grad.dtype == torch.bfloat16
-    if kind not in ("reverse_kl", "forward_kl"):  # these two may be +inf when a side has an empty bucket
-        assert torch.isfinite(loss) and torch.isfinite(grad.float()).all()
+    x = s.double().requires_grad_()
+    keep = labels != -100
+    (_bucket_divergence(x, sp, kind)[keep].sum() / keep.sum()).backward()
+    assert torch.isfinite(grad.float()).all()
+    torch.testing.assert_close(grad.double(), torch.nan_to_num(x.grad), rtol=2e-2, atol=1e-4)
 
 
 def test_all_ignored_zero():

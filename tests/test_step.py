@@ -1,5 +1,5 @@
-"""fused_step semantics (SPEC.md sections 2-4) on hand-made logits, on both backends: the AdaSwitch rule,
-the equalities of section 3, greedy decoding, finished rows, batch invariance, no host sync, bad input."""
+"""fused_step semantics (docs/spec.md sections 2-4) on hand-made logits, on both backends: the AdaSwitch rule,
+the equalities of section 6, greedy decoding, finished rows, batch invariance, no host sync, bad input."""
 
 import math
 
@@ -16,7 +16,7 @@ NO_NATIVE = not (native_available() and hasattr(native_ops(), "gumbel_argmax"))
 NATIVE = pytest.param("native", marks=pytest.mark.skipif(NO_NATIVE, reason="adaswitch._C not built"))
 IMPLS = ["torch", "triton", NATIVE]
 V = 50
-NEVER = V  # an eos id no row ever emits
+NEVER = -1  # eos_token_id for "no EOS": no row ever finishes
 
 
 def run(policy, student, teacher, impl, *, keys=None, seed=0, eos=NEVER, pad=0, state=None):
@@ -62,7 +62,7 @@ def hand_logits():
 
 
 def oracle(d, window, k, warmup, floor):
-    """The switch position by SPEC section 2, in plain Python."""
+    """The switch position by docs/spec.md section 2, in plain Python."""
     hist = []
     for i, di in enumerate(d):
         if len(hist) >= max(window, warmup) and di > k * sum(hist[-window:]) / window and di >= floor:
@@ -157,13 +157,20 @@ def test_finished_rows_emit_pad_and_keep_state(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_eos_finishes_the_row(impl):
-    student = torch.full((4, 2, V), -math.inf)
-    student[:, :, 5] = 0.0
-    student[:, 1, 9] = 0.0  # row 1 draws 5 or 9 at random; row 0 always 5 = eos
+    """Where each row can only draw EOS is fixed by the logits (no chance involved): a row ends at its EOS
+    and emits pad after it, whatever its later logits allow; a row that never draws EOS runs to the end."""
+    student = torch.full((5, 3, V), -math.inf)
+    student[:, :, 9] = 0.0  # every row can draw 9 ...
+    student[0, 0, 9] = -math.inf
+    student[0, 0, 5] = 0.0  # ... row 0 only EOS (5) at position 0
+    student[2, 1, 9] = -math.inf
+    student[2, 1, 5] = 0.0  # row 1 only EOS at position 2
+    student[3:, :2, 5] = 0.0  # after their EOS rows 0 and 1 could draw 5 or 9: they must emit pad
     tok, _, _, state = run(Student(), student, None, impl, eos=5, pad=0)
-    assert tok[0].tolist() == [5, 0, 0, 0] and state.finished[0]
-    first = int(torch.nonzero(tok[1] == 5)[0]) if (tok[1] == 5).any() else 4
-    assert (tok[1, first + 1:] == 0).all() and (tok[1, :first] == 9).all()
+    assert tok[0].tolist() == [5, 0, 0, 0, 0]
+    assert tok[1].tolist() == [9, 9, 5, 0, 0]
+    assert tok[2].tolist() == [9, 9, 9, 9, 9]  # no EOS drawn: never finished
+    assert state.finished.tolist() == [True, True, False]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -236,6 +243,9 @@ def test_bad_input():
         (TypeError, "state", dict(st=None)),
         (TypeError, "seed", dict(seed=0.5)),
         (TypeError, "eos_token_id", dict(eos_token_id=None)),
+        (ValueError, rf"eos_token_id must be a token id in \[0, {V}\)", dict(eos_token_id=V)),
+        (ValueError, rf"eos_token_id must be a token id in \[0, {V}\)", dict(eos_token_id=-2)),
+        (ValueError, rf"pad_token_id must be a token id in \[0, {V}\)", dict(pad_token_id=-1)),
         (ValueError, "impl", dict(impl="cuda")),
     ]
     for exc, match, kw in cases:

@@ -1,5 +1,5 @@
 """The Triton step kernels (interpreter on CPU) and the native CPU path against the PyTorch reference, and
-fused_lookahead against sequential fused_step calls on every backend (SPEC.md section 3: same tokens on
+fused_lookahead against sequential fused_step calls on every backend (docs/spec.md section 6: same tokens on
 every backend and mode)."""
 
 import math
@@ -10,11 +10,10 @@ import sys
 import pytest
 import torch
 
-from adaswitch import reference
 from adaswitch._backend import native_available, native_ops
 from adaswitch._validation import KINDS
 from adaswitch.ops import SwitchState, fused_lookahead, fused_step, rng
-from adaswitch.policies import SKD, AdaSwitch, Mixed, Sampling, Student, Teacher
+from adaswitch.policies import SKD, AdaSwitch, FixedSwitch, Mixed, RandomSwitch, Sampling, Student, Teacher
 
 EOS, PAD = 4, 0
 NO_NATIVE = not (native_available() and hasattr(native_ops(), "gumbel_argmax"))
@@ -42,6 +41,8 @@ POLICIES = [
                 teacher_sampling=Sampling(0))
       for kind in KINDS],
     AdaSwitch(window=3, k=1.1, warmup=4, min_divergence=0.2, divergence="jsd", beta=0.0),
+    AdaSwitch(window=3, k=4.0, max_divergence=0.8),
+    RandomSwitch(window=2, positions=(0, 2, 4, -1), divergence="tvd"),
 ]
 
 
@@ -71,11 +72,54 @@ def assert_same(results):
     assert torch.allclose(ref_state.window, tri_state.window, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: type(p).__name__ + getattr(p, "divergence", ""))
+SPIKES = [2, 3, 5, 6, None]  # per row: the position where the student departs from the teacher (None: never)
+
+
+def switching_logits(n=8, vocab=97):
+    """Student and teacher logits [n, B, V] under which decisions differ by row and position: each row's
+    teacher is the same at every position and its student stays close to it (the same small, constant
+    divergence, so no switch and SKD keeps the drafts) up to the row's SPIKES position, from which on the
+    student is unrelated to the teacher (a divergence many times the usual: a switch once the row is
+    eligible, and SKD rejections). Carries the masked tail, a teacher-only -inf and a shifted student row
+    as well."""
+    gen = torch.Generator().manual_seed(5)
+    batch = len(SPIKES)
+    t0 = torch.randn(batch, vocab, generator=gen) * 2
+    # three likely tokens per row, about equally likely (a confident teacher; top-k / top-p bite, and a
+    # student close to it drafts each of the teacher's ranks 0-2)
+    t0[:, vocab - 6:vocab - 3] = 8.0 + 0.3 * torch.randn(batch, 3, generator=gen)
+    s0 = t0 + 0.3 * torch.randn(batch, vocab, generator=gen)
+    s0[1, ::5] -= 0.5
+    departed = 3.0 * torch.randn(batch, vocab, generator=gen)
+    s, t = s0.repeat(n, 1, 1), t0.repeat(n, 1, 1)
+    for row, pos in enumerate(SPIKES):
+        if pos is not None:
+            s[pos:, row] = departed[row]
+    s[..., vocab - 3:] = t[..., vocab - 3:] = -math.inf  # padded vocabulary
+    t[:, 0, 7] = -math.inf  # teacher-only -inf: forward KL stays finite
+    s[..., EOS] = t[..., EOS] = -30.0  # EOS (almost) never drawn: rows stay live up to their spike
+    return s, t
+
+
+SKD_BOUNDARY = SKD(top_k=2)  # on switching_logits, drafts land on the teacher's ranks 0-2: the boundary decides
+
+
+@pytest.mark.parametrize("policy", [*POLICIES, SKD_BOUNDARY],
+                         ids=lambda p: type(p).__name__ + str(getattr(p, "divergence", getattr(p, "top_k", ""))))
 @pytest.mark.parametrize("impl", FAST)
 def test_matches_reference_fp32(policy, impl):
-    s, t = random_logits(6, 5, 97, torch.float32)
-    assert_same(run_both(policy, s, t, impl))
+    s, t = switching_logits()
+    results = run_both(policy, s, t, impl)
+    assert_same(results)
+    # the inputs exercise the decision being compared: switches at different positions and a row that
+    # never switches (AdaSwitch); drafts both kept and replaced (SKD)
+    outs, state = results["torch"]
+    if isinstance(policy, AdaSwitch):
+        switched = state.switch_pos[state.switch_pos >= 0]
+        assert len(set(switched.tolist())) >= 2 and (state.switch_pos == -1).any(), state.switch_pos
+    if isinstance(policy, SKD):
+        replaced = torch.stack([o.from_teacher for o in outs])
+        assert 0.2 < replaced.float().mean() < 0.8, replaced.float().mean()
 
 
 @pytest.mark.parametrize("impl", FAST)
@@ -156,12 +200,14 @@ def lookahead_setup(policy, batch=6, g=4, vocab=40):
 
 
 LOOKAHEAD_POLICIES = [AdaSwitch(window=2, k=1.3), AdaSwitch(window=2, k=2.6), AdaSwitch(window=2, k=math.inf),
-                      AdaSwitch(window=3, k=1.6, divergence="tvd"), SKD(top_k=8), Student(), Teacher()]
+                      AdaSwitch(window=3, k=1.6, divergence="tvd"), AdaSwitch(window=2, k=9.0, max_divergence=1.5),
+                      FixedSwitch(window=2, position=6), RandomSwitch(window=2, positions=(1, 4, 6, -1)),
+                      SKD(top_k=8), Student(), Teacher()]
 
 
 @pytest.mark.parametrize("impl", ["torch", *FAST])
 @pytest.mark.parametrize("policy", LOOKAHEAD_POLICIES,
-                         ids=lambda p: f"{type(p).__name__}{getattr(p, 'k', '')}")
+                         ids=lambda p: f"{type(p).__name__}{getattr(p, 'k', '')}{getattr(p, 'max_divergence', '')}")
 def test_lookahead_equals_sequential_steps(policy, impl):
     s, t, draft, state, keys, position = lookahead_setup(policy)
     expected_state = SwitchState(*(getattr(state, f).clone() for f in
@@ -208,13 +254,13 @@ def compile(fn, sig, consts, warps=8):
     assert out.asm["cubin"], (fn, consts)
 
 STEP = ("S:*bf16 T:*bf16 stride_s:i64 stride_t:i64 V:i32 THR_S:*fp32 THR_T:*fp32 KEYS:*i64 POS:*i64 "
-        "seed_hash:i64 WINDOW:*fp32 COUNT:*i64 SWITCHED:*i8 SWITCH_POS:*i64 FINISHED:*i8 TOKEN:*i64 "
-        "FROM_T:*i8 DIV:*fp32 inv_ts:fp32 inv_tt:fp32 inv_td:fp32 log_w:fp32 log_1mw:fp32 w:fp32 L:i32 "
-        "min_hist:i32 k_bits:i64 f_bits:i64 skd_k:i32 eos:i32 pad:i32")
-NAMES = ["CODE", "NEED_YS", "NEED_YT", "GREEDY_S", "GREEDY_T", "FILTER_S", "FILTER_T", "KIND"]
-for cfg in [(0, 1, 0, 0, 0, 1, 0, -1), (1, 0, 1, 0, 1, 0, 0, -1), (3, 1, 1, 0, 0, 1, 1, -1),
-            *[(4, 1, 1, 0, 0, 0, 0, kind) for kind in range(6)], (4, 1, 1, 1, 1, 0, 0, 1),
-            (4, 0, 1, 0, 0, 0, 0, -1)]:
+        "seed_hash:i64 WINDOW:*fp32 COUNT:*i64 SWITCHED:*i8 SWITCH_POS:*i64 FINISHED:*i8 SWITCH_AT:*i64 "
+        "TOKEN:*i64 FROM_T:*i8 DIV:*fp32 inv_ts:fp32 inv_tt:fp32 inv_td:fp32 log_w:fp32 log_1mw:fp32 w:fp32 "
+        "L:i32 min_hist:i32 k_bits:i64 f_bits:i64 a_bits:i64 skd_k:i32 eos:i32 pad:i32")
+NAMES = ["CODE", "NEED_YS", "NEED_YT", "GREEDY_S", "GREEDY_T", "FILTER_S", "FILTER_T", "KIND", "SCHEDULED"]
+for cfg in [(0, 1, 0, 0, 0, 1, 0, -1, 0), (1, 0, 1, 0, 1, 0, 0, -1, 0), (3, 1, 1, 0, 0, 1, 1, -1, 0),
+            *[(4, 1, 1, 0, 0, 0, 0, kind, 0) for kind in range(6)], (4, 1, 1, 1, 1, 0, 0, 1, 0),
+            (4, 1, 1, 0, 0, 0, 0, 0, 1), (4, 0, 1, 0, 0, 0, 0, -1, 0)]:
     consts = {**dict(zip(NAMES, cfg)), "PRECISE": True, "BLOCK": 4096, "BLOCK_L": 8}
     compile(k._fused_step_kernel, STEP, consts)
 
@@ -224,10 +270,10 @@ for greedy, filt, kind, rank in [(0, 1, 0, 0), (1, 0, 2, 0), (0, 0, -1, 2)]:
     compile(k._lookahead_stats_kernel, STATS, dict(GREEDY_T=greedy, FILTER_T=filt, KIND=kind, RANK=rank,
                                                    PRECISE=True, BLOCK=4096))
 SCAN = ("DRAFT:*i64 YT:*i64 D:*fp32 KEEP:*i8 POS:*i64 G:i32 WINDOW:*fp32 COUNT:*i64 SWITCHED:*i8 "
-        "SWITCH_POS:*i64 FINISHED:*i8 ACCEPTED:*i64 TOKEN:*i64 FROM_T:*i8 DIV:*fp32 L:i32 min_hist:i32 "
-        "k_bits:i64 f_bits:i64 eos:i32 pad:i32")
-for code in (0, 1, 3, 4):
-    compile(k._lookahead_scan_kernel, SCAN, {"CODE": code, "BLOCK_L": 8}, warps=1)
+        "SWITCH_POS:*i64 FINISHED:*i8 SWITCH_AT:*i64 ACCEPTED:*i64 TOKEN:*i64 FROM_T:*i8 DIV:*fp32 L:i32 "
+        "min_hist:i32 k_bits:i64 f_bits:i64 a_bits:i64 eos:i32 pad:i32")
+for code, scheduled in ((0, 0), (1, 0), (3, 0), (4, 0), (4, 1)):
+    compile(k._lookahead_scan_kernel, SCAN, {"CODE": code, "BLOCK_L": 8, "SCHEDULED": scheduled}, warps=1)
 compile(k._uniform_kernel, "KEYS:*i64 POS:*i64 OUT:*fp32 seed_hash:i64 V:i32", {"STREAM": 1, "BLOCK": 1024})
 print("compiled")
 """
@@ -245,17 +291,47 @@ def test_kernels_compile_for_hopper():
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
 
 
+def divergence_from_definitions(s, t, kind, *, beta, alpha, temperature):
+    """Float64 divergences [B] written out from their definitions (docs/spec.md), independently of
+    adaswitch/reference.py, which the "torch" implementation runs: 0 log 0 = 0, +inf where p > 0 meets
+    q = 0."""
+    ls, lt = torch.log_softmax(s.double() / temperature, -1), torch.log_softmax(t.double() / temperature, -1)
+    ps, pt = ls.exp(), lt.exp()
+
+    def kl(log_p, log_q):
+        p = log_p.exp()
+        return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+
+    def log_mix(w, a, b):  # log(w a + (1 - w) b)
+        return torch.log(w * a + (1 - w) * b)
+
+    if kind == "forward_kl":
+        return kl(lt, ls)
+    if kind == "reverse_kl":
+        return kl(ls, lt)
+    if kind == "tvd":
+        return 0.5 * (pt - ps).abs().sum(-1)
+    if kind == "jsd":
+        m = log_mix(beta, pt, ps)
+        return beta * kl(lt, m) + (1 - beta) * kl(ls, m)
+    if kind == "skew_forward_kl":
+        return kl(lt, log_mix(alpha, pt, ps))
+    if kind == "skew_reverse_kl":
+        return kl(ls, log_mix(alpha, ps, pt))
+    raise ValueError(kind)
+
+
 @pytest.mark.parametrize("impl", ["torch", *FAST])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_divergence_against_float64_reference(impl, dtype):
-    """The exploration divergence of every kind, at a divergence temperature, against reference.py in
-    float64 (on the same rounded inputs)."""
+    """The exploration divergence of every kind, at a divergence temperature, against the definitions in
+    float64 (on the same rounded inputs; not reference.py, so the "torch" implementation is checked too)."""
     s, t = random_logits(1, 6, 211, dtype)
     for kind in KINDS:
         policy = AdaSwitch(window=2, divergence=kind, beta=0.3, alpha=0.2, divergence_temperature=1.7)
         out = fused_step(s[0], t[0], policy, SwitchState.new(6, 2), seed=0, keys=torch.arange(6),
                          position=torch.zeros(6, dtype=torch.long), eos_token_id=EOS, pad_token_id=PAD,
                          impl=impl)
-        want = reference.divergence_rows(s[0].double(), t[0].double(), kind, beta=0.3, alpha=0.2,
-                                         temperature=1.7, dtype=torch.float64)
+        want = divergence_from_definitions(s[0], t[0], kind, beta=0.3, alpha=0.2, temperature=1.7)
+        assert torch.isinf(want).any() == (kind == "reverse_kl"), kind  # the teacher-only -inf entry
         assert torch.allclose(out.divergence.double(), want, rtol=1e-4, atol=1e-5), kind

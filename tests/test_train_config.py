@@ -23,6 +23,11 @@ def make(**kw):
         ("switch_divergence", "kl"),
         ("warmup", -2),
         ("min_divergence", -0.1),
+        ("max_divergence", -1.0),
+        ("max_divergence", math.nan),
+        ("switch_position", -1),
+        ("switch_positions", [3, -2]),
+        ("switch_weights", [1.0, -1.0]),
         ("switch_temperature", 0.0),
         ("student_temperature", -1.0),
         ("teacher_top_k", 1.5),
@@ -90,6 +95,24 @@ def test_build_policy():
         student_sampling=s,
         teacher_sampling=t,
     )
+
+
+def test_build_switch_controls_and_absolute_trigger():
+    from adaswitch import FixedSwitch, RandomSwitch
+
+    kw = dict(window=4, warmup=6, switch_divergence="tvd", max_divergence=2.5)
+    assert make(policy="adaswitch", **kw).build_policy() == AdaSwitch(
+        window=4, warmup=6, divergence="tvd", max_divergence=2.5)
+    assert make(policy="fixed_switch", **kw).build_policy() == FixedSwitch(
+        window=4, warmup=6, divergence="tvd", max_divergence=2.5)
+    assert make(policy="fixed_switch", switch_position=3).build_policy().switch_position == 3
+    got = make(policy="random_switch", switch_positions=[3, 9, -1], switch_weights=[2, 1, 1], lookahead=4)
+    got = got.build_policy()
+    assert got == RandomSwitch(positions=(3, 9, -1), weights=(2.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="switch_positions is required"):
+        make(policy="random_switch")
+    with pytest.raises(ValueError, match="weights"):
+        make(policy="random_switch", switch_positions=[3, 9], switch_weights=[1.0])
 
 
 def test_fields_are_documented_and_completions_flag():

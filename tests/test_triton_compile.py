@@ -186,6 +186,25 @@ def _cases():
             add(f"fused_lookahead {name} {dtype}", lambda p=policies[name], d=dtype: lookahead(p, d, big))
     add("fused_step adaswitch, no student logits", lambda: step(policies["adaswitch forward_kl"], bf16, big, False))
 
+    # speculative guidance: greedy / sampled / filtered on both sides, bf16 / fp32, large and tiny vocabularies
+    from adaswitch.ops import fused_speculative
+
+    def speculative(ss, ts, dtype, vocab, g=4):
+        b = 3
+        fused_speculative(torch.zeros(b, g, vocab, dtype=dtype), torch.zeros(b, g, vocab, dtype=dtype),
+                          torch.zeros(b, g, dtype=torch.long), torch.zeros(b, dtype=torch.long), student_sampling=ss,
+                          teacher_sampling=ts, seed=1, keys=torch.arange(b), position=torch.zeros(b, dtype=torch.long),
+                          eos_token_id=1, pad_token_id=0, impl="triton")
+
+    for (sn, ss), (tn, ts) in (
+        (("sampled", samplings["sampled"]), ("sampled", samplings["sampled"])),
+        (("filtered", samplings["filtered"]), ("greedy", samplings["greedy"])),
+        (("greedy", samplings["greedy"]), ("filtered", samplings["filtered"])),
+    ):
+        for dtype in (bf16, f32):
+            add(f"fused_speculative {sn}/{tn} {dtype}", lambda ss=ss, ts=ts, d=dtype: speculative(ss, ts, d, big))
+        add(f"fused_speculative {sn}/{tn} fp32 V={tiny}", lambda ss=ss, ts=ts: speculative(ss, ts, f32, tiny))
+
     for stream in (0, 1, 2):
         add(f"uniform_triton stream {stream}", lambda stream=stream: uniform_triton(
             3, torch.arange(2), torch.zeros(2, dtype=torch.long), stream, 1000))

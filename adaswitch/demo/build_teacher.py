@@ -4,7 +4,8 @@ Trains the Qwen2-style teacher (or the Llama-style student's starting point) of 
 from scratch by SFT on the demo task (fixed seeds), measures its greedy accuracy on the eval split and
 saves model (float32 safetensors), tokenizer and `build_info.json` (settings, run time, accuracy,
 versions) to the output directory. The "demo" preset produces the checkpoints shipped in
-adaswitch/demo/assets/{teacher,student}; "tiny" takes seconds (tests).
+adaswitch/demo/assets/{teacher,student}, "quick" (--model student) the quick demo preset's starting
+student in adaswitch/demo/assets/student_quick; "tiny" takes seconds (tests).
 
 The student is shipped after its SFT rather than fine-tuned at every demo start: the SFT that brings it
 to a useful starting accuracy takes several minutes on 2 CPU cores, most of the quick preset's budget.
@@ -24,6 +25,10 @@ from adaswitch.demo.task import TaskConfig
 ASSETS = Path(__file__).resolve().parent / "assets"
 TEACHER_DIR = ASSETS / "teacher"
 STUDENT_DIR = ASSETS / "student"
+# The quick demo preset's starting student (shipped, so that every machine starts from the same weights:
+# an SFT at demo start gives a machine-dependent student, float rounding differs between CPUs).
+QUICK_STUDENT_DIR = ASSETS / "student_quick"
+QUICK_NUM_EVAL = 1000
 MAX_CHECKPOINT_BYTES = 10 * 1024 * 1024
 
 
@@ -56,9 +61,12 @@ PRESETS = {
     "demo": TeacherPreset(model="demo", steps=2000, batch_size=64, lr=3e-3, data=DataSpec()),
     "tiny": TeacherPreset(model="tiny", steps=20, batch_size=16, lr=3e-3, data=DataSpec(num_train=400, num_eval=32)),
 }
-# The student's starting point: a short SFT that leaves it well below the teacher.
+# The student's starting point: a short SFT that leaves it well below the teacher. "quick": the quick
+# demo preset's weaker start (600 steps, same recipe), on the data of the quick preset (its larger eval
+# split is held out of the SFT data).
 STUDENT_PRESETS = {
     "demo": TeacherPreset(model="demo", steps=1000, batch_size=64, lr=3e-3, data=DataSpec()),
+    "quick": TeacherPreset(model="demo", steps=600, batch_size=64, lr=3e-3, data=DataSpec(num_eval=QUICK_NUM_EVAL)),
     "tiny": TeacherPreset(model="tiny", steps=10, batch_size=16, lr=3e-3, data=DataSpec(num_train=400, num_eval=32)),
 }
 ROLES = ("teacher", "student")
@@ -83,12 +91,17 @@ def build_teacher(
 
     if model not in ROLES:
         raise ValueError(f"model must be one of {ROLES}, got {model!r}")
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    if preset not in (PRESETS if model == "teacher" else STUDENT_PRESETS):
+        raise ValueError(f"preset must be one of {sorted(PRESETS if model == 'teacher' else STUDENT_PRESETS)}, "
+                         f"got {preset!r}")
     if output_dir is None:
-        if preset != "demo":
-            raise ValueError(f"output_dir is required for preset {preset!r} (only 'demo' writes the assets)")
-        output_dir = TEACHER_DIR if model == "teacher" else STUDENT_DIR
+        if preset == "quick":
+            output_dir = QUICK_STUDENT_DIR
+        elif preset != "demo":
+            raise ValueError(f"output_dir is required for preset {preset!r} (only 'demo' and 'quick' write the "
+                             "assets)")
+        else:
+            output_dir = TEACHER_DIR if model == "teacher" else STUDENT_DIR
     spec = (PRESETS if model == "teacher" else STUDENT_PRESETS)[preset]
     make_config = teacher_config if model == "teacher" else student_config
     steps = spec.steps if steps is None else steps
@@ -137,7 +150,7 @@ def build_teacher(
         "built": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     (out / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    if preset == "demo" and size > MAX_CHECKPOINT_BYTES:
+    if preset in ("demo", "quick") and size > MAX_CHECKPOINT_BYTES:
         raise ValueError(f"checkpoint is {size} bytes, over the {MAX_CHECKPOINT_BYTES}-byte budget")
     return info
 
@@ -159,8 +172,11 @@ def main(argv=None) -> int:
         prog="python -m adaswitch.demo.build_teacher", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--model", choices=ROLES, default="teacher", help="which checkpoint to build")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
-    parser.add_argument("--output-dir", default=None, help=f"default (demo preset): {TEACHER_DIR} or {STUDENT_DIR}")
+    parser.add_argument("--preset", choices=sorted(set(PRESETS) | set(STUDENT_PRESETS)), default="demo",
+                        help="demo (the shipped teacher / full-preset student), quick (--model student: the quick "
+                        "demo preset's starting student), tiny (tests)")
+    parser.add_argument("--output-dir", default=None,
+                        help=f"default: {TEACHER_DIR} or {STUDENT_DIR} (demo), {QUICK_STUDENT_DIR} (quick)")
     parser.add_argument("--steps", type=int, default=None, help="override the preset's training steps")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)

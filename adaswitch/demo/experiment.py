@@ -23,12 +23,30 @@ from transformers import TrainerCallback
 from adaswitch.demo.build_teacher import TEACHER_DIR, DataSpec
 
 # Display name -> DistillConfig overrides (None: cross-entropy SFT, no teacher). Filled in by
-# `method_overrides` with the AdaSwitch / SKD settings of the run.
-METHOD_NAMES = ("SFT only", "Supervised KD", "SeqKD", "On-policy (GKD)", "Mixed(0.5)", "SKD", "AdaSwitch")
+# `method_overrides` with the AdaSwitch / SKD settings of the run. The last two are AdaSwitch's controls:
+# the same switch without the divergence test (at the warm-up; at positions drawn from AdaSwitch's own).
+METHOD_NAMES = ("SFT only", "Supervised KD", "SeqKD", "On-policy (GKD)", "Mixed(0.5)", "SKD", "AdaSwitch",
+                "Fixed switch", "Random switch")
 ON_POLICY = "On-policy (GKD)"
+SKD_NAME = "SKD"
 
 
-def method_overrides(name: str, *, window: int, k: float, skd_top_k: int) -> dict | None:
+def random_switch_overrides(counts: list[int]) -> dict:
+    """DistillConfig overrides drawing switch positions from a Distiller's `switch_position_counts`
+    (index p + 1 counts the rows that switched at p; index 0 those that never switched)."""
+    pairs = [(i - 1, c) for i, c in enumerate(counts) if c > 0]
+    if not pairs:
+        raise ValueError("switch_position_counts is empty: AdaSwitch generated no rows")
+    return {"switch_positions": [p for p, _ in pairs], "switch_weights": [float(c) for _, c in pairs]}
+
+
+def method_overrides(name: str, *, window: int, k: float, skd_top_k: int, switch_counts=None) -> dict | None:
+    """`switch_counts`: AdaSwitch's observed switch positions (Distiller.switch_position_counts), which
+    "Random switch" draws from."""
+    if name == "Random switch":
+        if switch_counts is None:
+            raise ValueError("Random switch needs AdaSwitch's switch_position_counts (run AdaSwitch first)")
+        return {"policy": "random_switch", "window": window, "k": k, **random_switch_overrides(switch_counts)}
     table = {
         "SFT only": None,
         "Supervised KD": {"policy": "dataset"},
@@ -37,6 +55,7 @@ def method_overrides(name: str, *, window: int, k: float, skd_top_k: int) -> dic
         "Mixed(0.5)": {"policy": "mixed", "lmbda": 0.5},
         "SKD": {"policy": "skd", "skd_top_k": skd_top_k},
         "AdaSwitch": {"policy": "adaswitch", "window": window, "k": k},
+        "Fixed switch": {"policy": "fixed_switch", "window": window, "k": k},
     }
     if name not in table:
         raise ValueError(f"method must be one of {METHOD_NAMES}, got {name!r}")
@@ -94,6 +113,7 @@ class Context:
     student_accuracy: float
     sft_seconds: float
     student_teacher_kl: float = math.nan
+    student_step_accuracy: float = math.nan
     info: dict = field(default_factory=dict)
 
 
@@ -160,6 +180,7 @@ def prepare(
     ctx.teacher_accuracy = accuracy(ctx, teacher, max_new_tokens=max_new_tokens)["accuracy"]
     start = accuracy(ctx, model, max_new_tokens=max_new_tokens, with_kl=True)
     ctx.student_accuracy, ctx.student_teacher_kl = start["accuracy"], start["teacher_kl"]
+    ctx.student_step_accuracy = start["step_accuracy"]
     ctx.info = {
         "teacher_parameters": num_parameters(teacher),
         "student_parameters": num_parameters(model),
@@ -174,16 +195,19 @@ def prepare(
 
 
 def accuracy(ctx: Context, model, *, max_new_tokens: int = 40, with_kl: bool = False) -> dict:
-    """Greedy accuracy on the eval split (`adaswitch.evaluate`), plus the teacher-forced KL if asked."""
+    """Greedy accuracy and per-step accuracy (`adaswitch.demo.task.step_checker`) on the eval split
+    (`adaswitch.evaluate`), plus the teacher-forced KL if asked."""
+    from adaswitch.demo.task import step_checker
     from adaswitch.train.evaluate import evaluate
 
     out = evaluate(
         model,
         ctx.tokenizer,
         ctx.eval,
+        step_checker=step_checker,
         teacher=ctx.teacher if with_kl else None,
         max_new_tokens=max_new_tokens,
-        batch_size=256,
+        batch_size=1000,  # greedy decoding of tiny models: per-token overhead dominates, one big batch is fastest
         progress=False,
     )
     return {k: v for k, v in out.items() if k != "examples"}
@@ -213,20 +237,22 @@ def run_method(ctx: Context, name: str, overrides: dict | None, *, seed: int, bu
             seed=seed,
             progress=False,
         )
-        seconds, history = fit["seconds"], []
+        seconds, history, counts = fit["seconds"], [], None
     else:
-        seconds, history = _distill(ctx, student, pool, overrides, seed=seed, budget=budget)
+        seconds, history, counts = _distill(ctx, student, pool, overrides, seed=seed, budget=budget)
     metrics = accuracy(ctx, student, max_new_tokens=budget.max_new_tokens, with_kl=True)
     return {
         "method": name,
         "seed": seed,
         "accuracy": metrics["accuracy"],
+        "step_accuracy": metrics["step_accuracy"],
         "teacher_kl": metrics["teacher_kl"],
         "seconds_per_step": seconds / budget.steps,
         "switch_rate": _mean(history, "switch_rate"),
         "mean_switch_position": _mean(history, "mean_switch_position"),
         "teacher_token_fraction": _mean(history, "teacher_token_fraction"),
         "response_tokens_per_step": _mean(history, "response_tokens"),
+        "switch_position_counts": counts,
         "model": student,
     }
 
@@ -246,7 +272,9 @@ class _StepTimer(TrainerCallback):
         self.seconds += time.perf_counter() - self._start
 
 
-def _distill(ctx: Context, student, pool, overrides: dict, *, seed: int, budget: Budget) -> tuple[float, list[dict]]:
+def _distill(
+    ctx: Context, student, pool, overrides: dict, *, seed: int, budget: Budget
+) -> tuple[float, list[dict], list | None]:
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from adaswitch.demo.sft import make_optimizer
@@ -285,7 +313,8 @@ def _distill(ctx: Context, student, pool, overrides: dict, *, seed: int, budget:
         trainer.add_callback(timer)
         trainer.train()
     student.eval()
-    return timer.seconds, [h for h in trainer.state.log_history if "loss" in h]
+    counts = trainer.switch_position_counts if any(trainer.switch_position_counts) else None
+    return timer.seconds, [h for h in trainer.state.log_history if "loss" in h], counts
 
 
 @torch.no_grad()

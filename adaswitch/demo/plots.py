@@ -112,3 +112,28 @@ def plot_divergence_trace(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def plot_switch_ablation(cells: list[dict], path: str | Path, *, start_step_accuracy: float | None = None) -> Path:
+    """The switching-rule ablation: per setting, step accuracy and final-answer accuracy (mean ± std over
+    seeds), side by side; the starting student's step accuracy as a line."""
+    plt = _pyplot()
+    names = [c["name"] for c in cells]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "step_accuracy", "step accuracy (%)"), (axes[1], "accuracy", "accuracy (%)")):
+        for i, c in enumerate(cells):
+            color = "tab:red" if i == 0 else "tab:blue"
+            ax.errorbar(i, 100 * c[key], yerr=100 * c[f"{key}_std"], fmt="o", ms=7, capsize=5, color=color)
+        if key == "step_accuracy" and start_step_accuracy is not None:
+            ax.axhline(100 * start_step_accuracy, color="gray", ls=":", lw=1,
+                       label=f"student at start {100 * start_step_accuracy:.1f}%")
+            ax.legend(loc="lower right", fontsize=8)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        ax.set_ylabel(f"{label}, mean ± std over seeds")
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("AdaSwitch switching rule at the shipped L, K (red: forward-KL default)")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -7,10 +7,12 @@
     python -m adaswitch.demo ...   # the same
 
 Steps: load the shipped Qwen2-style teacher and a Llama-style student (1/8 of its size, SFT-ed on the
-task's worked completions: the quick preset SFTs a fresh one for 600 steps at start, --full loads the
-shipped one, --tiny builds and SFTs a tiny one), distil copies of
-that student with each method for the same number of steps on the same prompts, over several seeds;
-print the table, write results.json and the plots to --output-dir. See docs/demo.md.
+task's worked completions: the quick preset loads the shipped weaker one, assets/student_quick, --full
+the shipped stronger one, --tiny builds and SFTs a tiny one), distil copies of that student with each
+method, and with AdaSwitch's two controls (fixed and random switch), for the same number of steps on
+the same prompts, over several seeds; print the table (final-answer and per-step accuracy) and the
+paired per-seed differences against on-policy and SKD, write results.json and the plots to
+--output-dir. See docs/demo.md.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from adaswitch.demo.build_teacher import STUDENT_DIR, TEACHER_DIR, DataSpec
-from adaswitch.demo.experiment import METHOD_NAMES, ON_POLICY, Budget
+from adaswitch.demo.build_teacher import QUICK_NUM_EVAL, QUICK_STUDENT_DIR, STUDENT_DIR, TEACHER_DIR, DataSpec
+from adaswitch.demo.experiment import METHOD_NAMES, ON_POLICY, SKD_NAME, Budget
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class DemoPreset:
     num_eval: int | None
     trace_prompts: int
     num_train: int = DataSpec().num_train
+    num_eval_problems: int = DataSpec().num_eval  # the eval split built (num_eval: how many of them are used)
 
 
 PRESETS = {
@@ -55,15 +58,17 @@ PRESETS = {
     ),
     "quick": DemoPreset(
         name="quick",
-        # A weaker student (600 of the shipped student's 1,000 SFT steps, same recipe and seed: 43.7%,
-        # ~20 s at start) and more steps at a higher lr, so the methods have room to move: the shipped
-        # 82% student is not improved by any method at a quick budget (docs/demo.md).
-        student="demo",
-        sft_steps=600,
-        budget=Budget(steps=200, batch_size=32, lr=3e-3),
+        # A weaker student (600 of the shipped student's 1,000 SFT steps, same recipe and seed), shipped in
+        # assets/student_quick so that every machine starts from the same weights, and more steps at a
+        # higher lr, so the methods have room to move: the shipped 82% student is not improved by any
+        # method at a quick budget (docs/demo.md). 1,000 eval problems (held out of that SFT's data).
+        student=QUICK_STUDENT_DIR,
+        sft_steps=0,
+        budget=Budget(steps=150, batch_size=32, lr=3e-3),
         seeds=(0, 1, 2),
-        num_eval=300,
+        num_eval=None,
         trace_prompts=128,
+        num_eval_problems=QUICK_NUM_EVAL,
     ),
     "full": DemoPreset(
         name="full",
@@ -89,7 +94,7 @@ def prepare_preset(spec: DemoPreset, *, teacher_dir, progress: bool, student=Non
         sft_steps=spec.sft_steps,
         num_eval=spec.num_eval,
         teacher_dir=teacher_dir,
-        data=DataSpec(num_train=spec.num_train),
+        data=DataSpec(num_train=spec.num_train, num_eval=spec.num_eval_problems),
         max_new_tokens=spec.budget.max_new_tokens,
         progress=progress,
     )
@@ -124,14 +129,25 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+PAIRED_BASELINES = (ON_POLICY, SKD_NAME)
+PAIRED_KEYS = ("accuracy", "step_accuracy")
+
+
 def summarise(runs: list[dict]) -> list[dict]:
-    """One row per method (in METHOD_NAMES order): means over seeds, accuracy std, overhead vs on-policy."""
+    """One row per method (in METHOD_NAMES order): means over seeds, accuracy std, overhead vs on-policy,
+    and paired per-seed differences against on-policy and SKD (`paired[baseline][metric]`)."""
+    from adaswitch.demo.stats import paired
+
+    def by_seed(name, key):
+        return {r["seed"]: r.get(key, math.nan) for r in runs if r["method"] == name}
+
     rows = []
     for name in METHOD_NAMES:
         mine = [r for r in runs if r["method"] == name]
         if not mine:
             continue
         acc = [r["accuracy"] for r in mine]
+        step = [r["step_accuracy"] for r in mine if not math.isnan(r.get("step_accuracy", math.nan))]
 
         def mean(key, mine=mine):
             values = [r[key] for r in mine if not math.isnan(r[key])]
@@ -143,6 +159,9 @@ def summarise(runs: list[dict]) -> list[dict]:
                 "accuracy": statistics.fmean(acc),
                 "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
                 "accuracies": acc,
+                "step_accuracy": statistics.fmean(step) if step else math.nan,
+                "step_accuracy_std": statistics.stdev(step) if len(step) > 1 else 0.0,
+                "step_accuracies": step,
                 "teacher_kl": mean("teacher_kl"),
                 "switch_rate": mean("switch_rate"),
                 "mean_switch_position": mean("mean_switch_position"),
@@ -150,6 +169,11 @@ def summarise(runs: list[dict]) -> list[dict]:
                 "response_tokens_per_step": mean("response_tokens_per_step"),
                 "seconds_per_step": mean("seconds_per_step"),
                 "seeds": [r["seed"] for r in mine],
+                "paired": {
+                    b: {key: paired(by_seed(name, key), by_seed(b, key)) for key in PAIRED_KEYS}
+                    for b in PAIRED_BASELINES
+                    if b != name and any(r["method"] == b for r in runs)
+                },
             }
         )
     base = next((r["seconds_per_step"] for r in rows if r["method"] == ON_POLICY), math.nan)
@@ -165,6 +189,7 @@ def _fmt(value, spec: str, scale: float = 1.0) -> str:
 TABLE_COLUMNS = (
     "method",
     "accuracy % (mean ± std)",
+    "step accuracy %",
     "teacher KL",
     "switch rate",
     "mean switch pos",
@@ -181,6 +206,8 @@ def format_table(rows: list[dict]) -> str:
         cells = [
             r["method"],
             f"{100 * r['accuracy']:.1f} ± {100 * r['accuracy_std']:.1f}",
+            "-" if math.isnan(r.get("step_accuracy", math.nan))
+            else f"{100 * r['step_accuracy']:.1f} ± {100 * r['step_accuracy_std']:.1f}",
             _fmt(r["teacher_kl"], ".4f"),
             _fmt(r["switch_rate"], ".2f"),
             _fmt(r["mean_switch_position"], ".1f"),
@@ -188,6 +215,30 @@ def format_table(rows: list[dict]) -> str:
             _fmt(r["seconds_per_step"], ".3f"),
             _fmt(r["overhead_vs_on_policy"], ".2f") + ("x" if not math.isnan(r["overhead_vs_on_policy"]) else ""),
         ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+PAIRED_COLUMNS = (
+    "method",
+    "Δ accuracy vs on-policy",
+    "Δ step acc. vs on-policy",
+    "Δ accuracy vs SKD",
+    "Δ step acc. vs SKD",
+)
+
+
+def format_paired_table(rows: list[dict]) -> str:
+    """Markdown: per method, the mean ± std over seeds of its per-seed difference (points) from on-policy
+    and from SKD, the seeds it wins, and * where a 95% paired t-test says the difference is not noise."""
+    from adaswitch.demo.stats import format_paired
+
+    lines = ["| " + " | ".join(PAIRED_COLUMNS) + " |", "|" + "|".join("---" for _ in PAIRED_COLUMNS) + "|"]
+    for r in rows:
+        cells = [r["method"]]
+        for b in PAIRED_BASELINES:
+            for key in PAIRED_KEYS:
+                cells.append(format_paired(r.get("paired", {}).get(b, {}).get(key)))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -229,6 +280,9 @@ def run_demo(
     seeds = spec.seeds if seeds is None else tuple(seeds)
     if not seeds or any(not isinstance(s, int) or s < 0 for s in seeds):
         raise ValueError(f"seeds must be non-negative ints, got {seeds!r}")
+    if "Random switch" in methods and "AdaSwitch" not in methods:
+        raise ValueError("methods: 'Random switch' draws from AdaSwitch's switch positions; include 'AdaSwitch'")
+    methods = tuple(m for m in METHOD_NAMES if m in methods)  # AdaSwitch before its random control
     default_window, default_k = adaswitch_defaults()
     window = default_window if window is None else window
     k = default_k if k is None else k
@@ -245,6 +299,7 @@ def run_demo(
     results["meta"]["total_seconds"] = round(time.perf_counter() - started, 1)
     (out / "results.json").write_text(json.dumps(_json_safe(results), indent=2) + "\n")
     results["table"] = format_table(results["results"])
+    results["paired_table"] = format_paired_table(results["results"])
     return results
 
 
@@ -253,13 +308,14 @@ def _run(spec, ctx, methods, seeds, window, k, out, progress, say) -> dict:
     from tqdm.auto import tqdm
 
     from adaswitch.demo.experiment import method_overrides, run_method, switch_trace
+    from adaswitch.demo.stats import binomial_std
 
     say(
         f"[adaswitch demo] teacher {100 * ctx.teacher_accuracy:.1f}%, student after SFT "
         f"{100 * ctx.student_accuracy:.1f}% on {len(ctx.eval)} eval problems"
     )
 
-    runs, adaswitch_model = [], None
+    runs, adaswitch_model, switch_counts = [], None, {}
     jobs = [(m, s) for m in methods for s in seeds]
     bar = tqdm(jobs, desc="distilling", unit="run", disable=not progress)
     for name, seed in bar:
@@ -267,13 +323,16 @@ def _run(spec, ctx, methods, seeds, window, k, out, progress, say) -> dict:
         result = run_method(
             ctx,
             name,
-            method_overrides(name, window=window, k=k, skd_top_k=SKD_TOP_K),
+            # the random control draws from the switch positions AdaSwitch produced with the same seed
+            method_overrides(name, window=window, k=k, skd_top_k=SKD_TOP_K, switch_counts=switch_counts.get(seed)),
             seed=seed,
             budget=spec.budget,
         )
         model = result.pop("model")
-        if name == "AdaSwitch" and adaswitch_model is None:
-            adaswitch_model = model
+        if name == "AdaSwitch":
+            switch_counts[seed] = result["switch_position_counts"]
+            if adaswitch_model is None:
+                adaswitch_model = model
         runs.append(result)
     bar.close()
 
@@ -303,6 +362,9 @@ def _run(spec, ctx, methods, seeds, window, k, out, progress, say) -> dict:
             "teacher_accuracy": ctx.teacher_accuracy,
             "student_after_sft_accuracy": ctx.student_accuracy,
             "student_start_teacher_kl": ctx.student_teacher_kl,
+            "student_after_sft_step_accuracy": ctx.student_step_accuracy,
+            # the sampling noise of one accuracy on this eval set (binomial std at the starting student's level)
+            "eval_binomial_std": binomial_std(ctx.student_accuracy, len(ctx.eval)),
             **ctx.info,
             "plots": [p.name for p in plots],
         },
@@ -421,12 +483,18 @@ def main(argv=None) -> int:
         f"adaswitch demo ({meta['preset']}): teacher {meta['teacher_architecture']} "
         f"{meta['teacher_parameters']:,} params {100 * meta['teacher_accuracy']:.1f}%, student "
         f"{meta['student_architecture']} {meta['student_parameters']:,} params "
-        f"{100 * meta['student_after_sft_accuracy']:.1f}% (teacher KL "
+        f"{100 * meta['student_after_sft_accuracy']:.1f}% (step accuracy "
+        f"{100 * meta['student_after_sft_step_accuracy']:.1f}%, teacher KL "
         f"{meta['student_start_teacher_kl']:.4f}) at start; {meta['budget']['steps']} steps x "
         f"{meta['budget']['batch_size']} prompts per method, seeds {meta['seeds']}, "
         f"{meta['num_eval']} eval problems"
     )
     print(results["table"])
+    print(
+        "\npaired per-seed differences (points; mean ± std over seeds, seeds won, * = 95% paired t-test; "
+        f"eval sampling std of one accuracy: {100 * meta['eval_binomial_std']:.1f} points):"
+    )
+    print(results["paired_table"])
     print(
         f"\nwrote {Path(args.output_dir) / 'results.json'} and {', '.join(meta['plots'])} "
         f"in {meta['total_seconds']:.0f} s"

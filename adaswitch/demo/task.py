@@ -9,6 +9,7 @@ keeps the character vocabulary tiny and the numbers at most a few digits.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 ANSWER_MARKER = "####"
@@ -114,3 +115,48 @@ def extract_answer(text: str) -> str | None:
 
 def is_correct(generated: str, answer: str) -> bool:
     return extract_answer(generated) == answer
+
+
+_STEP = re.compile(r"^(\d+)([+*-])(\d+)=(\d+)$")
+_PROMPT = re.compile(r"^(\d+(?:[+*-]\d+)*)=$")
+
+
+def parse_prompt(prompt: str) -> tuple[list[int], list[str]]:
+    """"7+8*3-5=" -> ([7, 8, 3, 5], ["+", "*", "-"])."""
+    if not _PROMPT.match(prompt.strip()):
+        raise ValueError(f"not a task prompt: {prompt!r}")
+    tokens = re.findall(r"\d+|[+*-]", prompt)
+    return [int(t) for t in tokens[::2]], tokens[1::2]
+
+
+def step_checks(prompt: str, generated: str) -> list[bool]:
+    """Per-step grading of a worked answer, each step judged given the model's own earlier results.
+
+    The task fixes the order of the steps (products first, then left to right), so step j must combine
+    the two values that are adjacent at that point, where the values are the prompt's operands with every
+    earlier step's pair replaced by the result *the model wrote* (right or wrong). Step j is correct when
+    the model wrote exactly `a op b = c` with those a, op, b and c = a op b. A missing or malformed step is
+    wrong (and the correct value of it stands in for later steps). One entry per expected step."""
+    operands, ops = parse_prompt(prompt)
+    body = generated.split(ANSWER_MARKER, 1)[0]
+    written = [_STEP.match(part.strip()) for part in body.split(STEP_SEPARATOR)] if body.strip() else []
+    values, pending, checks = list(operands), list(ops), []
+    for phase in ("*", "+-"):
+        i = 0
+        while i < len(pending):
+            if pending[i] not in phase:
+                i += 1
+                continue
+            a, b, op = values[i], values[i + 1], pending[i]
+            want = a * b if op == "*" else a + b if op == "+" else a - b
+            m = written[len(checks)] if len(checks) < len(written) else None
+            ok = m is not None and (int(m[1]), m[2], int(m[3]), int(m[4])) == (a, op, b, want)
+            checks.append(ok)
+            values[i : i + 2] = [int(m[4]) if m is not None else want]  # the model's own result carries on
+            del pending[i]
+    return checks
+
+
+def step_checker(prompt: str, generated: str, reference: str) -> list[bool]:
+    """`adaswitch.evaluate`'s step_checker hook for this task (the reference is not needed)."""
+    return step_checks(prompt, generated)

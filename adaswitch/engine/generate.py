@@ -1,4 +1,4 @@
-"""`generate`: distillation sequences under any policy of SPEC.md section 2, decided on the device.
+"""`generate`: distillation sequences under any policy of docs/spec.md section 2, decided on the device.
 
 Design (gpt-fast style: prefill, then a short per-token loop; details fixed here):
 
@@ -21,6 +21,14 @@ Design (gpt-fast style: prefill, then a short per-token loop; details fixed here
   `accepted` drafts plus, where it stopped, the teacher's token; both caches roll back the rejected
   drafts (lengths only). A row that has already switched takes one teacher token
   per block.
+* Speculative guidance (guidance="speculative", AdaSwitch and its controls, Teacher): blocks as above,
+  then from each row's stop (its switch; index 0 once switched, and always under Teacher)
+  `fused_speculative` accepts drafts with probability min(1, p_T / p_S) and, at the first rejection,
+  draws from norm(max(0, p_T - p_S)): up to G teacher tokens per block, each distributed as the
+  teacher's own draw; the run stays in blocks after switches. Caches roll back as in lookahead.
+* Teacher states (return_teacher_states=True): the teacher's forwards also return their last hidden
+  states, scattered like the tokens into a [B, N, H] buffer (and a mask of where the teacher ran), so a
+  loss can take them instead of running the teacher again.
 * Host reads: about every `sync_every` tokens the host reads one small tensor (all rows done?, all rows
   switched?, least response position of unfinished rows) -- one device-to-host sync: every sync_every
   steps, or every ceil(sync_every / G) blocks while blocks keep giving G tokens (else every sync_every
@@ -62,8 +70,11 @@ from adaswitch.engine.architecture import alibi_adapter, attention_layout
 from adaswitch.engine.attention import flash_available, kvcache_attention
 from adaswitch.engine.cache import RowCache
 from adaswitch.ops import rng
-from adaswitch.ops.step import SwitchState, fused_lookahead, fused_step
-from adaswitch.policies import SKD, AdaSwitch, Mixed, Student, check_policy
+from adaswitch.ops.speculative import fused_speculative
+from adaswitch.ops.step import SwitchState, fused_lookahead, fused_step, schedule
+from adaswitch.policies import SKD, AdaSwitch, Mixed, Student, Teacher, check_policy
+
+GUIDANCES = ("step", "speculative")
 
 
 @dataclass
@@ -79,6 +90,11 @@ class GenerationOutput:
     lengths: int64 [B], response lengths (including the EOS token when there is one).
     from_dataset: bool [B], Mixed only: the row is the dataset's completion.
     prompt_length: P.
+    teacher_hidden_states: [B, N, H] (return_teacher_states=True, else None): the teacher's last hidden
+        state (after its final norm, the LM head's input) at the position that predicts response token i,
+        where the teacher ran for that token; zeros elsewhere.
+    teacher_states_mask: bool [B, N] (return_teacher_states=True, else None): where those states exist
+        (every response token the teacher ran on).
     """
 
     sequences: torch.Tensor
@@ -90,6 +106,8 @@ class GenerationOutput:
     lengths: torch.Tensor
     from_dataset: torch.Tensor
     prompt_length: int
+    teacher_hidden_states: torch.Tensor | None = None
+    teacher_states_mask: torch.Tensor | None = None
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -177,8 +195,12 @@ class _Run:
     """All device buffers of one generate call and the two kinds of iteration (step, block)."""
 
     def __init__(self, student, teacher, input_ids, mask, policy, n, eos, pad, seed, keys, lookahead,
-                 vocab, completions, impl, attention_scope):
+                 vocab, completions, impl, attention_scope, guidance="step", record_teacher=False):
         self.student, self.teacher, self.policy = student, teacher, policy
+        # speculative guidance: the teacher's tokens are verified student drafts (blocks only)
+        self.guided = guidance == "speculative"
+        self.record = record_teacher and teacher is not None and policy.uses_teacher
+        self.hidden = self.ran = None  # teacher states [B, n + 1, H] and where they exist, allocated lazily
         self.n, self.eos, self.pad, self.seed, self.keys, self.g = n, eos, pad, seed, keys, lookahead
         self.vocab, self.impl = vocab, impl
         b, p = input_ids.shape
@@ -187,6 +209,7 @@ class _Run:
         self.run_student = student is not None and not (isinstance(policy, Mixed) and policy.lmbda == 0)
         self.run_teacher = teacher is not None and policy.uses_teacher
         self.state = SwitchState.new(b, policy.window if isinstance(policy, AdaSwitch) else 1, device)
+        schedule(policy, self.state, seed, keys)  # the scheduled controls' switch positions, before any graph
         # Output buffers: column n is scratch for writes past the end (rows whose position ran beyond n).
         self.tokens = torch.full((b, n + 1), pad, dtype=torch.long, device=device)
         self.from_teacher = torch.zeros(b, n + 1, dtype=torch.bool, device=device)
@@ -219,7 +242,7 @@ class _Run:
                 if p > 1:
                     self._forward(model, cache, input_ids[:, :-1], prefill_mask=mask[:, :-1])
 
-    def _forward(self, model, cache, ids, prefill_mask=None):
+    def _forward(self, model, cache, ids, prefill_mask=None, hidden=False):
         if prefill_mask is not None:
             # Prefill logits are not used (the loop feeds the last prompt token): skip the LM head.
             attn, position_ids = cache.prefill_inputs(prefill_mask)
@@ -229,9 +252,29 @@ class _Run:
             self._advance(cache, ids.shape[1])
             return None
         attn, position_ids = cache.decode_inputs(ids.shape[1])
-        out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, cache=cache)
+        extra = {"output_hidden_states": True} if hidden else {}
+        out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, cache=cache, **extra)
         self._advance(cache, ids.shape[1])
+        if hidden:
+            return out.logits[..., : self.vocab], out.hidden_states[-1]
         return out.logits[..., : self.vocab]
+
+    def _teacher_forward(self, ids):
+        """(the teacher's logits on `ids` [B, q], its last hidden states with return_teacher_states else None)."""
+        if not self.record:
+            return self._forward(self.teacher, self.caches["teacher"], ids), None
+        return self._forward(self.teacher, self.caches["teacher"], ids, hidden=True)
+
+    def _write_hidden(self, idx, keep, hidden) -> None:
+        """Scatter teacher states [B, k, H] at response indices idx [B, k] where keep, else into the scratch
+        column (allocated by the first call: H is the first forward's)."""
+        if self.hidden is None:
+            b, _, h = hidden.shape
+            self.hidden = hidden.new_zeros(b, self.n + 1, h)
+            self.ran = torch.zeros(b, self.n + 1, dtype=torch.bool, device=self.device)
+        idx = torch.where(keep & (idx < self.n), idx, torch.full_like(idx, self.n))
+        self.hidden.scatter_(1, idx[:, :, None].expand(-1, -1, hidden.shape[-1]), hidden)
+        self.ran.scatter_(1, idx, keep)
 
     @staticmethod
     def _advance(cache, q: int) -> None:
@@ -256,7 +299,10 @@ class _Run:
         x = self.last[:, None]
         idle = self._idle().long()  # rows that only run along: their cache column is given back
         ls = self._forward(self.student, self.caches["student"], x)[:, 0] if use_student else None
-        lt = self._forward(self.teacher, self.caches["teacher"], x)[:, 0] if self.run_teacher else None
+        lt, ht = self._teacher_forward(x) if self.run_teacher else (None, None)
+        lt = lt[:, 0] if lt is not None else None
+        if ht is not None:
+            self._write_hidden(self.pos[:, None], ~self._idle()[:, None], ht)
         if use_student:
             self.caches["student"].rollback(idle)
         if self.run_teacher:
@@ -270,7 +316,8 @@ class _Run:
         self.pos += 1
 
     def block(self) -> None:
-        """Lookahead: G student drafts, one teacher forward, fused_lookahead, write, roll back."""
+        """Lookahead: G student drafts, one teacher forward, fused_lookahead (and, with speculative guidance,
+        fused_speculative from each row's stop), write, roll back."""
         g, student, teacher = self.g, self.caches["student"], self.caches["teacher"]
         offsets = torch.arange(g, device=self.device)
         idle = self._idle()
@@ -286,16 +333,40 @@ class _Run:
             drafts.append(cur)
             student_logits.append(ls)
         draft = torch.stack(drafts, 1)
-        lt = self._forward(self.teacher, teacher, torch.cat([self.last[:, None], draft[:, :-1]], 1))
-        out = fused_lookahead(torch.stack(student_logits, 1), lt, draft, self.policy, self.state,
+        lt, ht = self._teacher_forward(torch.cat([self.last[:, None], draft[:, :-1]], 1))
+        student_logits = torch.stack(student_logits, 1)
+        finished_before = self.state.finished.clone() if self.guided else None
+        out = fused_lookahead(student_logits, lt, draft, self.policy, self.state,
                               seed=self.seed, keys=self.keys, position=self.pos, eos_token_id=self.eos,
                               pad_token_id=self.pad, impl=self.impl)
         a = out.accepted
-        at_stop = (offsets[None, :] == a[:, None]) & out.from_teacher[:, None]
-        keep = (offsets[None, :] < a[:, None]) | at_stop
-        token = torch.where(at_stop, out.token[:, None], draft)
-        self._write(self.pos[:, None] + offsets, keep, token, at_stop, out.divergence)
-        produced = a + out.from_teacher.long()
+        if self.guided:
+            # From each row's stop (its switch, or index 0 once switched / under Teacher) the teacher's tokens
+            # are the drafts it accepts and, at the first rejection, its residual draw (fused_speculative),
+            # instead of one teacher draw per block; the row's EOS follows those tokens.
+            spec = fused_speculative(student_logits, lt, draft, torch.where(out.from_teacher, a, g),
+                                     student_sampling=self.policy.student_sampling,
+                                     teacher_sampling=self.policy.teacher_sampling, seed=self.seed,
+                                     keys=self.keys, position=self.pos, eos_token_id=self.eos,
+                                     pad_token_id=self.pad, impl=self.impl)
+            self.state.finished.copy_(torch.where(out.from_teacher, finished_before | spec.finished,
+                                                  self.state.finished))
+            end = a + torch.where(out.from_teacher, spec.accepted, 0)
+            resampled = out.from_teacher & spec.resampled
+            at_stop = (offsets[None, :] == end[:, None]) & resampled[:, None]
+            keep = (offsets[None, :] < end[:, None]) | at_stop
+            token = torch.where(at_stop, spec.token[:, None], draft)
+            by_teacher = ((offsets[None, :] >= a[:, None]) & out.from_teacher[:, None] & keep) | at_stop
+            produced = end + resampled.long()
+        else:
+            at_stop = (offsets[None, :] == a[:, None]) & out.from_teacher[:, None]
+            keep = (offsets[None, :] < a[:, None]) | at_stop
+            token = torch.where(at_stop, out.token[:, None], draft)
+            by_teacher = at_stop
+            produced = a + out.from_teacher.long()
+        self._write(self.pos[:, None] + offsets, keep, token, by_teacher, out.divergence)
+        if ht is not None:
+            self._write_hidden(self.pos[:, None] + offsets, keep, ht)
         # `last` becomes the newest kept token; rows that produced nothing (finished) keep theirs.
         newest = token.gather(1, (produced - 1).clamp(min=0)[:, None])[:, 0]
         self.last.copy_(torch.where(produced > 0, newest, self.last))
@@ -353,7 +424,19 @@ class _Run:
             lengths=lengths,
             from_dataset=self.dataset_rows.clone(),
             prompt_length=input_ids.shape[1],
+            **self._teacher_states(valid),
         )
+
+    def _teacher_states(self, valid) -> dict:
+        """GenerationOutput's teacher_hidden_states / teacher_states_mask (return_teacher_states only)."""
+        if not self.record:
+            return {}
+        if self.hidden is None:  # no decode iteration ran (e.g. every row finished before the loop)
+            return {"teacher_hidden_states": None, "teacher_states_mask": torch.zeros_like(valid)}
+        ran = self.ran[:, : self.n] & valid
+        hidden = torch.where(ran[:, :, None], self.hidden[:, : self.n], torch.zeros((), dtype=self.hidden.dtype,
+                                                                                      device=self.device))
+        return {"teacher_hidden_states": hidden, "teacher_states_mask": ran}
 
 
 class _Graphs:
@@ -403,6 +486,8 @@ def generate(
     vocab_size: int | None = None,
     impl: str | None = None,
     tokenizer=None,
+    guidance: str = "step",
+    return_teacher_states: bool = False,
 ) -> GenerationOutput:
     """Generate responses for a batch of left-padded prompts under a distillation policy.
 
@@ -410,7 +495,8 @@ def generate(
         student, teacher: Hugging Face causal LMs sharing a tokenizer (any sizes / architectures); the
             model a policy does not use may be None (e.g. the student for `Teacher`).
         input_ids: int64 [B, P] left-padded prompts; attention_mask: [B, P] 0/1 (None: no padding).
-        policy: `Student`, `Teacher`, `Mixed`, `SKD` or `AdaSwitch` (default `AdaSwitch()`).
+        policy: `Student`, `Teacher`, `Mixed`, `SKD` or `AdaSwitch` (default `AdaSwitch()`), or one of
+            AdaSwitch's controls `FixedSwitch`, `RandomSwitch`.
         max_new_tokens: N, response length budget; prompt length + N must fit both models' positions.
         eos_token_id, pad_token_id: default to the models' config values; an error if neither has them.
         seed, example_keys: the counter-based RNG's seed and per-row keys (default: row index); pass
@@ -428,18 +514,40 @@ def generate(
         tokenizer: the tokenizer shared by student and teacher (optional): vocab_size defaults to
             len(tokenizer), eos_token_id and pad_token_id to the tokenizer's; an explicit vocab_size
             larger than len(tokenizer) is an error.
+        guidance: how the teacher writes its tokens. "step": one teacher draw per teacher forward (after
+            AdaSwitch's switch, and under Teacher). "speculative" (AdaSwitch and its controls, Teacher; needs
+            lookahead = G >= 1 and the student): the student keeps drafting G tokens per block and the teacher,
+            in its one forward, accepts each draft with probability min(1, p_T / p_S) and at the first
+            rejection draws from norm(max(0, p_T - p_S)) (`adaswitch.ops.fused_speculative`): every teacher
+            token still follows the teacher's sampling distribution (temperature / top_k / top_p), up to G
+            per teacher forward. Greedy teachers give exactly step mode's tokens; sampling teachers the
+            same distribution with other draws. SKD's lookahead already verifies G drafts per forward.
+        return_teacher_states: also return the teacher's last hidden states at every response position the
+            teacher ran on (`teacher_hidden_states`, `teacher_states_mask`), for a loss that would
+            otherwise run the teacher again.
 
     Returns:
         GenerationOutput (fixed shapes [B, P + N] / [B, N]).
     """
     policy = AdaSwitch() if policy is None else policy
     check_policy(policy)
+    if guidance not in GUIDANCES:
+        raise ValueError(f"guidance must be one of {GUIDANCES}, got {guidance!r}")
+    if not isinstance(return_teacher_states, bool):
+        raise TypeError(f"return_teacher_states must be a bool, got {type(return_teacher_states).__name__}")
+    guided = guidance == "speculative"
+    if guided and not isinstance(policy, (AdaSwitch, Teacher)):
+        raise ValueError(f"guidance='speculative' applies to the AdaSwitch and Teacher policies, got "
+                         f"{type(policy).__name__} (SKD's lookahead already scores G drafts per teacher forward)")
+    if guided and (not _is_int(lookahead) or lookahead < 1):
+        raise ValueError(f"guidance='speculative' drafts lookahead = G tokens per teacher forward: pass "
+                         f"lookahead >= 1, got {lookahead!r}")
     needs_student = isinstance(policy, (Student, SKD, AdaSwitch)) or (
-        isinstance(policy, Mixed) and policy.lmbda > 0)
+        isinstance(policy, Mixed) and policy.lmbda > 0) or guided
     _check_model("student", student, needs_student, policy)
     _check_model("teacher", teacher, policy.uses_teacher, policy)
     # Models that define the vocabulary and special ids (Mixed(0) runs none but may still get a student).
-    models = [m for m, used in ((student, policy.uses_student), (teacher, policy.uses_teacher))
+    models = [m for m, used in ((student, policy.uses_student or guided), (teacher, policy.uses_teacher))
               if used and m is not None]
     if not needs_student:
         student = None
@@ -451,9 +559,9 @@ def generate(
                              ("sync_every", sync_every, 1)):
         if not _is_int(value) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    if lookahead > 0 and not isinstance(policy, (AdaSwitch, SKD)):
-        raise ValueError("lookahead > 0 applies to the AdaSwitch and SKD policies, got "
-                         f"{type(policy).__name__}")
+    if lookahead > 0 and not isinstance(policy, (AdaSwitch, SKD)) and not guided:
+        raise ValueError("lookahead > 0 applies to the AdaSwitch and SKD policies (and Teacher with "
+                         f"guidance='speculative'), got {type(policy).__name__}")
     if not isinstance(cuda_graph, bool):
         raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
     rng.check_seed(seed)
@@ -521,13 +629,18 @@ def generate(
                              f"{getattr(completions, 'dtype', type(completions).__name__)} "
                              f"{tuple(getattr(completions, 'shape', ()))}")
         completions = completions.to(device)
+        if completions.numel() and bool(((completions < 0) | (completions >= vocab_size)).any()):
+            bad = completions[(completions < 0) | (completions >= vocab_size)][0]
+            raise ValueError(f"completions must hold token ids in [0, {vocab_size}) (the shared vocabulary, "
+                             f"right-padded with pad_token_id={pad}), got {int(bad)}"
+                             + (" (-100 is a label mask, not a token: pad with pad_token_id)" if bad == -100 else ""))
     elif completions is not None:
         raise ValueError(f"completions apply to the Mixed policy (lmbda < 1), not {type(policy).__name__}")
 
     # Flash-attn models get the cache's attention for the whole call, and their own back on any exit.
     with contextlib.ExitStack() as attention_scope:
         run = _Run(student, teacher, input_ids, mask, policy, max_new_tokens, eos, pad, seed, keys, lookahead,
-                   vocab_size, completions, impl, attention_scope)
+                   vocab_size, completions, impl, attention_scope, guidance, return_teacher_states)
         return _decode(run, policy, max_new_tokens, lookahead, sync_every, cuda_graph).finish(input_ids, mask)
 
 
@@ -560,7 +673,7 @@ def _decode(run: _Run, policy, max_new_tokens: int, lookahead: int, sync_every: 
                 break
             budget = max_new_tokens - new_least
             since_sync, progress, least = 0, new_least - least, new_least
-            if isinstance(policy, AdaSwitch):
+            if isinstance(policy, AdaSwitch) and not run.guided:
                 # A switched row gains one token per block, so the run needs as many iterations as in step
                 # mode, each costlier: step mode from here on; the student stops once all rows switched.
                 mode_block = mode_block and not any_switched

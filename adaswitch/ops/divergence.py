@@ -31,7 +31,7 @@ def token_divergence(
         student_logits, teacher_logits: float16/bfloat16/float32/float64 tensors of the same shape
             (..., V); -inf entries are allowed (masked vocabulary).
         kind: one of "forward_kl" (KL(p_T||p_S)), "reverse_kl", "jsd", "tvd", "skew_forward_kl",
-            "skew_reverse_kl" (SPEC.md section 1).
+            "skew_reverse_kl" (docs/spec.md section 1).
         beta: JSD weight (TRL convention: 0 gives forward KL, 1 reverse KL).
         alpha: skew weight of the skewed KLs.
         temperature: divides the logits before the softmax.

@@ -1,4 +1,4 @@
-"""`distill_loss`: the training loss of SPEC.md section 5, differentiable w.r.t. the student logits.
+"""`distill_loss`: the training loss of docs/spec.md section 5, differentiable w.r.t. the student logits.
 
 The forward pass computes each row's loss *and* the analytic gradient w.r.t. the student logits in one
 go (the Triton kernel in kernels/triton/loss.py, the native CPU op in kernels/csrc/loss.cpp, or a
@@ -71,7 +71,9 @@ def check_labels(labels, lead_shape, device, ignore_index) -> None:
 
 
 def check_num_items(num_items_in_batch, reduction, device) -> None:
-    """Python numbers must be > 0; a tensor must hold one value and is not read (a host sync)."""
+    """Python numbers and CPU tensors must be > 0 (reading a CPU tensor costs no device sync); a tensor on
+    an accelerator must hold one value and is not read (that would be a host sync): a value <= 0 there gives
+    a NaN loss (see `reduction_scale`)."""
     if num_items_in_batch is None:
         return
     if reduction != "mean":
@@ -86,6 +88,12 @@ def check_num_items(num_items_in_batch, reduction, device) -> None:
             raise ValueError(
                 f"num_items_in_batch must be on {device} or the CPU, got {num_items_in_batch.device}"
             )
+        if num_items_in_batch.dtype == torch.bool or num_items_in_batch.is_complex():
+            raise TypeError(f"num_items_in_batch must be a real number tensor, got {num_items_in_batch.dtype}")
+        if num_items_in_batch.device.type == "cpu":
+            value = float(num_items_in_batch.reshape(()))
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"num_items_in_batch must be > 0, got tensor({value!r})")
         return
     if (
         isinstance(num_items_in_batch, bool)
@@ -181,11 +189,13 @@ def loss_rows_and_grad(s, t, *, kind_code, beta, alpha, temperature, valid, scal
     code, w, log_w, log_1mw = kernel_kind(kind_code, beta, alpha)
     s = s if s.stride(-1) == 1 else s.contiguous()
     t = t if t.stride(-1) == 1 else t.contiguous()
-    if which == "native" and s.dtype != t.dtype:  # the native op takes one dtype; mixed pairs are rare
-        which = "torch"
     if which == "native":
-        rows, grad = native_ops().distill_loss_rows(s, t, valid, scale, code, w, temperature, want_grad)
-        return rows, (grad if want_grad else None)
+        # The native op takes one dtype: a mixed pair (e.g. bf16 student, fp32 teacher) runs at the wider
+        # one (the op accumulates in fp32 either way) and the gradient comes back in the student's dtype.
+        common = torch.promote_types(s.dtype, t.dtype)
+        rows, grad = native_ops().distill_loss_rows(s.to(common), t.to(common), valid, scale, code, w,
+                                                    temperature, want_grad)
+        return rows, (grad.to(s.dtype) if want_grad else None)
     out_dtype = torch.float64 if (s.dtype == torch.float64 and which == "torch") else torch.float32
     loss_rows = torch.empty(s.shape[0], dtype=out_dtype, device=s.device)
     grad = torch.empty_like(s) if want_grad else None
@@ -205,8 +215,9 @@ def reduction_scale(valid, n_rows, reduction, num_items_in_batch, device) -> tor
     if reduction != "mean":
         return torch.ones(1, dtype=torch.float32, device=device)
     if num_items_in_batch is not None:
-        if isinstance(num_items_in_batch, torch.Tensor):
-            return (1.0 / num_items_in_batch.to(device=device, dtype=torch.float32)).reshape(1)
+        if isinstance(num_items_in_batch, torch.Tensor):  # > 0 checked on the CPU; on a device: NaN if <= 0
+            n = num_items_in_batch.to(device=device, dtype=torch.float32).reshape(1)
+            return torch.where(n > 0, 1.0 / n, torch.full_like(n, math.nan))
         return torch.full((1,), 1.0 / float(num_items_in_batch), dtype=torch.float32, device=device)
     if valid is None:
         return torch.full((1,), 1.0 / max(n_rows, 1), dtype=torch.float32, device=device)
@@ -292,7 +303,7 @@ def distill_loss(
         student_logits, teacher_logits: (..., V) float16/bfloat16/float32/float64 tensors of one shape.
             The teacher is a constant (no gradient flows to it).
         kind: "forward_kl" (KL(p_T||p_S), default), "reverse_kl", "jsd", "tvd", "skew_forward_kl",
-            "skew_reverse_kl" (SPEC.md section 1), at `temperature` (no T^2 factor, like TRL).
+            "skew_reverse_kl" (docs/spec.md section 1), at `temperature` (no T^2 factor, like TRL).
         beta: JSD weight, TRL/Liger convention (0 = forward KL, 1 = reverse KL).
         alpha: skew weight of the skewed KLs.
         labels: optional integer tensor of the leading shape; positions equal to `ignore_index` count

@@ -1,4 +1,4 @@
-"""Counter-based random numbers (SPEC.md section 3) and Gumbel-max sampling.
+"""Counter-based random numbers (docs/spec.md section 3) and Gumbel-max sampling.
 
 Every draw is a pure function of (seed, example key, response position, stream, vocabulary index):
 no generator state, so a row's draws do not depend on batch composition, computation order, backend or
@@ -10,7 +10,9 @@ bit-identical on every backend.
 Uniforms take 23 bits: u = (k + 0.5) / 2^23, k = bits >> 9, which is exact in float32 and lies in the
 open interval (0, 1) (24 bits would need 25 mantissa bits to stay off 0 and 1).
 
-Streams: 0 the student's draw, 1 the teacher's draw, 2 the Mixed policy's per-sequence coin.
+Streams: 0 the student's draw, 1 the teacher's draw, 2 the Mixed policy's per-sequence coin, 4 the
+RandomSwitch control's per-sequence switch position; 3 and 5 the speculative guidance's acceptance
+uniform and residual draw (adaswitch.ops.speculative).
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ import torch
 STREAM_STUDENT = 0
 STREAM_TEACHER = 1
 STREAM_MIXED = 2
+STREAM_ACCEPT = 3
+STREAM_RESIDUAL = 5
+STREAM_SWITCH = 4
 
 MASK32 = 0xFFFFFFFF
 _M1 = 0x85EBCA6B  # murmur3 fmix32 multipliers
@@ -111,6 +116,13 @@ def mixed_coin(seed: int, keys: torch.Tensor, lmbda: float) -> torch.Tensor:
     zero = torch.zeros_like(keys, dtype=torch.int64)
     u = bits_to_uniform(element_bits(row_hash(seed, keys, zero, STREAM_MIXED), zero))
     return u < lmbda
+
+
+def switch_draw(seed: int, keys: torch.Tensor) -> torch.Tensor:
+    """The RandomSwitch control's per-sequence uniform: float32 [B], u(seed, key, position 0, stream 4,
+    index 0)."""
+    zero = torch.zeros_like(keys, dtype=torch.int64)
+    return bits_to_uniform(element_bits(row_hash(seed, keys, zero, STREAM_SWITCH), zero))
 
 
 def filter_threshold(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

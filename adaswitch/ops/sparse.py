@@ -7,7 +7,7 @@ one tail bucket holding everything else.
            log(max(1 - sum of the k probabilities, 0)).
   student: p_S = softmax(student_logits / T) over the full vocabulary, summed into the same buckets
            (tail = log of the student's mass outside the k ids, computed by a masked log-sum-exp).
-The chosen divergence (SPEC.md section 1) is then taken between the two (k + 1)-bucket distributions.
+The chosen divergence (docs/spec.md section 1) is then taken between the two (k + 1)-bucket distributions.
 With k = V every bucket is one token and the tail is empty, so the loss equals the dense loss. The
 teacher log-probs must be at the loss temperature (`topk_teacher_logprobs` builds them so).
 

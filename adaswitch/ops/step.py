@@ -1,5 +1,5 @@
 """The fused per-token step of the mixed decoding engine: one call per generated position decides, on the
-device, every row's next token under a generation policy (SPEC.md sections 2-4) and updates the rows'
+device, every row's next token under a generation policy (docs/spec.md sections 2-4) and updates the rows'
 switching state. `fused_lookahead` does the same for G drafted positions at once (lookahead mode).
 
 Dispatch: the Triton kernel (kernels/triton/step.py), the native CPU path (the draws by the fused C++ op
@@ -20,7 +20,7 @@ from adaswitch._backend import native_ops, resolve_impl
 from adaswitch._validation import FLOAT_DTYPES
 from adaswitch.ops import rng
 from adaswitch.ops.divergence import token_divergence
-from adaswitch.policies import SKD, AdaSwitch, Mixed, Student, Teacher, check_policy
+from adaswitch.policies import SCHEDULED, SKD, AdaSwitch, Mixed, Student, Teacher, check_policy
 
 
 @dataclass
@@ -29,7 +29,9 @@ class SwitchState:
 
     window: float32 [B, L] ring of the row's most recent exploration divergences (slot count % L next);
     count: int64 [B] divergences pushed so far; switched: bool [B]; switch_pos: int64 [B] response
-    position of the switch (-1 if none); finished: bool [B] (the row has emitted EOS).
+    position of the switch (-1 if none); finished: bool [B] (the row has emitted EOS); switch_at: int64
+    [B], the scheduled controls' (FixedSwitch, RandomSwitch) switch position per row, set from the
+    policy, seed and keys by the first step (None until then, and for every other policy).
     """
 
     window: torch.Tensor
@@ -37,6 +39,7 @@ class SwitchState:
     switched: torch.Tensor
     switch_pos: torch.Tensor
     finished: torch.Tensor
+    switch_at: torch.Tensor | None = None
 
     @classmethod
     def new(cls, batch: int, window: int = 1, device: torch.device | str | None = None) -> SwitchState:
@@ -81,6 +84,8 @@ class LookaheadOutput:
 
 
 # ----------------------------------------------------------------------------------------------- checks
+
+NO_EOS = -1  # eos_token_id for "no EOS token": rows never finish
 
 def _check_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
@@ -132,6 +137,11 @@ def _check_inputs(student_logits, teacher_logits, policy, state, keys, position,
         if x is not None:
             _check_logits(name, x, lead, vocab, device)
             vocab, device = x.shape[-1], x.device
+    if not (0 <= eos < vocab or eos == NO_EOS):
+        raise ValueError(f"eos_token_id must be a token id in [0, {vocab}) (the logits' vocabulary) or {NO_EOS} "
+                         f"(no EOS), got {eos}")
+    if not 0 <= pad < vocab:
+        raise ValueError(f"pad_token_id must be a token id in [0, {vocab}) (the logits' vocabulary), got {pad}")
     batch = lead[0]
     _check_rows("keys", keys, (batch,), device)
     _check_rows("position", position, (batch,), device)
@@ -191,13 +201,30 @@ def _divergence(student_logits, teacher_logits, policy: AdaSwitch, native=False)
                                      dtype=torch.float32)
 
 
+def schedule(policy, state: SwitchState, seed: int, keys: torch.Tensor) -> None:
+    """Sets state.switch_at for the scheduled controls (once per state: the engine calls it before its
+    loop, so that no host-to-device copy happens inside a captured CUDA graph)."""
+    if isinstance(policy, SCHEDULED) and state.switch_at is None:
+        state.switch_at = policy.switch_at(seed, keys).to(device=keys.device, dtype=torch.int64)
+
+
 def _switch_rule(d, state: SwitchState, policy: AdaSwitch, explore, position):
-    """SPEC section 2 steps 2-4 for one position: returns the rows that switch; updates `state`."""
+    """The switching rule (docs/spec.md section 2.1) for one position: returns the rows that switch; updates `state`.
+
+    AdaSwitch: relative trigger (>= max(L, W) divergences held, d > K x their mean, d >= F), absolute
+    trigger (d > A) or d = +inf; the scheduled controls: position >= switch_at. A NaN d never switches;
+    only finite d are pushed (the window holds finite values only)."""
     length = policy.window
-    eligible = state.count >= policy.min_history
-    tau = policy.k * (state.window.double().sum(-1) / length)
-    switch = explore & eligible & (d.double() > tau) & (d.double() >= policy.min_divergence)
-    push = explore & ~switch
+    if isinstance(policy, SCHEDULED):
+        fire = position >= state.switch_at
+    else:
+        dd = d.double()
+        eligible = state.count >= policy.min_history
+        tau = policy.k * (state.window.double().sum(-1) / length)
+        relative = eligible & (dd > tau) & (dd >= policy.min_divergence)
+        fire = relative | (dd > policy.max_divergence) | (dd == math.inf)
+    switch = explore & fire
+    push = explore & ~switch & torch.isfinite(d)
     slot = (state.count % length)[:, None]
     old = state.window.gather(1, slot)
     state.window.scatter_(1, slot, torch.where(push[:, None], d[:, None], old))
@@ -304,7 +331,8 @@ def fused_step(student_logits, teacher_logits, policy, state: SwitchState, *, se
         state: the rows' SwitchState (window of AdaSwitch's L columns).
         seed, keys: the RNG's seed and each row's example key (int64 [B]).
         position: int64 [B], each row's response index i (the RNG counter and the switch position).
-        eos_token_id: a row that emits it finishes; pad_token_id: what finished rows emit.
+        eos_token_id: a row that emits it finishes (-1: no EOS, rows never finish); pad_token_id: what
+            finished rows emit. Both are checked against the vocabulary [0, V).
         impl: "auto" (Triton on CUDA, the native op on CPU when built, else PyTorch), "triton", "native"
             or "torch".
 
@@ -318,6 +346,7 @@ def fused_step(student_logits, teacher_logits, policy, state: SwitchState, *, se
         raise ValueError(f"logits must be [B, V] tensors, got {getattr(ref, 'shape', type(ref).__name__)}")
     _check_inputs(student_logits, teacher_logits, policy, state, keys, position, (ref.shape[0],), seed,
                   eos_token_id, pad_token_id)
+    schedule(policy, state, seed, keys)
     which = _impl(impl, ref.device)
     if which == "triton":
         from adaswitch.kernels.triton.step import fused_step_triton
@@ -367,6 +396,7 @@ def fused_lookahead(student_logits, teacher_logits, draft, policy, state: Switch
         raise ValueError(f"draft must be an int64 tensor of shape {(batch, g)}, got {got}")
     if draft.device != teacher_logits.device:
         raise ValueError(f"draft must be on {teacher_logits.device}, got {draft.device}")
+    schedule(policy, state, seed, keys)
     which = _impl(impl, teacher_logits.device)
     if which == "triton":
         from adaswitch.kernels.triton.step import fused_lookahead_triton

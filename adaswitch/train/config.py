@@ -2,7 +2,7 @@
 
 Being a TrainingArguments subclass is what brings accelerate (multi-process DDP), checkpoints, resume,
 logging and `report_to`; the fields below add the generation policy, the per-model sampling
-settings and the loss (SPEC.md sections 2 and 5). Fields are documented TRL-style through
+settings and the loss (docs/spec.md sections 2 and 5). Fields are documented TRL-style through
 `metadata={"help": ...}`, so `HfArgumentParser` and the `adaswitch distill` command show them.
 """
 
@@ -15,8 +15,11 @@ from transformers import TrainingArguments
 
 from adaswitch._validation import KINDS
 
-POLICY_NAMES = ("student", "teacher", "dataset", "mixed", "skd", "adaswitch")
+POLICY_NAMES = ("student", "teacher", "dataset", "mixed", "skd", "adaswitch", "fixed_switch", "random_switch")
+# AdaSwitch and its two controls (the switch without the divergence test): the policies with a switch.
+SWITCH_POLICIES = ("adaswitch", "fixed_switch", "random_switch")
 TOKEN_MASKS = ("all", "student", "teacher")
+GUIDANCES = ("step", "speculative")
 # The policies whose responses come (at least partly) from the dataset's `completion` column.
 POLICIES_USING_COMPLETIONS = ("dataset", "mixed")
 
@@ -38,12 +41,17 @@ class DistillConfig(TrainingArguments):
         policy (`str`, defaults to `"adaswitch"`): where the response tokens come from: `"student"`
             (on-policy), `"teacher"` (sequence-level KD), `"dataset"` (the dataset's completions),
             `"mixed"` (per sequence the student with probability `lmbda`, else the dataset), `"skd"`
-            (speculative KD) or `"adaswitch"` (the student until its divergence spikes, then the teacher).
-        lmbda, skd_top_k, window, k, switch_divergence, warmup, min_divergence, switch_temperature:
-            the parameters of those policies (see each field's help).
+            (speculative KD), `"adaswitch"` (the student until its divergence spikes, then the teacher),
+            or AdaSwitch's controls without the divergence test: `"fixed_switch"` (the student writes
+            `switch_position` tokens, default the warm-up) and `"random_switch"` (each sequence switches
+            at a position drawn from `switch_positions` / `switch_weights`).
+        lmbda, skd_top_k, window, k, switch_divergence, warmup, min_divergence, max_divergence,
+        switch_temperature, switch_position, switch_positions, switch_weights: the parameters of those
+            policies (see each field's help).
 
     Parameters that control sampling: `student_temperature`, `student_top_k`, `student_top_p` and the
-    same three for the teacher; `max_new_tokens`, `lookahead`, `sync_every`, `max_prompt_length`.
+    same three for the teacher; `max_new_tokens`, `lookahead`, `guidance`, `sync_every`,
+    `max_prompt_length`; `reuse_teacher_states` (the loss takes the teacher's states from generation).
 
     Parameters that control the loss: `loss_kind`, `beta`, `alpha`, `loss_temperature`, `token_mask`.
     """
@@ -92,6 +100,28 @@ class DistillConfig(TrainingArguments):
     min_divergence: float = field(
         default=0.0, metadata={"help": "adaswitch: F, a spike must also reach this divergence (>= 0)."}
     )
+    max_divergence: float = field(
+        default=math.inf,
+        metadata={
+            "help": "adaswitch: A, absolute trigger: also switch as soon as the divergence exceeds A, warm-up "
+            "included, whatever the moving average says (inf = off)."
+        },
+    )
+    switch_position: int | None = field(
+        default=None,
+        metadata={"help": "fixed_switch: the response position of the switch (default: the warm-up max(L, W))."},
+    )
+    switch_positions: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "random_switch: candidate switch positions (-1 = never), e.g. AdaSwitch's observed ones; "
+            "required by random_switch."
+        },
+    )
+    switch_weights: list[float] | None = field(
+        default=None,
+        metadata={"help": "random_switch: one weight per switch position (default: uniform)."},
+    )
     switch_temperature: float = field(
         default=1.0,
         metadata={
@@ -116,8 +146,26 @@ class DistillConfig(TrainingArguments):
     lookahead: int = field(
         default=0,
         metadata={
-            "help": "Lookahead for adaswitch and skd: the student drafts this many tokens which the "
-            "teacher scores in one forward (0 = token by token). Same tokens either way."
+            "help": "Lookahead G: the student drafts G tokens which the teacher scores in one forward (adaswitch "
+            "and its controls, skd; teacher with speculative guidance); 0 = token by token. Same tokens as "
+            "token by token."
+        },
+    )
+    guidance: str = field(
+        default="step",
+        metadata={
+            "help": "How the teacher writes its tokens (adaswitch and its controls after the switch, teacher): "
+            "'step', one token per teacher forward; 'speculative', the teacher verifies the student's drafts, "
+            "up to `lookahead` teacher tokens per forward, each distributed as the teacher's own draw (greedy "
+            "teachers: the same tokens). 'speculative' needs lookahead >= 1.",
+            "choices": ("step", "speculative"),
+        },
+    )
+    reuse_teacher_states: bool = field(
+        default=True,
+        metadata={
+            "help": "Feed the loss the teacher's hidden states from generation instead of a second teacher "
+            "forward, when the teacher ran on every loss position and the fused LM-head loss applies."
         },
     )
     sync_every: int = field(
@@ -198,6 +246,21 @@ class DistillConfig(TrainingArguments):
             or self.min_divergence < 0
         ):
             raise ValueError(f"min_divergence must be a finite number >= 0, got {self.min_divergence!r}")
+        if not _is_number(self.max_divergence) or math.isnan(self.max_divergence) or self.max_divergence < 0:
+            raise ValueError(f"max_divergence must be a number >= 0 (inf = off), got {self.max_divergence!r}")
+        if self.switch_position is not None and (not _is_int(self.switch_position) or self.switch_position < 0):
+            raise ValueError(f"switch_position must be None or an int >= 0, got {self.switch_position!r}")
+        if self.policy == "random_switch" and not self.switch_positions:
+            raise ValueError("switch_positions is required by policy 'random_switch' (e.g. AdaSwitch's observed "
+                             "switch positions; -1 = never)")
+        if self.switch_positions is not None or self.switch_weights is not None:
+            from adaswitch.policies import RandomSwitch
+
+            try:
+                RandomSwitch(positions=tuple(self.switch_positions or (0,)),
+                             weights=None if self.switch_weights is None else tuple(self.switch_weights))
+            except ValueError as exc:
+                raise ValueError(f"switch_positions / switch_weights: {exc}") from None
         for name in ("switch_temperature", "loss_temperature"):
             value = getattr(self, name)
             if not _is_number(value) or not math.isfinite(value) or value <= 0:
@@ -216,9 +279,23 @@ class DistillConfig(TrainingArguments):
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if not _is_int(self.lookahead) or self.lookahead < 0:
             raise ValueError(f"lookahead must be an int >= 0 (0 = token by token), got {self.lookahead!r}")
-        if self.lookahead > 0 and self.policy not in ("adaswitch", "skd"):
+        if self.guidance not in GUIDANCES:
+            raise ValueError(f"guidance must be one of {GUIDANCES}, got {self.guidance!r}")
+        if self.guidance == "speculative":
+            if self.policy not in (*SWITCH_POLICIES, "teacher"):
+                raise ValueError(
+                    f"guidance='speculative' applies to policies {SWITCH_POLICIES} and 'teacher', got "
+                    f"policy={self.policy!r} (skd's lookahead already scores G drafts per teacher forward)"
+                )
+            if self.lookahead < 1:
+                raise ValueError("guidance='speculative' drafts `lookahead` tokens per teacher forward: "
+                                 "set lookahead >= 1")
+        if not isinstance(self.reuse_teacher_states, bool):
+            raise ValueError(f"reuse_teacher_states must be a bool, got {self.reuse_teacher_states!r}")
+        guided_teacher = self.policy == "teacher" and self.guidance == "speculative"
+        if self.lookahead and self.policy not in (*SWITCH_POLICIES, "skd") and not guided_teacher:
             raise ValueError(
-                f"lookahead applies to policies 'adaswitch' and 'skd', got lookahead={self.lookahead} with "
+                f"lookahead applies to policies {SWITCH_POLICIES} and 'skd', got lookahead={self.lookahead} with "
                 f"policy={self.policy!r}"
             )
         if self.max_prompt_length is not None and (
@@ -258,7 +335,16 @@ class DistillConfig(TrainingArguments):
 
         Returns None for `policy="dataset"`, which generates nothing: the responses are the dataset's.
         """
-        from adaswitch.policies import SKD, AdaSwitch, Mixed, Sampling, Student, Teacher
+        from adaswitch.policies import (
+            SKD,
+            AdaSwitch,
+            FixedSwitch,
+            Mixed,
+            RandomSwitch,
+            Sampling,
+            Student,
+            Teacher,
+        )
 
         student = Sampling(self.student_temperature, self.student_top_k, self.student_top_p)
         teacher = Sampling(self.teacher_temperature, self.teacher_top_k, self.teacher_top_p)
@@ -272,15 +358,22 @@ class DistillConfig(TrainingArguments):
             return Mixed(lmbda=float(self.lmbda), sampling=student)
         if self.policy == "skd":
             return SKD(top_k=self.skd_top_k, student_sampling=student, teacher_sampling=teacher)
-        return AdaSwitch(
+        common = dict(
             window=self.window,
             k=float(self.k),
             divergence=self.switch_divergence,
             warmup=self.warmup,
             min_divergence=float(self.min_divergence),
+            max_divergence=float(self.max_divergence),
             divergence_temperature=float(self.switch_temperature),
             beta=float(self.beta),
             alpha=float(self.alpha),
             student_sampling=student,
             teacher_sampling=teacher,
         )
+        if self.policy == "fixed_switch":
+            return FixedSwitch(position=self.switch_position, **common)
+        if self.policy == "random_switch":
+            weights = None if self.switch_weights is None else tuple(float(w) for w in self.switch_weights)
+            return RandomSwitch(positions=tuple(self.switch_positions), weights=weights, **common)
+        return AdaSwitch(**common)

@@ -8,6 +8,7 @@ template is applied. Every bad row is reported by its index, before any training
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,6 +49,8 @@ def load_prompt_completion(
             )
         if not path.is_file():
             raise ValueError(f"{name}: file not found: {str(path)!r}")
+        if _blank(path):
+            raise ValueError(f"{name}: {str(path)!r} is empty (no rows)")
         try:
             dataset = reader(str(path))
         except Exception as exc:  # pyarrow / json errors are long; keep the first line
@@ -64,6 +67,33 @@ def load_prompt_completion(
     if len(dataset) == 0:
         raise ValueError(f"{name}: has no rows")
     return dataset
+
+
+def check_output_file(path, *, name: str = "output_path") -> Path:
+    """The path a results file will be written to, checked before any work: not an existing directory, and
+    its nearest existing ancestor a writable directory (missing parents are created when writing)."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise TypeError(f"{name} must be a file path, got {path!r}")
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ValueError(f"{name}: {str(p)!r} is a directory; give the path of a file to write")
+    parent = p.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{name}: cannot create {str(p)!r}: {str(parent)!r} is a file, not a directory")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"{name}: cannot write {str(p)!r}: {str(parent)!r} is not writable")
+    return p
+
+
+def _blank(path: Path) -> bool:
+    """Whether a file holds nothing but whitespace (read until the first other byte)."""
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
 
 
 def _is_messages(value) -> bool:
@@ -91,6 +121,25 @@ def _template_ids(tokenizer, messages, *, add_generation_prompt: bool) -> list[i
     return list(out)
 
 
+@contextlib.contextmanager
+def _naming_row(name: str, row: int, column: str):
+    """Turns a tokenizer's failure on one row (e.g. a character a word-level vocabulary without an unknown
+    token cannot encode) into a ValueError naming the dataset, the row and the column."""
+    try:
+        yield
+    except ValueError as exc:
+        if str(exc).startswith(f"{name}: row "):
+            raise
+        raise ValueError(f"{name}: row {row}: the tokenizer cannot encode the {column}: {_first_line(exc)}") from exc
+    except Exception as exc:  # tokenizers raise plain Exception (e.g. "WordLevel error: Missing [UNK] token")
+        raise ValueError(f"{name}: row {row}: the tokenizer cannot encode the {column}: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def encode_example(tokenizer, prompt, completion=None, *, row: int, name: str = "dataset"):
     """(prompt_ids, completion_ids) of one row; completion_ids ends with EOS (None without a completion).
 
@@ -108,10 +157,11 @@ def encode_example(tokenizer, prompt, completion=None, *, row: int, name: str = 
     chat = _is_messages(prompt)
     if chat and getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(f"{name}: row {row} holds chat messages but the tokenizer has no chat template")
-    if chat:
-        prompt_ids = _template_ids(tokenizer, prompt, add_generation_prompt=True)
-    else:
-        prompt_ids = list(tokenizer(prompt)["input_ids"])
+    with _naming_row(name, row, "prompt"):
+        if chat:
+            prompt_ids = _template_ids(tokenizer, prompt, add_generation_prompt=True)
+        else:
+            prompt_ids = list(tokenizer(prompt)["input_ids"])
     if completion is None:
         return prompt_ids, None
     eos = tokenizer.eos_token_id
@@ -120,7 +170,8 @@ def encode_example(tokenizer, prompt, completion=None, *, row: int, name: str = 
             completion = [{"role": "assistant", "content": completion}]
         if not _is_messages(completion):
             raise ValueError(f"{name}: row {row}: completion must be a string or a list of chat messages")
-        full = _template_ids(tokenizer, prompt + completion, add_generation_prompt=False)
+        with _naming_row(name, row, "completion"):
+            full = _template_ids(tokenizer, prompt + completion, add_generation_prompt=False)
         if full[: len(prompt_ids)] != prompt_ids:
             raise ValueError(
                 f"{name}: row {row}: the chat template does not render the prompt as a prefix of "
@@ -133,7 +184,8 @@ def encode_example(tokenizer, prompt, completion=None, *, row: int, name: str = 
                 f"{name}: row {row}: completion must be a string when the prompt is a string, got "
                 f"{type(completion).__name__}"
             )
-        completion_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
+        with _naming_row(name, row, "completion"):
+            completion_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
     if eos is not None and (not completion_ids or completion_ids[-1] != eos):
         completion_ids.append(eos)
     return prompt_ids, completion_ids

@@ -1,10 +1,13 @@
 """`Distiller`: a `transformers.Trainer` that distils a teacher into the student with a generation policy.
 
-Each training step (SPEC.md sections 2 and 5):
+Each training step (docs/spec.md sections 2 and 5):
 1. the responses: generated with the policy by `adaswitch.generate` (student in eval mode, no grad,
    random draws keyed by the dataset index so a row's tokens do not depend on its batch), or the
    dataset's completions (`policy="dataset"`, and the dataset rows of `mixed`);
-2. one forward of the student (with grad) and of the teacher (no grad) over prompt + response;
+2. one forward of the student (with grad) over prompt + response; the teacher's side of the loss is the
+   teacher's last hidden states that generation already computed (`reuse_teacher_states`: the policy ran
+   the teacher on every loss position, in eval mode on the same prefix, and the fused LM-head loss forms
+   its logits from them), else one teacher forward (no grad) over prompt + response;
 3. the loss over the response tokens: `fused_linear_distill_loss` from the last hidden states and the
    LM-head weights (no [N, V] logits kept) when, for both models, it forms the model's own logits (a
    linear LM head with a known logit scale / softcap, checked once against a real forward at
@@ -13,17 +16,9 @@ Each training step (SPEC.md sections 2 and 5):
 4. Trainer's backward and optimizer step (so accelerate's DDP, gradient accumulation, mixed precision,
    checkpoints, resume and `report_to` all apply).
 
-FSDP2 (`fsdp=True`): accelerate shards the student only; generation runs inside `full_weights`, which
-gathers its weights; the teacher is replicated on every process; the loss takes the student's logits,
-since the LM-head weight is a shard outside the forward. FSDP1 is refused.
-
-DeepSpeed ZeRO stage 2 or 3 (`deepspeed=` a config): the engine wraps the student only. ZeRO-2 keeps full
-weights on every process, so nothing changes. ZeRO-3 partitions the student: generation runs inside
-DeepSpeed's `unwrap_model_for_generation` (gathers the weights once and removes the engine's per-module
-hooks, which would otherwise re-gather in every forward, a collective that processes whose rows stop early
-would leave waiting), and the loss takes the student's logits (the LM-head weight is a partition outside the
-forward). A teacher created under ZeRO-3's `zero.Init` (e.g. `from_pretrained` after the config) stays
-partitioned at rest and is gathered for each step. Stages 0 and 1 are refused (untested).
+FSDP2 (`fsdp=True`) and DeepSpeed ZeRO-2 / ZeRO-3 (`deepspeed=`): the student alone is sharded, generation
+runs on its gathered weights, the loss takes the logits; see adaswitch/train/distributed.py. Checkpoints are
+published atomically: adaswitch/train/checkpoint.py.
 
 Normalisation: the loss is the mean over the valid response tokens of the whole micro-batch across all
 processes (so N processes give the loss and gradients of one process on the same global batch);
@@ -50,7 +45,8 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
-from adaswitch.train.config import DistillConfig
+from adaswitch.train.checkpoint import STAGING_PREFIX, publish, recover
+from adaswitch.train.config import SWITCH_POLICIES, DistillConfig
 from adaswitch.train.data import (
     DistillCollator,
     check_same_tokenizer,
@@ -59,9 +55,16 @@ from adaswitch.train.data import (
     saved_tokenizers,
     tokenize_dataset,
 )
+from adaswitch.train.distributed import (  # FSDP2 / DeepSpeed ZeRO plumbing
+    _zero3_partitioned,
+    check_enabled,
+    check_parallelism,
+    full_weights,
+    gathered,
+    zero3_full_weights,
+)
 
 IGNORE_INDEX = -100
-STAGING_PREFIX = ".staging-"  # checkpoints are written under this name, then renamed
 
 logger = logging.get_logger(__name__)
 
@@ -74,93 +77,9 @@ def _vocab_size(model) -> int:
     return getattr(head.weight, "ds_shape", head.weight.shape)[0]
 
 
-def _zero3_partitioned(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters under DeepSpeed ZeRO-3 (partitioned: empty outside a gather unless below the persistence
-    threshold), or []."""
-    return [p for p in model.parameters() if hasattr(p, "ds_id")]
-
-
-@contextlib.contextmanager
-def zero3_full_weights(engine):
-    """Gives a DeepSpeed ZeRO-3 engine's model its full weights on every process for the duration of the block
-    and removes the engine's per-module hooks meanwhile (DeepSpeed's `unwrap_model_for_generation`), so
-    generation runs without a collective per forward; an engine without ZeRO-3 hooks is only gathered."""
-    import deepspeed
-    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
-
-    if getattr(engine, "optimizer", None) is None:  # no ZeRO-3 optimizer or offload: no hooks to remove
-        with deepspeed.zero.GatheredParameters(_zero3_partitioned(engine)):
-            yield engine
-    else:
-        with unwrap_model_for_generation(engine):
-            yield engine
-
-
-@contextlib.contextmanager
-def gathered(model: nn.Module):
-    """Full weights of a module partitioned by ZeRO-3's `zero.Init` that no engine manages (the teacher), for
-    the block; any other module is left as is."""
-    params = _zero3_partitioned(model)
-    if not params:
-        yield model
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params):
-        yield model
-
-
 def _linear_head(model) -> nn.Linear | None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return head if isinstance(head, nn.Linear) else None
-
-
-@contextlib.contextmanager
-def full_weights(model: nn.Module):
-    """Gives an FSDP2-sharded model (`torch.distributed.fsdp.fully_shard`) its full weights on every process
-    for the duration of the block, and shards them back after; any other model is left as is.
-
-    Generation needs this: without it every forward all-gathers the weights again, and a process whose
-    rows stop early would leave the others waiting in that collective; the prefill also calls the
-    decoder directly, outside the root module's hooks that gather the root's own parameters. Each
-    module's reshard-after-forward setting is turned off inside the block and restored after (torch has
-    setters for it but no getters, so the previous values are read from FSDP's state)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    states, modules = {}, []
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
-            state = m._get_fsdp_state()
-            if id(state) not in states:  # fully_shard([a, b]) gives several modules one state
-                states[id(state)] = state
-                modules.append(m)
-    if not modules:
-        yield model
-        return
-    # The root must be initialised by FSDP before any submodule runs (the prefill enters at the decoder):
-    # that is what the root's first forward does; the first module in pre-order is the root.
-    states[id(modules[0]._get_fsdp_state())]._lazy_init()
-    saved = [(state, state._auto_reshard_after_forward, _param_groups(state)) for state in states.values()]
-    saved = [(state, auto, [(g, g.post_forward_mesh_info) for g in groups]) for state, auto, groups in saved]
-    try:
-        for m in modules:
-            m.set_reshard_after_forward(False, recurse=False)
-            m.unshard()
-        yield model
-    finally:
-        for m in modules:
-            m.reshard()
-        for state, auto, groups in saved:
-            state._auto_reshard_after_forward = auto
-            for group, info in groups:
-                group.post_forward_mesh_info = info
-
-
-def _param_groups(state) -> list:
-    """An FSDP2 state's parameter groups (recent torch keeps a list; older versions one group or None)."""
-    if hasattr(state, "_fsdp_param_groups"):
-        return list(state._fsdp_param_groups)
-    return [state._fsdp_param_group] if state._fsdp_param_group is not None else []
 
 
 def _accepts(model, name: str) -> bool:
@@ -404,18 +323,7 @@ class Distiller(Trainer):
             raise ValueError(
                 "train_dataset is required: a datasets.Dataset or a .jsonl/.json/.parquet/.csv path"
             )
-        if args.deepspeed:
-            ds = args.hf_deepspeed_config
-            if not (ds.is_zero2() or ds.is_zero3()):
-                raise ValueError(
-                    "deepspeed: Distiller supports ZeRO stage 2 and 3 (zero_optimization.stage), got stage "
-                    f"{ds.get_value('zero_optimization.stage', 0)!r}; stages 0 and 1 are untested"
-                )
-        if args.fsdp and (args.fsdp_plugin_args or {}).get("fsdp_version", 2) != 2:
-            raise ValueError(
-                "fsdp_config['version'] must be 2: Distiller supports FSDP2 (transformers' default; FSDP1 "
-                "is deprecated there)"
-            )
+        check_parallelism(args)
         # One tokenizer: the given ones and those saved with the models must have one vocabulary.
         named = [("processing_class", processing_class)]
         if teacher_processing_class is not None:
@@ -457,23 +365,7 @@ class Distiller(Trainer):
             optimizers=optimizers,
             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
         )
-        if args.fsdp and not self.is_fsdp_enabled:
-            # accelerate (1.15) turns FSDP on only for accelerator devices: on CPU processes it would
-            # silently run plain DDP instead.
-            raise ValueError(
-                f"fsdp=True but accelerate did not enable FSDP on {self.accelerator.device.type} "
-                f"({self.accelerator.distributed_type}); FSDP needs GPUs (torchrun --nproc_per_node N on CUDA "
-                "devices). For CPU or one device, leave fsdp unset (DDP under torchrun)"
-            )
-        if args.deepspeed and not self.is_deepspeed_enabled:
-            # accelerate drops the DeepSpeed plugin when told to run on the CPU (Accelerator(cpu=True)); the
-            # run would silently be plain DDP.
-            raise ValueError(
-                f"deepspeed is set but accelerate did not enable DeepSpeed ({self.accelerator.distributed_type} "
-                f"on {self.accelerator.device.type}): accelerate drops it when told to use the CPU (`accelerate "
-                "launch --cpu`, ACCELERATE_USE_CPU=true); launch with torchrun or the deepspeed launcher instead, "
-                "or leave deepspeed unset"
-            )
+        check_enabled(args, self.accelerator, self.is_fsdp_enabled, self.is_deepspeed_enabled)
         # The loss is normalised here (per token over the micro-batch), so Trainer divides it by the number
         # of accumulation steps; compute_loss flips this when Trainer passes num_items_in_batch.
         self.loss_is_scaled_for_ga = False
@@ -487,6 +379,9 @@ class Distiller(Trainer):
             teacher_model, device_placement=True, evaluation_mode=True
         )
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        # Training rows per switch position (index p + 1; index 0: no switch), summed over processes, for the
+        # switch policies: e.g. the distribution a RandomSwitch control draws from.
+        self.switch_position_counts = [0] * (args.max_new_tokens + 1)
         self._last_generation_seconds = 0.0
         self._last_tokens = 0.0
         self._check_fused_heads()
@@ -554,6 +449,9 @@ class Distiller(Trainer):
                     extra["completions"] = inputs["completion_ids"]
                 if self.args.lookahead > 0:
                     extra["lookahead"] = self.args.lookahead
+                    extra["guidance"] = self.args.guidance
+                if self._reuses_teacher(model):
+                    extra["return_teacher_states"] = True
                 out = generate(
                     student,
                     self.teacher_model,
@@ -629,6 +527,27 @@ class Distiller(Trainer):
         teacher = self.accelerator.unwrap_model(self.teacher_model)
         return all(_linear_head(m) is not None and _accepts(m, "logits_to_keep") for m in (student, teacher))
 
+    def _reuses_teacher(self, model) -> bool:
+        """Whether generation returns the teacher's last hidden states for the loss: `reuse_teacher_states`,
+        a policy that runs the teacher, and the fused LM-head loss (which forms the teacher's logits from
+        those states with its checked logit processing, exactly as from a second forward's)."""
+        return bool(
+            self.args.reuse_teacher_states
+            and self.policy is not None
+            and self.policy.uses_teacher
+            and self._use_fused(model)
+        )
+
+    @staticmethod
+    def _generated_teacher_states(gen, keep):
+        """The teacher's states from generation [B, N, H] when they cover every loss position (`keep`), else
+        None (one host read)."""
+        if gen is None or gen.teacher_hidden_states is None or gen.teacher_states_mask is None:
+            return None
+        if bool((keep & ~gen.teacher_states_mask.to(keep.device)).any()):
+            return None
+        return gen.teacher_hidden_states
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         from adaswitch.ops import distill_loss, fused_linear_distill_loss
 
@@ -665,17 +584,23 @@ class Distiller(Trainer):
         fused = self._use_fused(model)
         teacher_positions = positions.to(next(self.teacher_model.parameters()).device)
         s_out, s_head = self._forward(model, ids, mask, positions, fused=fused)
-        with torch.no_grad(), gathered(self.teacher_model):
-            t_out, t_head = self._forward(
-                self.teacher_model,
-                ids.to(teacher_positions.device),
-                mask.to(teacher_positions.device),
-                teacher_positions,
-                fused=fused,
-            )
         # Position j predicts token j + 1: response token i is predicted at position width - 1 + i.
         s_sel = s_out[:, width - 1 : width - 1 + n]
-        t_sel = t_out[:, width - 1 : width - 1 + n].to(s_sel.device)
+        reused = self._generated_teacher_states(gen, keep) if fused else None
+        self._metrics[mode]["teacher_states_reused"].append(float(reused is not None))
+        if reused is not None:  # the teacher's states from generation: no second teacher forward
+            t_head = _linear_head(self.accelerator.unwrap_model(self.teacher_model))
+            t_sel = reused.to(s_sel.device)
+        else:
+            with torch.no_grad(), gathered(self.teacher_model):
+                t_out, t_head = self._forward(
+                    self.teacher_model,
+                    ids.to(teacher_positions.device),
+                    mask.to(teacher_positions.device),
+                    teacher_positions,
+                    fused=fused,
+                )
+            t_sel = t_out[:, width - 1 : width - 1 + n].to(s_sel.device)
         kwargs = dict(
             kind=self.args.loss_kind,
             beta=self.args.beta,
@@ -724,7 +649,8 @@ class Distiller(Trainer):
         (`real`: the rows to count, see `_real_rows`)."""
         rows = valid.shape[0] if real is None else real.sum()
         stats = [float(rows) if real is None else rows, valid.sum(), from_teacher.sum(), count]
-        has_switch = gen is not None and self.args.policy == "adaswitch"
+        has_switch = gen is not None and self.args.policy in SWITCH_POLICIES
+        hist = None
         if has_switch:
             switched = gen.switch_position >= 0
             div = gen.divergence
@@ -737,11 +663,19 @@ class Distiller(Trainer):
                 torch.where(finite, div, 0).sum(),
                 finite.sum(),
             ]
+            counted = torch.ones_like(switched) if real is None else real
+            hist = torch.zeros(len(self.switch_position_counts), dtype=torch.float64, device=valid.device)
+            hist.scatter_add_(0, (gen.switch_position + 1).clamp(0, len(hist) - 1), counted.double())
         device = valid.device
         vec = torch.stack([torch.as_tensor(s, dtype=torch.float64, device=device) for s in stats])
+        if hist is not None:
+            vec = torch.cat([vec, hist])
         if self.accelerator.num_processes > 1:
             vec = self.accelerator.reduce(vec, reduction="sum")
         vals = vec.tolist()
+        if hist is not None and mode == "train":
+            for i, c in enumerate(vals[len(stats):]):
+                self.switch_position_counts[i] += int(c)
         m = self._metrics[mode]
         m["response_tokens"].append(vals[1])
         m["loss_tokens"].append(vals[3])
@@ -795,6 +729,13 @@ class Distiller(Trainer):
     # ------------------------------------------------------------------------------------------------
     # atomic checkpoints
 
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
+        """Trainer.train, after putting back a checkpoint that a run killed while replacing it had moved
+        aside (`adaswitch.train.checkpoint.recover`), so `resume_from_checkpoint=True` finds it."""
+        if self.args.should_save and resume_from_checkpoint is not None:
+            recover(self.args.output_dir)
+        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
+
     def _save_checkpoint(self, model, trial):
         """Trainer writes a checkpoint in place (a crash leaves a partial `checkpoint-N` that resume would
         pick); here it is written under `.staging-N/` and renamed once complete, so `checkpoint-N` either
@@ -806,8 +747,10 @@ class Distiller(Trainer):
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staging = os.path.join(run_dir, f"{STAGING_PREFIX}{self.state.global_step}")
         written, final = os.path.join(staging, name), os.path.join(run_dir, name)
-        if self.args.should_save and os.path.isdir(staging):
-            shutil.rmtree(staging)  # left by a run killed while saving
+        if self.args.should_save:
+            recover(run_dir)  # a checkpoint moved aside by a save killed mid-replace is put back first
+            if os.path.isdir(staging):
+                shutil.rmtree(staging)  # left by a run killed while saving
         self.accelerator.wait_for_everyone()
         self._get_output_dir = lambda trial=None: staging
         try:
@@ -821,15 +764,8 @@ class Distiller(Trainer):
                 self.state.save_to_json(os.path.join(written, TRAINER_STATE_NAME))
         self.accelerator.wait_for_everyone()  # every process has written its files (e.g. its RNG state)
         if self.args.should_save:
-            _fsync_tree(written)
-            if os.path.isdir(final):  # saving the same step again: replace it
-                old = final + ".old"
-                os.replace(final, old)
-                os.replace(written, final)
-                shutil.rmtree(old)
-            else:
-                os.replace(written, final)
-            shutil.rmtree(staging, ignore_errors=True)
+            # fsync, then one rename (or one atomic exchange when the step is saved again), see checkpoint.py
+            publish(written, final, staging=staging)
             rotate_checkpoints(
                 output_dir=run_dir,
                 save_total_limit=self.args.save_total_limit,
@@ -838,10 +774,3 @@ class Distiller(Trainer):
             )
         self.accelerator.wait_for_everyone()
 
-
-def _fsync_tree(path: str) -> None:
-    """Flushes every file of a checkpoint to disk before the rename publishes it."""
-    for root, _dirs, files in os.walk(path):
-        for f in files:
-            with open(os.path.join(root, f), "rb") as fh:
-                os.fsync(fh.fileno())

@@ -1,7 +1,9 @@
 """`adaswitch.evaluate`: task accuracy of a (distilled) model and its teacher-forced KL to a teacher.
 
 Accuracy comes from greedy generation and a pluggable answer checker (default: exact match of the text
-after the final-answer marker, GSM8K's "####" style). The KL is the mean over reference-completion
+after the final-answer marker, GSM8K's "####" style). A task may also supply a `step_checker` that grades
+each intermediate result of the model's answer given its own earlier results: the per-step accuracy,
+a finer measure than the final answer, which one early slip makes wrong. The KL is the mean over reference-completion
 tokens of KL(p_teacher || p_model) with both models teacher-forced on prompt + reference, the quantity
 distillation minimises, so it tracks training without depending on decoding.
 """
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -21,6 +23,7 @@ from adaswitch.train.data import (
     COMPLETION_IDS,
     PROMPT_IDS,
     DistillCollator,
+    check_output_file,
     check_same_tokenizer,
     context_length,
     load_prompt_completion,
@@ -97,6 +100,7 @@ def evaluate(
     *,
     answer_marker: str = "####",
     checker: Callable[[str, str], bool] | None = None,
+    step_checker: Callable[[object, str, str], Sequence[bool]] | None = None,
     teacher=None,
     max_new_tokens: int | None = None,
     batch_size: int = 8,
@@ -114,6 +118,11 @@ def evaluate(
             (the reference) columns.
         answer_marker: the default checker compares the text after the last occurrence of this marker.
         checker: `checker(prediction_text, reference_text) -> bool`; replaces the default exact match.
+        step_checker: `step_checker(prompt, prediction_text, reference_text) -> sequence of bool`, one
+            entry per step the task expects (a missing step is False), each True when the model's result
+            of that step is right given its own earlier results. `prompt` is the dataset row's prompt (text
+            or messages). Adds `step_accuracy` (right steps / expected steps, over all examples) and, per
+            example, `steps_correct` / `steps_total`.
         teacher: when given, also report `teacher_kl`, the mean token KL(p_teacher || p_model) over the
             reference completions.
         max_new_tokens: greedy decoding budget per prompt; None: 256, or less if the longest prompt plus
@@ -126,14 +135,20 @@ def evaluate(
             (token -> id map): the KL compares distributions id by id (an error otherwise).
 
     Returns:
-        {"accuracy", "correct", "num_examples", "teacher_kl" (when a teacher is given), "examples": [{"index",
-        "prediction", "reference", "correct"}, ...]}.
+        {"accuracy", "correct", "num_examples", "teacher_kl" (when a teacher is given), "step_accuracy" and
+        "steps_total" (with a step_checker), "examples": [{"index", "prediction", "reference", "correct"},
+        ...]}.
     """
     if not isinstance(answer_marker, str) or not answer_marker:
         raise ValueError(f"answer_marker must be a non-empty string, got {answer_marker!r}")
     if checker is not None and not callable(checker):
         raise TypeError(
             f"checker must be a callable (prediction, reference) -> bool, got {type(checker).__name__}"
+        )
+    if step_checker is not None and not callable(step_checker):
+        raise TypeError(
+            "step_checker must be a callable (prompt, prediction, reference) -> sequence of bool, got "
+            f"{type(step_checker).__name__}"
         )
     for name, value in (
         ("max_new_tokens", 1 if max_new_tokens is None else max_new_tokens),
@@ -143,6 +158,8 @@ def evaluate(
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if tokenizer.pad_token_id is None:
         raise ValueError("tokenizer must define a pad token (tokenizer.pad_token_id is None)")
+    if output_path is not None:  # a path that cannot be written fails now, not after the whole evaluation
+        output_path = check_output_file(output_path, name="output_path")
     named = [("tokenizer", tokenizer)]
     if teacher_tokenizer is not None:
         named.append(("teacher_tokenizer", teacher_tokenizer))
@@ -193,14 +210,16 @@ def evaluate(
                 index = start + j
                 prediction = tokenizer.decode(out[j, prompt.shape[1] :], skip_special_tokens=True)
                 reference = tokenizer.decode(row[COMPLETION_IDS], skip_special_tokens=True)
-                examples.append(
-                    {
-                        "index": index,
-                        "prediction": prediction,
-                        "reference": reference,
-                        "correct": bool(check(prediction, reference)),
-                    }
-                )
+                example = {
+                    "index": index,
+                    "prediction": prediction,
+                    "reference": reference,
+                    "correct": bool(check(prediction, reference)),
+                }
+                if step_checker is not None:
+                    steps = [bool(x) for x in step_checker(data[index]["prompt"], prediction, reference)]
+                    example["steps_correct"], example["steps_total"] = sum(steps), len(steps)
+                examples.append(example)
             if teacher is not None:
                 s, n = _teacher_forced_kl(model, teacher, batch, device, vocab)
                 kl_sum, kl_count = kl_sum + s, kl_count + n
@@ -211,6 +230,10 @@ def evaluate(
 
     correct = sum(e["correct"] for e in examples)
     results = {"accuracy": correct / len(examples), "correct": correct, "num_examples": len(examples)}
+    if step_checker is not None:
+        total = sum(e["steps_total"] for e in examples)
+        results["step_accuracy"] = sum(e["steps_correct"] for e in examples) / total if total else math.nan
+        results["steps_total"] = total
     if teacher is not None:
         results["teacher_kl"] = kl_sum / kl_count if kl_count else math.nan
     results["examples"] = examples

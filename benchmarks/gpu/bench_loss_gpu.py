@@ -10,8 +10,8 @@ anything is timed. Rows go to $OUT/loss_gpu.csv (or --out) and a ratio table is 
 
     python benchmarks/gpu/bench_loss_gpu.py [--quick] [--out FILE]
 
-Issue 4 targets: fused-linear full pass faster than Liger at BT=8192 and faster than torch at
-BT=1024, peak memory at most a fifth of torch eager's; the table prints those checks.
+Targets: fused-linear full pass faster than Liger at BT=8192 and faster than torch at BT=1024, peak
+memory at most a fifth of torch eager's; the table prints those checks.
 """
 
 from __future__ import annotations

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# One prepared device check for a lent GPU (an H200 here): each benchmarks/gpu/bench_*_gpu.py script
-# checks its kernels against a float64 reference on the GPU, times them, writes its files under $OUT
-# and appends one section to $OUT/summary.md; this script prints that summary last.
+# The GPU check and benchmark suite: each benchmarks/gpu/bench_*_gpu.py script checks its kernels against
+# a float64 reference on the GPU, times them, writes its files under $OUT (default ./gpu_out) and appends
+# one section to $OUT/summary.md; this script prints that summary last.
 #
-# From a session with a device (device tool): run(command="bash benchmarks/gpu/run.sh", timeout_s=480,
-# carry=[".whl"]). Nothing can be downloaded there: liger-kernel (the `compare` extra, used only as a
-# baseline) travels as a wheel in the git-ignored .whl/ folder, fetched here beforehand with
+#   bash benchmarks/gpu/run.sh            # on a machine with a CUDA GPU, torch and triton
+#
+# liger-kernel (the `compare` extra) is only a baseline: without it the Liger rows are skipped. On a
+# machine that cannot download, put its wheel in the git-ignored .whl/ folder first, e.g.
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl liger-kernel==0.8.5
-# (a pure-Python wheel; its torch and triton are the image's). Without it the Liger rows are skipped.
-# Locally, without a GPU: OUT=/tmp/gpu TRITON_INTERPRET=1 bash benchmarks/gpu/run.sh --smoke
+# (a pure-Python wheel; it is installed beside the existing torch and triton, never over them).
+# Without a GPU, a smoke run of the scripts: OUT=/tmp/gpu TRITON_INTERPRET=1 bash benchmarks/gpu/run.sh --smoke
 #
 # Other benchmarks: add ONE `bench ...` line below for your script. A script must exit non-zero when
 # a check fails, write at most two files under $OUT (the device returns at most 8 in all) and append
@@ -23,7 +24,7 @@ export PYTHONUNBUFFERED=1
 : > "$ADASWITCH_GPU_SUMMARY"
 PY="${PYTHON:-python3}"
 
-# Carried wheels (liger-kernel): installed beside the image's packages, never over its torch.
+# Wheels in .whl/ (liger-kernel): installed beside the existing packages, never over torch.
 if compgen -G ".whl/*.whl" > /dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"

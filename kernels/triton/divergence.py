@@ -9,7 +9,7 @@ both distributions, in base 2 (`exp2` of logits pre-scaled by log2(e)/temperatur
 - JSD, TVD and the skewed KLs need the exact per-entry mixture, so pass 1 finds both log-sum-exps
   and pass 2 reads the row again for the terms (twice in all).
 
-Conventions (SPEC.md section 1, as adaswitch/reference.py): 0 * log 0 = 0; +inf where p_x > 0 and
+Conventions (docs/spec.md section 1, as adaswitch/reference.py): 0 * log 0 = 0; +inf where p_x > 0 and
 p_y = 0; a row that is all -inf or holds NaN gives NaN. The JSD endpoints beta = 0 / 1 and the skew
 alpha = 0 are exactly the plain KLs and are routed to the one-pass kernel on the host.
 """

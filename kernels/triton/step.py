@@ -27,7 +27,7 @@ from triton.language.extra import libdevice
 from adaswitch._backend import triton_interpreted
 from adaswitch._validation import KIND_CODES
 from adaswitch.ops import rng
-from adaswitch.policies import SKD, AdaSwitch, Mixed, Student, Teacher
+from adaswitch.policies import SCHEDULED, SKD, AdaSwitch, Mixed, Student, Teacher
 
 from .launch import launch, tile
 
@@ -244,14 +244,20 @@ def _row_stats(
 
 
 @triton.jit
-def _switch_rule(d, explore, position, ring, lanes, count, switched, switch_pos, L, min_hist, k64, f64):
-    """SPEC section 2 steps 2-4 for one row at one position, on the row's state held in registers
+def _switch_rule(d, explore, position, ring, lanes, count, switched, switch_pos, L, min_hist, k64, f64, a64, at,
+                 SCHEDULED: tl.constexpr):
+    """The switching rule (docs/spec.md section 2.1) for one row at one position, on the row's state held in registers
     (ring: the L-slot window, float32). Returns (switch now, ring, count, switched, switch_pos); d
-    joins the ring at slot count % L when the row keeps exploring."""
-    tau = k64 * (tl.sum(ring.to(tl.float64), axis=0) / L)
-    d64 = d.to(tl.float64)
-    switch = explore & (count >= min_hist) & (d64 > tau) & (d64 >= f64)
-    push = explore & (switch == 0)
+    joins the ring at slot count % L when the row keeps exploring and d is finite. AdaSwitch fires on
+    the relative trigger, d > A or d = +inf; the scheduled controls at position >= at (adaswitch/ops/step.py)."""
+    if SCHEDULED:
+        fire = position >= at
+    else:
+        tau = k64 * (tl.sum(ring.to(tl.float64), axis=0) / L)
+        d64 = d.to(tl.float64)
+        fire = ((count >= min_hist) & (d64 > tau) & (d64 >= f64)) | (d64 > a64) | (d64 == float("inf"))
+    switch = explore & fire
+    push = explore & (switch == 0) & (tl.abs(d) < float("inf"))
     ring = tl.where(push & (lanes == count % L), d, ring)
     count = count + push.to(tl.int64)
     switch_pos = tl.where(switch, position, switch_pos)
@@ -260,14 +266,15 @@ def _switch_rule(d, explore, position, ring, lanes, count, switched, switch_pos,
 
 # -------------------------------------------------------------------------------------------- kernels
 
-@triton.jit(do_not_specialize=["V", "seed_hash", "L", "min_hist", "k_bits", "f_bits", "skd_k", "eos", "pad"])
+@triton.jit(do_not_specialize=["V", "seed_hash", "L", "min_hist", "k_bits", "f_bits", "a_bits", "skd_k", "eos",
+                               "pad"])
 def _fused_step_kernel(
     S, T, stride_s, stride_t, V, THR_S, THR_T, KEYS, POS, seed_hash,
-    WINDOW, COUNT, SWITCHED, SWITCH_POS, FINISHED, TOKEN, FROM_T, DIV,
-    inv_ts, inv_tt, inv_td, log_w, log_1mw, w, L, min_hist, k_bits, f_bits, skd_k, eos, pad,
+    WINDOW, COUNT, SWITCHED, SWITCH_POS, FINISHED, SWITCH_AT, TOKEN, FROM_T, DIV,
+    inv_ts, inv_tt, inv_td, log_w, log_1mw, w, L, min_hist, k_bits, f_bits, a_bits, skd_k, eos, pad,
     CODE: tl.constexpr, NEED_YS: tl.constexpr, NEED_YT: tl.constexpr, GREEDY_S: tl.constexpr,
     GREEDY_T: tl.constexpr, FILTER_S: tl.constexpr, FILTER_T: tl.constexpr, KIND: tl.constexpr,
-    PRECISE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_L: tl.constexpr,
+    PRECISE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_L: tl.constexpr, SCHEDULED: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     key = tl.load(KEYS + row)
@@ -300,10 +307,14 @@ def _fused_step_kernel(
         explore = (switched == 0) & (finished == 0)
         lanes = tl.arange(0, BLOCK_L)
         ring = tl.load(WINDOW + row * L + lanes, mask=lanes < L, other=0.0)
+        at = tl.zeros((), tl.int64)
+        if SCHEDULED:
+            at = tl.load(SWITCH_AT + row)
         _, ring, count, switched, switch_pos = _switch_rule(
             d, explore, position, ring, lanes, tl.load(COUNT + row), switched, tl.load(SWITCH_POS + row), L,
             min_hist, k_bits.to(tl.int64).to(tl.float64, bitcast=True),
-            f_bits.to(tl.int64).to(tl.float64, bitcast=True))
+            f_bits.to(tl.int64).to(tl.float64, bitcast=True), a_bits.to(tl.int64).to(tl.float64, bitcast=True),
+            at, SCHEDULED)
         tl.store(WINDOW + row * L + lanes, ring, mask=lanes < L)
         tl.store(COUNT + row, count)
         tl.store(SWITCHED + row, switched.to(tl.int8))
@@ -346,18 +357,22 @@ def _lookahead_stats_kernel(
     tl.store(KEEP + r, (rank < skd_k).to(tl.int8))
 
 
-@triton.jit(do_not_specialize=["G", "L", "min_hist", "k_bits", "f_bits", "eos", "pad"])
+@triton.jit(do_not_specialize=["G", "L", "min_hist", "k_bits", "f_bits", "a_bits", "eos", "pad"])
 def _lookahead_scan_kernel(
-    DRAFT, YT, D, KEEP, POS, G, WINDOW, COUNT, SWITCHED, SWITCH_POS, FINISHED,
-    ACCEPTED, TOKEN, FROM_T, DIV, L, min_hist, k_bits, f_bits, eos, pad,
-    CODE: tl.constexpr, BLOCK_L: tl.constexpr,
+    DRAFT, YT, D, KEEP, POS, G, WINDOW, COUNT, SWITCHED, SWITCH_POS, FINISHED, SWITCH_AT,
+    ACCEPTED, TOKEN, FROM_T, DIV, L, min_hist, k_bits, f_bits, a_bits, eos, pad,
+    CODE: tl.constexpr, BLOCK_L: tl.constexpr, SCHEDULED: tl.constexpr,
 ):
     """One row: replay the step decision over its G drafted positions, stopping at the switch / first
     rejected draft / EOS. Same state updates as G sequential fused steps."""
     row = tl.program_id(0).to(tl.int64)
     k64 = k_bits.to(tl.int64).to(tl.float64, bitcast=True)
     f64 = f_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    a64 = a_bits.to(tl.int64).to(tl.float64, bitcast=True)
     position = tl.load(POS + row)
+    at = tl.zeros((), tl.int64)
+    if SCHEDULED:
+        at = tl.load(SWITCH_AT + row)
     finished = tl.load(FINISHED + row) != 0
     lanes = tl.arange(0, BLOCK_L)
     ring = tl.load(WINDOW + row * L + lanes, mask=lanes < L, other=0.0)
@@ -377,7 +392,8 @@ def _lookahead_scan_kernel(
             was_switched = active & switched
             explore = active & (switched == 0)
             switch, ring, count, switched, switch_pos = _switch_rule(
-                d, explore, position + j, ring, lanes, count, switched, switch_pos, L, min_hist, k64, f64)
+                d, explore, position + j, ring, lanes, count, switched, switch_pos, L, min_hist, k64, f64, a64,
+                at, SCHEDULED)
             tl.store(DIV + r, tl.where(explore, d, float("nan")))
             stop = was_switched | switch
         elif CODE == 3:
@@ -430,9 +446,13 @@ def _divergence_args(policy):
 
 
 def _rule_args(policy, state):
+    """(L, max(L, W), K bits, F bits, A bits, scheduled, switch_at or a placeholder pointer)."""
+    scheduled = isinstance(policy, SCHEDULED)
+    at = state.switch_at if scheduled else state.count
     if isinstance(policy, AdaSwitch):
-        return policy.window, policy.min_history, _f64_bits(policy.k), _f64_bits(policy.min_divergence)
-    return state.window.shape[1], 0, _f64_bits(math.inf), 0
+        return (policy.window, policy.min_history, _f64_bits(policy.k), _f64_bits(policy.min_divergence),
+                _f64_bits(policy.max_divergence), scheduled, at)
+    return state.window.shape[1], 0, _f64_bits(math.inf), 0, _f64_bits(math.inf), False, at
 
 
 def _block(vocab: int) -> int:
@@ -465,7 +485,7 @@ def fused_step_triton(student_logits, teacher_logits, policy, state, seed, keys,
     t = _rowmajor(teacher_logits) if teacher_logits is not None else ref
     thr_s = rng.sampling_threshold(student_logits, ss) if need_ys else None
     thr_t = rng.sampling_threshold(teacher_logits, ts) if need_yt else None
-    length, min_hist, k_bits, f_bits = _rule_args(policy, state)
+    length, min_hist, k_bits, f_bits, a_bits, scheduled, at = _rule_args(policy, state)
     token = torch.empty(batch, dtype=torch.int64, device=device)
     from_t = torch.empty(batch, dtype=torch.bool, device=device)
     div = torch.empty(batch, dtype=torch.float32, device=device)
@@ -473,13 +493,13 @@ def fused_step_triton(student_logits, teacher_logits, policy, state, seed, keys,
         _fused_step_kernel, (batch,), s, t, s.stride(0), t.stride(0), vocab,
         thr_s if thr_s is not None else div, thr_t if thr_t is not None else div,
         keys, position, rng.seed_hash(seed),
-        state.window, state.count, _as_i8(state.switched), state.switch_pos, _as_i8(state.finished),
+        state.window, state.count, _as_i8(state.switched), state.switch_pos, _as_i8(state.finished), at,
         token, _as_i8(from_t), div,
-        _inv(ss), _inv(ts), inv_td, log_w, log_1mw, w, length, min_hist, k_bits, f_bits,
+        _inv(ss), _inv(ts), inv_td, log_w, log_1mw, w, length, min_hist, k_bits, f_bits, a_bits,
         policy.top_k if isinstance(policy, SKD) else 0, eos, pad,
         CODE=policy.code, NEED_YS=need_ys, NEED_YT=need_yt, GREEDY_S=ss.greedy, GREEDY_T=ts.greedy,
         FILTER_S=thr_s is not None, FILTER_T=thr_t is not None, KIND=kind, PRECISE=not triton_interpreted(),
-        BLOCK=_block(vocab), BLOCK_L=triton.next_power_of_2(length), enable_fp_fusion=False,
+        BLOCK=_block(vocab), BLOCK_L=triton.next_power_of_2(length), SCHEDULED=scheduled, enable_fp_fusion=False,
         num_warps=_warps(_block(vocab)), device=device,
     )
     from adaswitch.ops.step import StepOutput
@@ -509,16 +529,16 @@ def fused_lookahead_triton(student_logits, teacher_logits, draft, policy, state,
         PRECISE=not triton_interpreted(), BLOCK=_block(vocab), enable_fp_fusion=False,
         num_warps=_warps(_block(vocab)), device=device,
     )
-    length, min_hist, k_bits, f_bits = _rule_args(policy, state)
+    length, min_hist, k_bits, f_bits, a_bits, scheduled, at = _rule_args(policy, state)
     accepted = torch.empty(batch, dtype=torch.int64, device=device)
     token = torch.empty(batch, dtype=torch.int64, device=device)
     from_t = torch.empty(batch, dtype=torch.bool, device=device)
     div = torch.full((batch, g), math.nan, dtype=torch.float32, device=device)
     launch(
         _lookahead_scan_kernel, (batch,), flat_draft, yt, d, _as_i8(keep), position, g, state.window, state.count, _as_i8(state.switched),
-        state.switch_pos, _as_i8(state.finished), accepted, token, _as_i8(from_t), div,
-        length, min_hist, k_bits, f_bits, eos, pad,
-        CODE=policy.code, BLOCK_L=triton.next_power_of_2(length), device=device,
+        state.switch_pos, _as_i8(state.finished), at, accepted, token, _as_i8(from_t), div,
+        length, min_hist, k_bits, f_bits, a_bits, eos, pad,
+        CODE=policy.code, BLOCK_L=triton.next_power_of_2(length), SCHEDULED=scheduled, device=device,
     )
     from adaswitch.ops.step import LookaheadOutput
 

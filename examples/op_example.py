@@ -1,7 +1,7 @@
 """A short, real run of `token_divergence` on random logits: every kind on every implementation
 available here, printed as a table (kind, value, time per implementation).
 
-    python -m adaswitch.op_example [--rows 64] [--vocab 32000] [--dtype float32]
+    python examples/op_example.py [--rows 64] [--vocab 32000] [--dtype float32]
 
 "value" is the mean over rows; implementations must agree on it (the table shows each one's mean
 and the largest difference to the PyTorch reference). Triton runs on CUDA tensors, or on CPU

@@ -1,0 +1,275 @@
+"""Speculative teacher guidance (adaswitch.ops.fused_speculative, generate(guidance="speculative")) and the
+teacher states generate returns for the loss (return_teacher_states).
+
+- the op: Triton == native == PyTorch reference on every decision; a chi-square test over many counter-based
+  draws on a tiny vocabulary that every guided token follows the teacher's sampling distribution (with
+  temperature, top_k, top_p, greedy), at the first guided index and later ones;
+- generate: greedy teachers give exactly step mode's tokens (AdaSwitch, its controls' parent, Teacher);
+  sampled runs keep the invariants (batch invariance, backend equality, host-read bound, EOS);
+- teacher states: equal to the states of a full teacher forward over prompt + response, where the teacher ran.
+"""
+
+import math
+
+import pytest
+import torch
+from tiny_models import EOS_ID, PAD_ID, VOCAB_SIZE, random_prompts, tiny_student, tiny_teacher
+
+from adaswitch import SKD, AdaSwitch, Sampling, Student, Teacher, generate, native_available
+from adaswitch.engine.sync import SyncCounter
+from adaswitch.ops import fused_speculative, rng
+from adaswitch.ops.speculative import sampling_probs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+N, B, P = 14, 4, 6
+SWITCHY = AdaSwitch(window=3, k=1.1)
+IMPLS = ["torch", "triton"] + (["native"] if native_available() else [])
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return tiny_teacher(vocab_size=VOCAB_SIZE + 20)
+
+
+@pytest.fixture(scope="module")
+def student():
+    return tiny_student()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return random_prompts(B, P, min_len=2, seed=5)
+
+
+def run(student, teacher, prompts, policy, **kw):
+    ids, mask = prompts
+    kw.setdefault("max_new_tokens", N)
+    kw.setdefault("vocab_size", VOCAB_SIZE)  # the teacher alone (step-mode Teacher) would see its padded rows
+    kw.update(policy=policy, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    return generate(student, teacher, ids, mask, **kw)
+
+
+def _spec(s, t, draft, start, ss, ts, keys, pos, impl, seed=3, eos=10**6):
+    return fused_speculative(s, t, draft, start, student_sampling=ss, teacher_sampling=ts, seed=seed, keys=keys,
+                             position=pos, eos_token_id=eos, pad_token_id=0, impl=impl)
+
+
+def _drafts(s, ss, keys, pos, seed=3):
+    g = s.shape[1]
+    return torch.stack([rng.sample(s[:, j], ss, seed=seed, keys=keys, positions=pos + j, stream=0)
+                        for j in range(g)], 1)
+
+
+SAMPLINGS = [
+    (Sampling(), Sampling()),
+    (Sampling(0.7, top_k=4), Sampling(1.4, top_p=0.8)),
+    (Sampling(1.2, top_p=0.7), Sampling(0.6, top_k=3)),
+    (Sampling(0.0), Sampling(0.8)),
+    (Sampling(0.9), Sampling(0.0)),
+]
+
+
+# ------------------------------------------------------------------------------------------------ the op
+
+@pytest.mark.parametrize("ss,ts", SAMPLINGS)
+def test_backends_agree_on_every_decision(ss, ts):
+    torch.manual_seed(1)
+    b, g, v = 24, 4, 37
+    s = torch.randn(b, g, v) * 2
+    t = s + torch.randn(b, g, v)  # related models: some drafts accepted, some rejected
+    keys, pos = torch.arange(b) * 7 + 3, torch.randint(0, 30, (b,))
+    draft = _drafts(s, ss, keys, pos)
+    draft[0, 1] = v + 5  # an id outside the vocabulary: rejected everywhere
+    start = torch.randint(0, g + 1, (b,))
+    start[0] = 0
+    eos = int(draft[1, 2])  # some rows meet an EOS draft
+    ref = _spec(s, t, draft, start, ss, ts, keys, pos, "torch", eos=eos)
+    assert ref.resampled.any() and (ref.accepted > 0).any()
+    for impl in IMPLS[1:]:
+        out = _spec(s, t, draft, start, ss, ts, keys, pos, impl, eos=eos)
+        for field in ("accepted", "token", "resampled", "finished"):
+            assert torch.equal(getattr(out, field), getattr(ref, field)), (impl, field)
+    # rows with start >= G take nothing
+    idle = start >= g
+    assert not ref.resampled[idle].any() and not ref.accepted[idle].any()
+    assert (ref.token[idle] == 0).all()
+    # bf16 logits run on every backend too
+    for impl in IMPLS:
+        _spec(s.bfloat16(), t.bfloat16(), draft, start, ss, ts, keys, pos, impl)
+
+
+def _chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
+    total = counts.sum().item()
+    expected = probs.double() * total
+    support = expected > 0
+    assert counts[~support].sum() == 0, "a token outside the teacher's support was emitted"
+    stat = (((counts[support].double() - expected[support]) ** 2) / expected[support]).sum().item()
+    return stat, int(support.sum()) - 1
+
+
+# chi-square critical values at p = 1e-4 for 1..8 degrees of freedom
+_CRIT = {1: 15.14, 2: 18.42, 3: 21.11, 4: 23.51, 5: 25.74, 6: 27.86, 7: 29.88, 8: 31.83}
+
+
+def _guided_tokens(s_row, t_row, ss, ts, index, draws, impl):
+    """Tokens the op writes at guided index `index` (start = index) over `draws` independent keys; the
+    logits of every row are the same [G, V] (so each key is one independent draw)."""
+    g = s_row.shape[0]
+    keys = torch.arange(draws) + 1000
+    pos = torch.full((draws,), 11)
+    s = s_row[None].expand(draws, g, -1).contiguous()
+    t = t_row[None].expand(draws, g, -1).contiguous()
+    draft = _drafts(s, ss, keys, pos)
+    start = torch.full((draws,), index)
+    out = _spec(s, t, draft, start, ss, ts, keys, pos, impl)
+    first = torch.where(out.accepted > 0, draft[:, index], out.token)
+    # the token at index + 1 exists where the first was accepted (a later guided position)
+    second_ok = (out.accepted > 0) & (index + 1 < g)
+    second = torch.where(out.accepted > 1, draft[:, min(index + 1, g - 1)], out.token)
+    return first, second[second_ok]
+
+
+@pytest.mark.parametrize("ss,ts", SAMPLINGS, ids=["plain", "topk-topp", "topp-topk", "greedy-student",
+                                                  "greedy-teacher"])
+def test_guided_tokens_follow_the_teacher_distribution(ss, ts):
+    v, g, draws = 7, 3, 20000
+    gen = torch.Generator().manual_seed(4)
+    s_row = torch.randn(g, v, generator=gen) * 1.5
+    t_row = torch.randn(g, v, generator=gen) * 1.5
+    first, second = _guided_tokens(s_row, t_row, ss, ts, 1, draws, "torch")
+    for tokens, j in ((first, 1), (second, 2)):
+        probs = sampling_probs(t_row[j][None], ts)[0]
+        counts = torch.bincount(tokens, minlength=v)
+        stat, dof = _chi_square(counts, probs)
+        if dof == 0:  # greedy: a point mass, every token must be the argmax
+            assert counts[probs > 0].sum() == len(tokens)
+        else:
+            assert stat < _CRIT[dof], (j, stat, dof, counts.tolist(), probs.tolist())
+
+
+def test_chi_square_catches_a_wrong_distribution():
+    """The check above fails when the op is broken: guided tokens taken as the student's drafts (no
+    rejection) do not follow the teacher."""
+    v, g, draws = 7, 3, 20000
+    gen = torch.Generator().manual_seed(4)
+    s_row, t_row = torch.randn(g, v, generator=gen) * 1.5, torch.randn(g, v, generator=gen) * 1.5
+    ss = ts = Sampling()
+    keys, pos = torch.arange(draws) + 1000, torch.full((draws,), 11)
+    draft = _drafts(s_row[None].expand(draws, g, -1), ss, keys, pos)
+    stat, dof = _chi_square(torch.bincount(draft[:, 1], minlength=v), sampling_probs(t_row[1][None], ts)[0])
+    assert stat > _CRIT[dof]
+
+
+def test_triton_matches_reference_on_the_chi_square_draws():
+    v, g, draws = 7, 3, 120
+    gen = torch.Generator().manual_seed(4)
+    s_row, t_row = torch.randn(g, v, generator=gen), torch.randn(g, v, generator=gen)
+    ss, ts = Sampling(0.8, top_k=5), Sampling(1.3, top_p=0.85)
+    ref = _guided_tokens(s_row, t_row, ss, ts, 0, draws, "torch")
+    for impl in IMPLS[1:]:
+        out = _guided_tokens(s_row, t_row, ss, ts, 0, draws, impl)
+        assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1]), impl
+
+
+# ------------------------------------------------------------------------------------------------- engine
+
+GREEDY_T = [
+    AdaSwitch(window=3, k=1.1, teacher_sampling=Sampling(0.0)),
+    AdaSwitch(window=2, k=1.05, student_sampling=Sampling(0.7, top_p=0.9), teacher_sampling=Sampling(0.0)),
+    Teacher(sampling=Sampling(0.0)),
+]
+
+
+@pytest.mark.parametrize("policy", GREEDY_T, ids=["adaswitch", "adaswitch-topp-student", "teacher"])
+@pytest.mark.parametrize("g", [1, 3, 5])
+def test_greedy_teacher_gives_step_mode_tokens(student, teacher, prompts, policy, g):
+    step = run(student, teacher, prompts, policy)
+    guided = run(student, teacher, prompts, policy, lookahead=g, guidance="speculative", sync_every=3)
+    assert torch.equal(step.response, guided.response)
+    assert torch.equal(step.from_teacher, guided.from_teacher)
+    assert torch.equal(step.lengths, guided.lengths)
+    assert torch.equal(step.switch_position, guided.switch_position)
+    torch.testing.assert_close(step.divergence, guided.divergence, equal_nan=True, atol=1e-5, rtol=1e-4)
+    if isinstance(policy, AdaSwitch):
+        assert (guided.switch_position >= 0).any()
+
+
+def test_sampled_guidance_invariants(student, teacher):
+    """Batch invariance (a row's tokens with stable keys do not depend on its batch), backends equal, and
+    the student's tokens before the switch are step mode's."""
+    ids, mask = random_prompts(4, 5, min_len=2, seed=8)
+    policy = AdaSwitch(window=2, k=1.05, teacher_sampling=Sampling(0.9, top_k=40))
+    kw = dict(policy=policy, max_new_tokens=10, eos_token_id=EOS_ID, pad_token_id=PAD_ID, lookahead=3,
+              guidance="speculative", example_keys=[11, 12, 13, 14])
+    full = generate(student, teacher, ids, mask, **kw)
+    kw2 = dict(kw, example_keys=[13, 11])
+    part = generate(student, teacher, ids[[2, 0]], mask[[2, 0]], **kw2)
+    for i, row in enumerate((2, 0)):
+        n = int(full.lengths[row])
+        assert torch.equal(part.response[i, :n], full.response[row, :n])
+    for impl in IMPLS:
+        out = generate(student, teacher, ids, mask, impl=impl, **kw)
+        assert torch.equal(out.response, full.response) and torch.equal(out.from_teacher, full.from_teacher)
+    step = generate(student, teacher, ids, mask, **dict(kw, lookahead=0, guidance="step"))
+    assert torch.equal(step.switch_position, full.switch_position)
+    for row in range(4):
+        sw = int(full.switch_position[row])
+        if sw > 0:
+            assert torch.equal(step.response[row, :sw], full.response[row, :sw])
+    assert full.from_teacher.any()
+
+
+def test_guidance_reads_the_host_within_sync_every(student, teacher, prompts):
+    n, every = 24, 4
+    for policy in (SWITCHY, Teacher()):
+        with SyncCounter() as counter:
+            run(student, teacher, prompts, policy, max_new_tokens=n, lookahead=3, sync_every=every,
+                guidance="speculative")
+        assert counter.count <= math.ceil(n / every) + 3, dict(counter.by_op)
+
+
+def test_guidance_bad_arguments(student, teacher, prompts):
+    with pytest.raises(ValueError, match="guidance must be one of"):
+        run(student, teacher, prompts, SWITCHY, guidance="fast")
+    with pytest.raises(ValueError, match="pass lookahead >= 1"):
+        run(student, teacher, prompts, SWITCHY, guidance="speculative")
+    for policy in (SKD(top_k=3), Student()):
+        with pytest.raises(ValueError, match="applies to the AdaSwitch and Teacher"):
+            run(student, teacher, prompts, policy, lookahead=2, guidance="speculative")
+    with pytest.raises(ValueError, match="student is required"):
+        run(None, teacher, prompts, Teacher(), lookahead=2, guidance="speculative")
+
+
+# ---------------------------------------------------------------------------------------------- teacher states
+
+def _full_teacher_states(teacher, out):
+    mask = out.attention_mask
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        h = teacher(input_ids=out.sequences, attention_mask=mask, position_ids=positions,
+                    output_hidden_states=True, use_cache=False).hidden_states[-1]
+    p, n = out.prompt_length, out.response.shape[1]
+    return h[:, p - 1: p - 1 + n]
+
+
+@pytest.mark.parametrize(
+    "policy,kw",
+    [(SWITCHY, {}), (SWITCHY, {"lookahead": 3}), (SWITCHY, {"lookahead": 3, "guidance": "speculative"}),
+     (SKD(top_k=5), {}), (SKD(top_k=5), {"lookahead": 4}), (Teacher(), {}),
+     (Teacher(Sampling(0.8)), {"lookahead": 2, "guidance": "speculative"}), (Student(), {})],
+    ids=["adaswitch", "adaswitch-look", "adaswitch-guided", "skd", "skd-look", "teacher", "teacher-guided",
+         "student"],
+)
+def test_teacher_states_equal_a_full_forward(student, teacher, prompts, policy, kw):
+    out = run(student, teacher, prompts, policy, return_teacher_states=True, **kw)
+    valid = out.attention_mask[:, out.prompt_length:].bool()
+    if isinstance(policy, Student):  # the teacher never ran
+        assert out.teacher_hidden_states is None and out.teacher_states_mask is None
+        return
+    assert torch.equal(out.teacher_states_mask, valid)  # the teacher ran on every response token
+    ref = _full_teacher_states(teacher, out)
+    torch.testing.assert_close(out.teacher_hidden_states[valid], ref[valid], atol=2e-5, rtol=1e-4)
+    assert (out.teacher_hidden_states[~valid] == 0).all()
+    plain = run(student, teacher, prompts, policy, **kw)
+    assert torch.equal(plain.response, out.response) and plain.teacher_hidden_states is None
