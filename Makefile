@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench native clean
 
-$(STAMP): setup.py pyproject.toml CMakeLists.txt $(wildcard kernels/csrc/*.cpp)
+$(STAMP): setup.py pyproject.toml CMakeLists.txt $(wildcard kernels/csrc/*.cpp kernels/csrc/*.h)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=64" wheel cmake numpy
 	$(BIN)/python -m pip install -q "$(TORCH_PIN)"

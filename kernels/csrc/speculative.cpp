@@ -6,6 +6,7 @@
 // point mass at the raw logits' argmax (ties to the lowest id) when greedy. fp32 throughout, one row per
 // drafted position, rows in parallel for large batches. Same hash as kernels/csrc/step.cpp.
 
+#include "counter_rng.h"
 #include "vec.h"
 
 #include <algorithm>
@@ -18,35 +19,9 @@
 namespace adaswitch {
 namespace {
 
-constexpr uint32_t kM1 = 0x85EBCA6Bu;
-constexpr uint32_t kM2 = 0xC2B2AE35u;
-constexpr uint32_t kGolden = 0x9E3779B1u;
 constexpr uint32_t kStreamResidual = 5;
 
-inline uint32_t fmix32(uint32_t h) {
-  h ^= h >> 16;
-  h *= kM1;
-  h ^= h >> 13;
-  h *= kM2;
-  return h ^ (h >> 16);
-}
-
-inline uint32_t combine(uint32_t h, uint32_t word) { return fmix32((h * kGolden) ^ word); }
-
-inline uint32_t row_hash(uint32_t seed_hash, int64_t key, int64_t position, uint32_t stream) {
-  const uint64_t k = static_cast<uint64_t>(key);
-  uint32_t h = combine(seed_hash, static_cast<uint32_t>(k));
-  h = combine(h, static_cast<uint32_t>(k >> 32));
-  h = combine(h, static_cast<uint32_t>(static_cast<uint64_t>(position)));
-  return combine(h, stream);
-}
-
-inline float uniform(uint32_t rowh, int64_t i) {
-  const uint32_t twist = (rowh >> 7) | ((rowh & 0x7Fu) << 25);
-  const uint32_t t = fmix32((static_cast<uint32_t>(i) * kGolden) ^ rowh);
-  const uint32_t bits = fmix32(t ^ twist);
-  return (static_cast<float>(bits >> 9) + 0.5f) * (1.0f / 8388608.0f);
-}
+using namespace counter_rng;
 
 // One side's distribution over a row, written to `prob` (fp32 [V]).
 template <typename scalar_t>

@@ -15,6 +15,7 @@
 // u = ((bits >> 9) + 0.5) / 2^23. Scores are formed as (x * inv_t) + g with no FMA contraction, as
 // PyTorch does, so tokens agree with the reference up to a last-ulp difference of log in a near-tie.
 
+#include "counter_rng.h"
 #include "vec.h"
 
 #include <algorithm>
@@ -26,31 +27,12 @@ namespace {
 
 using at::vec::Vectorized;
 
-constexpr uint32_t kM1 = 0x85EBCA6Bu;
-constexpr uint32_t kM2 = 0xC2B2AE35u;
-constexpr uint32_t kGolden = 0x9E3779B1u;
 constexpr int64_t kBlock = 512;
 // Rows per parallel chunk: a decode step (B = 8, V = 152k, ~2 ms) runs inline; threads only pay off for
 // several million logits (waking the pool costs tens of ms when the cores are shared).
 inline int64_t grain_rows(int64_t vocab) { return std::max<int64_t>(1, (int64_t{1} << 22) / vocab); }
 
-inline uint32_t fmix32(uint32_t h) {
-  h ^= h >> 16;
-  h *= kM1;
-  h ^= h >> 13;
-  h *= kM2;
-  return h ^ (h >> 16);
-}
-
-inline uint32_t combine(uint32_t h, uint32_t word) { return fmix32((h * kGolden) ^ word); }
-
-inline uint32_t row_hash(uint32_t seed_hash, int64_t key, int64_t position, uint32_t stream) {
-  const uint64_t k = static_cast<uint64_t>(key);
-  uint32_t h = combine(seed_hash, static_cast<uint32_t>(k));
-  h = combine(h, static_cast<uint32_t>(k >> 32));
-  h = combine(h, static_cast<uint32_t>(static_cast<uint64_t>(position)));
-  return combine(h, stream);
-}
+using namespace counter_rng;
 
 template <typename scalar_t>
 int64_t greedy_row(const scalar_t* x, int64_t vocab) {
