@@ -21,3 +21,12 @@ def test_loss_report_is_rendered_from_its_csv(tmp_path):
         "benchmarks/results/loss_cpu.md differs from its CSV: run "
         "`python benchmarks/loss_ratios.py --table benchmarks/results/loss_cpu.csv --md benchmarks/results/loss_cpu.md`"
     )
+
+
+def test_readme_cost_table_is_rendered_from_the_step_benchmark():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import cost_table
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert cost_table.main(["--check"]) == 0

@@ -1,0 +1,66 @@
+"""Writes the README's step-cost table from the committed step-cost benchmark (never typed).
+
+    python benchmarks/cost_table.py          # rewrite the README block from results/distill_step_cpu.{csv,md}
+    python benchmarks/cost_table.py --check  # exit 1 when the README block differs
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "distill_step_cpu"
+README = ROOT / "README.md"
+BEGIN, END = "<!-- distill-step-cost:begin -->", "<!-- distill-step-cost:end -->"
+ROWS = (  # the benchmark's configurations the README shows, in order
+    "On-policy",
+    "AdaSwitch, step (before)",
+    "AdaSwitch, step + reuse",
+    "AdaSwitch, G=4 speculative + reuse",
+    "SKD, step (before)",
+    "SKD, step + reuse",
+    "SeqKD (teacher), step (before)",
+    "SeqKD (teacher), step + reuse",
+    "TRL DistillationTrainer (on-policy)",
+)
+
+
+def render() -> str:
+    with open(RESULTS.with_suffix(".csv"), newline="") as f:
+        rows = {r["config"]: r for r in csv.DictReader(f)}
+    machine = next(line for line in RESULTS.with_suffix(".md").read_text().splitlines() if line.startswith("CPU:"))
+    lines = [f"From `benchmarks/results/distill_step_cpu.csv`. {machine} \"before\" = a second teacher "
+             "forward for the loss, \"reuse\" = the teacher's states from generation (the default).", "",
+             "| step | vs our on-policy | vs TRL on-policy | teacher forwards / token | host syncs / step |",
+             "|---|---|---|---|---|"]
+    for name in ROWS:
+        r = rows[name]
+        lines.append(f"| {name} | {float(r['vs_on_policy']):.2f}x | {float(r['vs_trl']):.2f}x | "
+                     f"{float(r['teacher_forwards_per_token']):.3f} | {float(r['host_syncs_per_step']):.0f} |")
+    return "\n".join(lines)
+
+
+def updated(text: str) -> str:
+    return text[: text.index(BEGIN) + len(BEGIN)] + "\n" + render() + "\n" + text[text.index(END):]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 when the README block is stale")
+    args = parser.parse_args(argv)
+    text = README.read_text()
+    if args.check:
+        if updated(text) != text:
+            print("README's step-cost table differs from benchmarks/results/distill_step_cpu.csv; "
+                  "run python benchmarks/cost_table.py")
+            return 1
+        return 0
+    README.write_text(updated(text))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
