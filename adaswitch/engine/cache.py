@@ -90,12 +90,12 @@ class RowCache(Cache):
     `rollback(n)` to forget the last n[b] tokens of row b."""
 
     def __init__(self, model, batch_size: int, capacity: int, device: torch.device | None = None,
-                 layout: str = "sdpa", attention: AttentionLayout | None = None):
+                 layout: str = "sdpa", attention: AttentionLayout | None = None, name: str = "model"):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         config = model.config.get_text_config(decoder=True)
         device = device or next(model.parameters()).device
-        self.attention = attention or attention_layout("model", model)
+        self.attention = attention or attention_layout(name, model)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.start = torch.zeros(batch_size, dtype=torch.long, device=device)
         # K/V buffers are allocated by the first forward, in the shape of its key states.
@@ -110,7 +110,7 @@ class RowCache(Cache):
         self.kv_end = torch.zeros(batch_size, dtype=torch.int32, device=device)
         self.kv_start = torch.zeros(batch_size, dtype=torch.int32, device=device)
         self._flash_mask = torch.ones(batch_size, 1, 1, 1, dtype=torch.bool, device=device)
-        self.name, self.checked = "model", False  # set / used by the engine's first-forward check
+        self.name, self.checked = name, False  # the model's role in errors; the first-forward check ran
         self.flash_layers: set = set()  # layer indices the flash-attn function served (a check, no sync)
 
     def check_layers(self, name: str) -> None:

@@ -127,18 +127,18 @@ def _vocab(model) -> int:
     return _config(model).vocab_size
 
 
-def _check_model(name: str, model, needed: bool, policy) -> None:
+def _check_model(name: str, model, needed: bool, policy):
     if model is None:
         if needed:
             raise ValueError(f"{name} is required by the {type(policy).__name__} policy, got None")
-        return
+        return None
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"{name} must be a Hugging Face causal LM (torch.nn.Module with .config), "
                         f"got {type(model).__name__}")
     config = _config(model)
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError(f"{name} must be a decoder-only causal LM, got an encoder-decoder model")
-    attention_layout(name, model)  # a clear error for layers the cache's masks cannot describe
+    return attention_layout(name, model)  # a clear error for layers the cache's masks cannot describe
 
 
 def _special_id(name: str, value, models, vocab: int) -> int:
@@ -195,7 +195,7 @@ class _Run:
     """All device buffers of one generate call and the two kinds of iteration (step, block)."""
 
     def __init__(self, student, teacher, input_ids, mask, policy, n, eos, pad, seed, keys, lookahead,
-                 vocab, completions, impl, attention_scope, guidance="step", record_teacher=False):
+                 vocab, completions, impl, attention_scope, layouts, guidance="step", record_teacher=False):
         self.student, self.teacher, self.policy = student, teacher, policy
         # speculative guidance: the teacher's tokens are verified student drafts (blocks only)
         self.guided = guidance == "speculative"
@@ -230,12 +230,11 @@ class _Run:
         for name, model, used in (("student", student, self.run_student),
                                   ("teacher", teacher, self.run_teacher)):
             if used:
-                attention = attention_layout(name, model)
+                attention = layouts[name]  # read once, by the argument checks
                 flash = flash_available(model, attention)
                 alibi_adapter(model)
                 cache = RowCache(model, b, capacity, device, layout="flash" if flash else "sdpa",
-                                 attention=attention)
-                cache.name = name
+                                 attention=attention, name=name)
                 if flash:  # the model's attention is the cache's flash-attn call until the scope closes
                     attention_scope.enter_context(kvcache_attention(model, cache))
                 self.caches[name] = cache
@@ -297,16 +296,16 @@ class _Run:
     def step(self, use_student: bool) -> None:
         """One token per row: forward on `last`, fused_step, write, advance."""
         x = self.last[:, None]
-        idle = self._idle().long()  # rows that only run along: their cache column is given back
+        idle = self._idle()  # rows that only run along: their cache column is given back
         ls = self._forward(self.student, self.caches["student"], x)[:, 0] if use_student else None
         lt, ht = self._teacher_forward(x) if self.run_teacher else (None, None)
         lt = lt[:, 0] if lt is not None else None
         if ht is not None:
-            self._write_hidden(self.pos[:, None], ~self._idle()[:, None], ht)
+            self._write_hidden(self.pos[:, None], ~idle[:, None], ht)
         if use_student:
-            self.caches["student"].rollback(idle)
+            self.caches["student"].rollback(idle.long())
         if self.run_teacher:
-            self.caches["teacher"].rollback(idle)
+            self.caches["teacher"].rollback(idle.long())
         out = fused_step(ls, lt, self.policy, self.state, seed=self.seed, keys=self.keys, position=self.pos,
                          eos_token_id=self.eos, pad_token_id=self.pad, impl=self.impl)
         keep = torch.ones_like(self.pos, dtype=torch.bool)[:, None]
@@ -544,8 +543,8 @@ def generate(
                          f"lookahead >= 1, got {lookahead!r}")
     needs_student = isinstance(policy, (Student, SKD, AdaSwitch)) or (
         isinstance(policy, Mixed) and policy.lmbda > 0) or guided
-    _check_model("student", student, needs_student, policy)
-    _check_model("teacher", teacher, policy.uses_teacher, policy)
+    layouts = {"student": _check_model("student", student, needs_student, policy),
+               "teacher": _check_model("teacher", teacher, policy.uses_teacher, policy)}
     # Models that define the vocabulary and special ids (Mixed(0) runs none but may still get a student).
     models = [m for m, used in ((student, policy.uses_student or guided), (teacher, policy.uses_teacher))
               if used and m is not None]
@@ -640,7 +639,7 @@ def generate(
     # Flash-attn models get the cache's attention for the whole call, and their own back on any exit.
     with contextlib.ExitStack() as attention_scope:
         run = _Run(student, teacher, input_ids, mask, policy, max_new_tokens, eos, pad, seed, keys, lookahead,
-                   vocab_size, completions, impl, attention_scope, guidance, return_teacher_states)
+                   vocab_size, completions, impl, attention_scope, layouts, guidance, return_teacher_states)
         return _decode(run, policy, max_new_tokens, lookahead, sync_every, cuda_graph).finish(input_ids, mask)
 
 

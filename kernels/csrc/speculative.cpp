@@ -6,7 +6,7 @@
 // point mass at the raw logits' argmax (ties to the lowest id) when greedy. fp32 throughout, one row per
 // drafted position, rows in parallel for large batches. Same hash as kernels/csrc/step.cpp.
 
-#include "counter_rng.h"
+#include "sampling.h"
 #include "vec.h"
 
 #include <algorithm>
@@ -21,7 +21,7 @@ namespace {
 
 constexpr uint32_t kStreamResidual = 5;
 
-using namespace counter_rng;
+using namespace sampling;
 
 // One side's distribution over a row, written to `prob` (fp32 [V]).
 template <typename scalar_t>
@@ -29,17 +29,8 @@ __attribute__((optimize("fp-contract=off"))) void side_probs(const scalar_t* x, 
                                                              float thr, bool greedy, float* prob) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   if (greedy) {
-    float best = kNegInf;
-    int64_t arg = 0;
-    for (int64_t i = 0; i < vocab; ++i) {
-      const float v = static_cast<float>(x[i]);
-      if (v > best) {
-        best = v;
-        arg = i;
-      }
-    }
     std::fill(prob, prob + vocab, 0.0f);
-    prob[arg] = 1.0f;
+    prob[greedy_row(x, vocab)] = 1.0f;
     return;
   }
   float m = kNegInf;

@@ -15,7 +15,7 @@
 // u = ((bits >> 9) + 0.5) / 2^23. Scores are formed as (x * inv_t) + g with no FMA contraction, as
 // PyTorch does, so tokens agree with the reference up to a last-ulp difference of log in a near-tie.
 
-#include "counter_rng.h"
+#include "sampling.h"
 #include "vec.h"
 
 #include <algorithm>
@@ -32,21 +32,7 @@ constexpr int64_t kBlock = 512;
 // several million logits (waking the pool costs tens of ms when the cores are shared).
 inline int64_t grain_rows(int64_t vocab) { return std::max<int64_t>(1, (int64_t{1} << 22) / vocab); }
 
-using namespace counter_rng;
-
-template <typename scalar_t>
-int64_t greedy_row(const scalar_t* x, int64_t vocab) {
-  float best = -std::numeric_limits<float>::infinity();
-  int64_t arg = 0;
-  for (int64_t i = 0; i < vocab; ++i) {
-    const float v = static_cast<float>(x[i]);
-    if (v > best) {
-      best = v;
-      arg = i;
-    }
-  }
-  return arg;
-}
+using namespace sampling;
 
 template <typename scalar_t>
 __attribute__((optimize("fp-contract=off"))) int64_t gumbel_row(const scalar_t* x, int64_t vocab, uint32_t rowh,

@@ -446,7 +446,8 @@ def _divergence_args(policy):
 
 
 def _rule_args(policy, state):
-    """(L, max(L, W), K bits, F bits, A bits, scheduled, switch_at or a placeholder pointer)."""
+    """(L, max(L, W), K bits, F bits, A bits, scheduled, switch_at): unscheduled policies pass `state.count`
+    as the switch_at pointer, which the kernel then never reads."""
     scheduled = isinstance(policy, SCHEDULED)
     at = state.switch_at if scheduled else state.count
     if isinstance(policy, AdaSwitch):

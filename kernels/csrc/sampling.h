@@ -1,12 +1,14 @@
-// The counter-based random bits every native op draws from (adaswitch/ops/rng.py states the scheme):
-// murmur3 fmix32 chained over (seed hash, example key, position, stream), then per vocabulary index
-// u = ((bits >> 9) + 0.5) / 2^23. Same bits as the PyTorch reference and the Triton kernels.
+// What every native sampling op shares: the counter-based random bits (adaswitch/ops/rng.py states the
+// scheme: murmur3 fmix32 chained over (seed hash, example key, position, stream), then per vocabulary index
+// u = ((bits >> 9) + 0.5) / 2^23; same bits as the PyTorch reference and the Triton kernels) and the
+// greedy choice (the first maximum, as torch.argmax).
 #pragma once
 
 #include <cstdint>
+#include <limits>
 
 namespace adaswitch {
-namespace counter_rng {
+namespace sampling {
 
 constexpr uint32_t kM1 = 0x85EBCA6Bu;
 constexpr uint32_t kM2 = 0xC2B2AE35u;
@@ -39,5 +41,20 @@ inline float uniform(uint32_t rowh, int64_t i) {
   return (static_cast<float>(bits >> 9) + 0.5f) * (1.0f / 8388608.0f);
 }
 
-}  // namespace counter_rng
+// The index of a row's first maximum (the greedy token), compared in fp32.
+template <typename scalar_t>
+int64_t greedy_row(const scalar_t* x, int64_t vocab) {
+  float best = -std::numeric_limits<float>::infinity();
+  int64_t arg = 0;
+  for (int64_t i = 0; i < vocab; ++i) {
+    const float v = static_cast<float>(x[i]);
+    if (v > best) {
+      best = v;
+      arg = i;
+    }
+  }
+  return arg;
+}
+
+}  // namespace sampling
 }  // namespace adaswitch
