@@ -529,9 +529,20 @@ def _resume_checkpoint(resume, output_dir: str):
     return str(p)
 
 
+def load_model_config(option: str, path):
+    """A model directory's config.json (no weights): what the checks before loading need (context length)."""
+    from transformers import AutoConfig
+
+    p = _model_dir(option, path)
+    try:
+        return AutoConfig.from_pretrained(str(p))
+    except Exception as exc:  # JSON errors, unknown model types, ...
+        raise CliError(f"{option}: cannot read the model config in {str(p)!r}: {_first_line(exc)}") from exc
+
+
 def _distill(args, settings: dict, paths: dict) -> int:
     from adaswitch.train.config import DistillConfig
-    from adaswitch.train.data import load_prompt_completion
+    from adaswitch.train.data import prepare_dataset, prompt_limit
 
     config = DistillConfig(**settings)  # validates every field before any model is loaded
     resume = _resume_checkpoint(args.resume, config.output_dir)
@@ -540,10 +551,26 @@ def _distill(args, settings: dict, paths: dict) -> int:
     # One tokenizer for both models (the student's, else the teacher's), checked before anything else.
     tokenizers = shared_tokenizer([("--student", student_dir), ("--teacher", teacher_dir)])
     tokenizer = next(iter(tokenizers.values()))
-    # Data files are read (and their columns checked) before the models load.
-    load_prompt_completion(paths["train"], name="train dataset", require_completion=config.uses_completions)
-    if paths.get("eval"):
-        load_prompt_completion(paths["eval"], name="eval dataset", require_completion=config.uses_completions)
+    # Every data row is read, checked and tokenized before any weights load: the prompt limit needs only the
+    # models' context lengths, from their config.json. The Distiller takes the tokenized rows as they are.
+    limit = prompt_limit(
+        config.max_prompt_length,
+        config.max_new_tokens,
+        load_model_config("--student", student_dir),
+        load_model_config("--teacher", teacher_dir),
+    )
+    data = {
+        option: prepare_dataset(
+            paths[key],
+            tokenizer,
+            max_prompt_length=limit,
+            max_completion_length=config.max_new_tokens,
+            use_completion=config.uses_completions,
+            name=option,
+        )
+        for key, option in (("train", "--train"), ("eval", "--eval"))
+        if paths.get(key)
+    }
     student = load_model("--student", student_dir)
     teacher = load_model("--teacher", teacher_dir)
 
@@ -553,8 +580,8 @@ def _distill(args, settings: dict, paths: dict) -> int:
         model=student,
         teacher_model=teacher,
         args=config,
-        train_dataset=paths["train"],
-        eval_dataset=paths.get("eval"),
+        train_dataset=data["--train"],
+        eval_dataset=data.get("--eval"),
         processing_class=tokenizer,
         teacher_processing_class=tokenizers.get("--teacher"),
     )

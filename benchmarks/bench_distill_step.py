@@ -1,11 +1,12 @@
 """Seconds per distillation step for every policy on the demo models and budget, split into generation /
 teacher forward (loss) / student forward + backward + optimizer, with teacher forwards per response token
 and host syncs, plus TRL's `DistillationTrainer` (on-policy, same models, prompts, batch, max new tokens,
-CPU, no vLLM) as the peer. Everything is timed in the same run, configurations interleaved over rounds;
-ratios are what to read (the machine is shared and noisy). Writes
-benchmarks/results/distill_step_cpu.{csv,md}.
+CPU, no vLLM) as the peer, and a measured floor: the same work as raw model forwards. Everything is timed
+in the same run, configurations interleaved over rounds; ratios are what to read (the machine is shared and
+noisy). Writes benchmarks/results/distill_step_cpu.{csv,md} (or --out).
 
     python benchmarks/bench_distill_step.py [--rounds 2] [--steps 3] [--batch 32] [--max-new-tokens 40]
+                                            [--only "On-policy;SKD, step + reuse"] [--no-trl] [--out PATH]
 
 Models: the demo's shipped teacher (Qwen2-style) and shipped student (Llama-style); prompts: the demo
 task's training prompts (the same ones for every configuration); budget: the demo's quick preset (batch
@@ -16,9 +17,31 @@ one warm-up step, then --steps timed steps; the table holds medians over all tim
 - teacher fwd (loss): the loss's teacher forward (0 when the teacher states from generation are reused);
 - student fwd+bwd+opt: the rest of the step (the student's forward and backward, the optimizer, metrics);
 - teacher fwd / token: batched calls of the teacher's decoder (prefill, decode, verification and the loss's
-  forward) per response token of a row (calls x batch / response tokens);
+  forward) per response token of a row (calls x batch / response tokens). A batch keeps decoding until
+  its longest row is done, so every call counts all its rows, finished ones included;
+- teacher fwd / token (live rows): the same calls, each counting only the rows still live in it (not
+  finished, below max_new_tokens: the engine's own idle mask, read by a wrapper around its teacher decode
+  forward and summed after the run, so no host read enters the loop); the prompt's prefill and the loss's
+  forward count every row, since every row needs them. 1.00 means one teacher forward per response token,
+  the least a teacher that writes or scores every token can take;
 - host syncs / step: device-to-host reads in one compute_loss (generation, loss, metrics), counted by
   adaswitch.engine.sync.SyncCounter in an extra, untimed step.
+
+Floor (rows "floor: <configuration>", once per round after the configurations, on the same prompt
+batches as their timed steps): the least time any batched implementation could take for the same step on
+this machine. Generation is replaced by raw batched forwards of the models with transformers' own DynamicCache
+(a prefill of the prompt that gives the logits of response position 0, then one-token forwards; no engine,
+no rule, no sampling; the inputs are fixed random ids, since a forward's cost does not depend on them),
+each model run for as many response positions as the configuration's own outputs need: the longest row
+(every row of a batch decodes until the longest is done); AdaSwitch's student only until the last row's
+switch (or the end of a row that never switched), its teacher at every position (the rule reads its
+logits before the switch, it writes every token after); SKD both models at every position; SeqKD the teacher only;
+on-policy the student only. The step floor adds that step's measured training part (student
+fwd+bwd+opt, and the loss's teacher forward where the states are not reused). The engine's own forward
+counts (which run to its next host read after the last switch / finish) are in the CSV beside the floor's.
+"floor: student decode" / "floor: teacher decode": each model alone over on-policy's positions (their ratio
+is what a teacher forward costs against a student one here). Reported: ours / floor per configuration
+(the engine's overhead) and the floor's step against the on-policy floor (what any implementation pays).
 """
 
 from __future__ import annotations
@@ -27,6 +50,7 @@ import argparse
 import contextlib
 import copy
 import csv
+import importlib
 import io
 import logging
 import statistics
@@ -64,6 +88,10 @@ CONFIGS = {
     "SeqKD (teacher), defaults": dict(policy="teacher"),
 }
 TRL = "TRL DistillationTrainer (on-policy)"
+# configurations that get a floor row ("floor: <name>"), from their own outputs and training parts
+FLOORS = ("On-policy", "AdaSwitch, step + reuse", "SKD, step + reuse", "SeqKD (teacher), step + reuse")
+FLOOR = "floor"  # the round's raw-forward measurement, run after the configurations
+STUDENT_DECODE, TEACHER_DECODE = "floor: student decode", "floor: teacher decode"
 
 
 class StepTimer(TrainerCallback):
@@ -90,6 +118,39 @@ class Counter:
 
 def _decoder(model):
     return model.get_decoder() if hasattr(model, "get_decoder") else model
+
+
+@contextlib.contextmanager
+def live_teacher_rows():
+    """Rows still live (not finished, below max_new_tokens) at each of the engine's teacher decode forwards:
+    a list of 0-d tensors, read after the run (no host read inside the loop)."""
+    engine = importlib.import_module("adaswitch.engine.generate")  # the module (the package exports the function)
+    original, live = engine._Run._teacher_forward, []
+
+    def counted(run, ids):
+        live.append((~run._idle()).sum())
+        return original(run, ids)
+
+    engine._Run._teacher_forward = counted
+    try:
+        yield live
+    finally:
+        engine._Run._teacher_forward = original
+
+
+def positions_needed(policy, lengths: torch.Tensor, switch_position: torch.Tensor) -> tuple[int, int]:
+    """(student, teacher) response positions whose logits the policy's rule reads in a batch decoded until its
+    longest row is done: AdaSwitch's student until the last row's switch (a row that never switched: its
+    end), every other model that runs at every position."""
+    from adaswitch.policies import AdaSwitch
+
+    longest = int(lengths.max())
+    teacher = longest if policy.uses_teacher else 0
+    if isinstance(policy, AdaSwitch):
+        student = int(torch.where(switch_position >= 0, switch_position + 1, lengths).max())
+    else:
+        student = longest if policy.uses_student else 0
+    return student, teacher
 
 
 def run_adaswitch(name, overrides, teacher, student, tokenizer, pool, args, out_dir):
@@ -127,29 +188,127 @@ def run_adaswitch(name, overrides, teacher, student, tokenizer, pool, args, out_
         begin(*a, **kw)
 
     timer.on_step_begin = step_begin
-    counter = Counter(_decoder(teacher))
+    counter, student_counter = Counter(_decoder(teacher)), Counter(_decoder(trainer.model))
+    generations = []  # per step: its prompts, outputs and the forwards generation ran
+    responses = trainer._responses
+
+    def logged(model, inputs):
+        before = student_counter.calls, counter.calls
+        out = responses(model, inputs)
+        gen = out[4]
+        generations.append(dict(
+            prompt=(inputs["prompt_input_ids"], inputs["prompt_attention_mask"]),
+            lengths=gen.lengths.clone(), switch_position=gen.switch_position.clone(),
+            forwards=(student_counter.calls - before[0], counter.calls - before[1])))
+        return out
+
+    trainer._responses = logged
     try:
-        trainer.train()
+        with live_teacher_rows() as live:
+            trainer.train()
     finally:
         counter.handle.remove()
+        student_counter.handle.remove()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     gen = [h["generation_seconds"] for h in logs]
     tokens = sum(h["response_tokens"] for h in logs)
     step_teacher, calls = list(teacher_seconds), counter.calls  # before the extra step
+    # every teacher call counts its live rows: the engine's decode forwards their own, the others all rows
+    live_rows = sum(int(x) for x in live) + (calls - len(live)) * args.batch
     # the extra step: host reads of one compute_loss
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     with SyncCounter() as sync:
         trainer.compute_loss(trainer.model, batch)
     rows = []
     for i in range(1, steps):  # step 0 is the warm-up
-        total = timer.seconds[i]
+        total, g = timer.seconds[i], generations[i]
         rows.append(dict(total=total, generation=gen[i], teacher=step_teacher[i],
-                         student=total - gen[i] - step_teacher[i]))
-    extra = dict(teacher_forwards_per_token=calls * args.batch / max(tokens, 1), host_syncs=sync.count,
+                         student=total - gen[i] - step_teacher[i], prompt=g["prompt"], lengths=g["lengths"],
+                         positions=positions_needed(trainer.policy, g["lengths"], g["switch_position"]),
+                         forwards=g["forwards"]))
+    extra = dict(teacher_forwards_per_token=calls * args.batch / max(tokens, 1),
+                 teacher_forwards_per_token_live=live_rows / max(tokens, 1), host_syncs=sync.count,
                  teacher_token_fraction=statistics.mean(h.get("teacher_token_fraction", 0.0) for h in logs),
                  reused=statistics.mean(h.get("teacher_states_reused", 0.0) for h in logs),
                  lookahead=config.lookahead, guidance=config.guidance)
     return rows, extra
+
+
+@torch.no_grad()
+def decode_seconds(model, ids: torch.Tensor, mask: torch.Tensor, positions: int, seed: int) -> list[float]:
+    """Cumulative seconds until the logits of response positions 0 .. positions - 1 of the left-padded prompt
+    batch: one prefill (logits of the last column only), then one-token forwards with transformers'
+    DynamicCache and a growing 2-D mask, as a plain decode loop without any rule does. Inputs: random ids."""
+    from transformers import DynamicCache
+
+    was_training = model.training
+    model.eval()
+    try:
+        vocab = model.config.get_text_config(decoder=True).vocab_size
+        inputs = torch.randint(0, vocab, (ids.shape[0], positions), generator=torch.Generator().manual_seed(seed))
+        cache = DynamicCache(config=model.config)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        ones = torch.ones_like(mask[:, :1])
+        start = time.perf_counter()
+        model(input_ids=ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True,
+              logits_to_keep=1)
+        seconds = [time.perf_counter() - start]
+        position_ids = position_ids[:, -1:]
+        for j in range(1, positions):
+            mask = torch.cat([mask, ones], 1)
+            position_ids = position_ids + 1
+            model(input_ids=inputs[:, j - 1 : j], attention_mask=mask, position_ids=position_ids, cache=cache,
+                  use_cache=True)
+            seconds.append(time.perf_counter() - start)
+    finally:
+        model.train(was_training)
+    return seconds
+
+
+def run_floor(round_rows: dict, teacher, student, args) -> dict:
+    """Floor rows of one round: per timed step, both models' raw decode over the step's prompt batch (once,
+    shared by every configuration), each configuration's generation floor read at its positions needed."""
+    names = [n for n in FLOORS if n in round_rows]
+    first = round_rows[names[0]]
+    for name in names[1:]:  # the Distiller's data order is seeded: every configuration sees the same batches
+        for a, b in zip(first, round_rows[name]):
+            if not (torch.equal(a["prompt"][0], b["prompt"][0]) and torch.equal(a["prompt"][1], b["prompt"][1])):
+                raise RuntimeError(f"{name!r} got other prompt batches than {names[0]!r}: the floor needs the same")
+    out = {f"floor: {n}": [] for n in names}
+    out.update({STUDENT_DECODE: [], TEACHER_DECODE: []} if "On-policy" in names else {})
+    for i, step in enumerate(first):
+        ids, mask = step["prompt"]
+        s = decode_seconds(student, ids, mask, args.max_new_tokens, seed=i)
+        t = decode_seconds(teacher, ids, mask, args.max_new_tokens, seed=i)
+        for name in names:
+            row = round_rows[name][i]
+            c_s, c_t = row["positions"]
+            generation = (s[c_s - 1] if c_s else 0.0) + (t[c_t - 1] if c_t else 0.0)
+            out[f"floor: {name}"].append(dict(
+                total=generation + row["teacher"] + row["student"], generation=generation, teacher=row["teacher"],
+                student=row["student"], positions=row["positions"], forwards=row["positions"],
+                lengths=row["lengths"], loss_forward=row["teacher"] > 0))
+        if "On-policy" in names:
+            on_policy = round_rows["On-policy"][i]
+            c, nan = on_policy["positions"][0], float("nan")
+            for key, seconds, forwards in ((STUDENT_DECODE, s, (c, 0)), (TEACHER_DECODE, t, (0, c))):
+                out[key].append(dict(total=nan, generation=seconds[c - 1], teacher=nan, student=nan,
+                                     positions=forwards, forwards=forwards, lengths=on_policy["lengths"],
+                                     loss_forward=False))
+    return out
+
+
+def floor_extra(rows: list, batch: int, engine_extra: dict | None) -> dict:
+    """The floor's teacher forwards per response token (all rows / live rows) from its positions, and the
+    engine configuration's token and reuse columns."""
+    tokens = sum(int(r["lengths"].sum()) for r in rows)
+    calls = sum(r["positions"][1] + r["loss_forward"] for r in rows)
+    live = sum(int(r["lengths"].clamp(max=r["positions"][1]).sum()) + r["loss_forward"] * batch for r in rows)
+    e = engine_extra or {}
+    return dict(teacher_forwards_per_token=calls * batch / max(tokens, 1),
+                teacher_forwards_per_token_live=live / max(tokens, 1), host_syncs=float("nan"),
+                teacher_token_fraction=e.get("teacher_token_fraction", float("nan")),
+                reused=e.get("reused", float("nan")), lookahead=0, guidance="-")
 
 
 def run_trl(teacher, student, tokenizer, pool, args, out_dir):
@@ -194,22 +353,44 @@ def run_trl(teacher, student, tokenizer, pool, args, out_dir):
         rows.append(dict(total=timer.seconds[i], generation=g, teacher=float("nan"),
                          student=timer.seconds[i] - g))
     per_token = counter.calls * args.batch / max(sum(tokens), 1) if tokens else float("nan")
-    extra = dict(teacher_forwards_per_token=per_token,
+    # TRL's teacher runs only in the loss, where every row needs it: the live-row count is the same
+    extra = dict(teacher_forwards_per_token=per_token, teacher_forwards_per_token_live=per_token,
                  host_syncs=sync.count / steps, teacher_token_fraction=0.0, reused=0.0, lookahead=0,
                  guidance="-")
     return rows, extra
 
 
-def main():
+def _positive(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be an int >= 1, got {text!r}")
+        return value
+    return parse
+
+
+def _fmt(value: float, spec: str, suffix: str = "") -> str:
+    return "-" if value != value else f"{value:{spec}}{suffix}"
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--rounds", type=_positive("--rounds"), default=2)
+    parser.add_argument("--steps", type=_positive("--steps"), default=3)
+    parser.add_argument("--batch", type=_positive("--batch"), default=32)
+    parser.add_argument("--max-new-tokens", type=_positive("--max-new-tokens"), default=40)
     parser.add_argument("--only", default=None, help="semicolon-separated configuration names (default: all)")
     parser.add_argument("--no-trl", action="store_true")
-    parser.add_argument("--out", default=str(RESULTS / "distill_step_cpu"))
-    args = parser.parse_args()
+    parser.add_argument("--out", default=str(RESULTS / "distill_step_cpu"),
+                        help="output path without suffix: writes PATH.csv and PATH.md")
+    args = parser.parse_args(argv)
+    names = list(CONFIGS) if args.only is None else [n.strip() for n in args.only.split(";")]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        parser.error(f"--only: unknown configuration(s) {unknown}; expected names from {list(CONFIGS)}")
 
     from transformers.utils import logging as hf_logging
 
@@ -224,41 +405,63 @@ def main():
     student.train()
     train = DataSpec().build()["train"]
     pool = train.select(range((args.steps + 2) * args.batch))
-    names = list(CONFIGS) if args.only is None else [n.strip() for n in args.only.split(";")]
     if not args.no_trl:
         names.append(TRL)
+    floored = [n for n in FLOORS if n in names]
+    if floored:
+        names.append(FLOOR)
     load_before = load_average()
-    results = {n: [] for n in names}
+    results = {n: [] for n in names if n != FLOOR}
     extras = {}
     for r in range(args.rounds):
+        this_round = {}
         for name in names:
+            if name == FLOOR:
+                for key, rows in run_floor(this_round, teacher, student, args).items():
+                    results.setdefault(key, []).extend(rows)
+                print(f"round {r} floor: " + ", ".join(
+                    f"{n} {statistics.median(x['total'] for x in results[f'floor: {n}']):.3f}" for n in floored)
+                    + " s/step", flush=True)
+                continue
             with tempfile.TemporaryDirectory(prefix="bench-distill-") as tmp, contextlib.redirect_stdout(io.StringIO()):
                 if name == TRL:
                     rows, extra = run_trl(teacher, student, tokenizer, pool, args, tmp)
                 else:
                     rows, extra = run_adaswitch(name, CONFIGS[name], teacher, student, tokenizer, pool, args, tmp)
             results[name] += rows
+            this_round[name] = rows
             extras[name] = extra
             med = statistics.median(x["total"] for x in rows)
             print(f"round {r} {name}: {med:.3f} s/step", flush=True)
     load_after = load_average()
+    for key, rows in results.items():
+        if key.startswith("floor: "):
+            extras[key] = floor_extra(rows, args.batch, extras.get(key[len("floor: "):]))
 
     def med(name, key):
-        vals = [x[key] for x in results[name] if x[key] == x[key]]
+        vals = [x[key] for x in results.get(name, ()) if x[key] == x[key]]
         return statistics.median(vals) if vals else float("nan")
 
-    base = med("On-policy", "total") if "On-policy" in results else float("nan")
-    trl = med(TRL, "total") if TRL in results else float("nan")
+    def mean_forwards(name, which):
+        rows = [x for x in results[name] if "forwards" in x]
+        return statistics.mean(x["forwards"][which] for x in rows) if rows else float("nan")
+
+    base, trl = med("On-policy", "total"), med(TRL, "total")
+    base_floor = med("floor: On-policy", "total")
     table = []
-    for name in names:
+    for name in results:
         e = extras[name]
         table.append(dict(
             config=name, lookahead=e["lookahead"], guidance=e["guidance"],
             seconds_per_step=med(name, "total"), generation=med(name, "generation"),
             teacher_forward_loss=med(name, "teacher"), student_fwd_bwd_opt=med(name, "student"),
             vs_on_policy=med(name, "total") / base, vs_trl=med(name, "total") / trl,
-            teacher_forwards_per_token=e["teacher_forwards_per_token"], host_syncs_per_step=e["host_syncs"],
+            vs_on_policy_floor=med(name, "total") / base_floor,
+            teacher_forwards_per_token=e["teacher_forwards_per_token"],
+            teacher_forwards_per_token_live=e["teacher_forwards_per_token_live"], host_syncs_per_step=e["host_syncs"],
             teacher_token_fraction=e["teacher_token_fraction"], teacher_states_reused=e["reused"],
+            student_forwards_per_generation=mean_forwards(name, 0),
+            teacher_forwards_per_generation=mean_forwards(name, 1),
         ))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -270,26 +473,66 @@ def main():
             f"{git_commit()}; {utc_now()}; load average before {load_before}, after {load_after}. "
             f"Batch {args.batch}, max_new_tokens {args.max_new_tokens}, {args.rounds} rounds x {args.steps} timed "
             f"steps per configuration (medians).")
+    out.with_suffix(".md").write_text(markdown(table, meta))
+    print(markdown(table, meta))
+
+
+def markdown(table: list, meta: str) -> str:
+    """The report: every configuration's step, then the floor section (ratios first)."""
+    rows = {t["config"]: t for t in table}
     lines = [
         "# Distillation step cost on CPU (demo models, quick-preset budget)", "", meta, "",
         "Generated by `benchmarks/bench_distill_step.py`. Seconds are medians; ratios divide medians of the "
         "same run. TRL's row times its whole step (generation by `model.generate`; its other columns are "
         "not split). Teacher forwards per token count the teacher decoder's batched calls (prefill, decode, "
-        "verification, the loss's forward) per response token of a row; host syncs are per compute_loss "
-        "(TRL: per training step).", "",
+        "verification, the loss's forward) per response token of a row, every call with all its rows (a batch "
+        "decodes until its longest row is done); \"live rows\" counts in each call only the rows still live "
+        "(not finished, below max_new_tokens), so 1.00 is one teacher forward per response token. Host syncs "
+        "are per compute_loss (TRL: per training step).", "",
         "| configuration | G | guidance | s / step | generation | teacher fwd (loss) | student fwd+bwd+opt "
-        "| vs on-policy | vs TRL | teacher fwd / token | host syncs / step | teacher tokens | states reused |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| vs on-policy | vs TRL | teacher fwd / token | teacher fwd / token (live rows) | host syncs / step "
+        "| teacher tokens | states reused |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for t in table:
+        if t["config"].startswith("floor: "):
+            continue
         lines.append(
             f"| {t['config']} | {t['lookahead']} | {t['guidance']} | {t['seconds_per_step']:.3f} | "
-            f"{t['generation']:.3f} | {t['teacher_forward_loss']:.3f} | {t['student_fwd_bwd_opt']:.3f} | "
-            f"{t['vs_on_policy']:.2f}x | {t['vs_trl']:.2f}x | {t['teacher_forwards_per_token']:.3f} | "
-            f"{t['host_syncs_per_step']:.0f} | {t['teacher_token_fraction']:.2f} | {t['teacher_states_reused']:.0%} |"
+            f"{t['generation']:.3f} | {_fmt(t['teacher_forward_loss'], '.3f')} | {t['student_fwd_bwd_opt']:.3f} | "
+            f"{_fmt(t['vs_on_policy'], '.2f', 'x')} | {_fmt(t['vs_trl'], '.2f', 'x')} | "
+            f"{t['teacher_forwards_per_token']:.3f} | "
+            f"{t['teacher_forwards_per_token_live']:.3f} | {t['host_syncs_per_step']:.0f} | "
+            f"{t['teacher_token_fraction']:.2f} | {t['teacher_states_reused']:.0%} |"
         )
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    floors = [n for n in FLOORS if f"floor: {n}" in rows and n in rows]
+    if floors:
+        lines += [
+            "", "## Floor: the same work as raw forwards", "",
+            "Each configuration's generation replaced by raw batched forwards of the models (transformers' "
+            "DynamicCache, no engine, no rule), each model run for the response positions the configuration's "
+            "own outputs need (the longest row; AdaSwitch's student until the last row's switch), plus the "
+            "step's measured training part. \"ours / floor\" is what the engine adds; \"floor vs on-policy "
+            "floor\" is what any implementation pays on this machine. Forwards per generation: batched "
+            "forwards (prefill included), student / teacher: the engine's counted, the floor's needed.", "",
+            "| configuration | step: ours / floor | generation: ours / floor | floor vs on-policy floor "
+            "| ours vs our on-policy | forwards, ours | forwards, floor | floor teacher fwd / token (live rows) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name in floors:
+            ours, floor = rows[name], rows[f"floor: {name}"]
+            lines.append(
+                f"| {name} | {ours['seconds_per_step'] / floor['seconds_per_step']:.2f}x | "
+                f"{ours['generation'] / floor['generation']:.2f}x | {_fmt(floor['vs_on_policy_floor'], '.2f', 'x')} | "
+                f"{ours['vs_on_policy']:.2f}x | {ours['student_forwards_per_generation']:.1f} / "
+                f"{ours['teacher_forwards_per_generation']:.1f} | {floor['student_forwards_per_generation']:.1f} / "
+                f"{floor['teacher_forwards_per_generation']:.1f} | {floor['teacher_forwards_per_token_live']:.3f} |"
+            )
+        if STUDENT_DECODE in rows and TEACHER_DECODE in rows:
+            s, t = rows[STUDENT_DECODE], rows[TEACHER_DECODE]
+            lines += ["", f"Raw decode over on-policy's positions ({s['student_forwards_per_generation']:.1f} "
+                      f"forwards on average): teacher / student = {t['generation'] / s['generation']:.2f}x."]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -30,3 +30,92 @@ def test_readme_cost_table_is_rendered_from_the_step_benchmark():
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
     assert cost_table.main(["--check"]) == 0
+
+
+def _benchmarks():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_distill_step
+        import cost_table
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return bench_distill_step, cost_table
+
+
+def test_floor_positions_follow_each_policy_s_reads():
+    """The floor runs each model only as far as the outputs need: AdaSwitch's student until the last row's
+    switch (a row that never switched: its end), the others for the longest row."""
+    import torch
+
+    from adaswitch.policies import SKD, AdaSwitch, Student, Teacher
+
+    bench, _ = _benchmarks()
+    lengths = torch.tensor([5, 9, 3])
+    switched = torch.tensor([2, 4, 0])
+    assert bench.positions_needed(AdaSwitch(), lengths, switched) == (5, 9)
+    assert bench.positions_needed(AdaSwitch(), lengths, torch.tensor([2, -1, 0])) == (9, 9)
+    assert bench.positions_needed(Student(), lengths, torch.full((3,), -1)) == (9, 0)
+    assert bench.positions_needed(Teacher(), lengths, torch.full((3,), -1)) == (0, 9)
+    assert bench.positions_needed(SKD(), lengths, torch.full((3,), -1)) == (9, 9)
+
+
+def test_floor_teacher_forwards_count_live_rows():
+    """Per teacher forward the live-row column counts the rows not yet finished; the old column all rows."""
+    import torch
+
+    bench, _ = _benchmarks()
+    rows = [dict(lengths=torch.tensor([2, 4]), positions=(0, 4), loss_forward=False),
+            dict(lengths=torch.tensor([1, 3]), positions=(0, 3), loss_forward=True)]
+    extra = bench.floor_extra(rows, batch=2, engine_extra=None)
+    # forwards: 4 + (3 + 1 loss) = 8 calls x 2 rows over 10 tokens; live: (2 + 4) + (1 + 3 + 2) = 12 rows
+    assert extra["teacher_forwards_per_token"] == 8 * 2 / 10
+    assert extra["teacher_forwards_per_token_live"] == 12 / 10
+
+
+def _step_rows(floors: bool) -> list[dict]:
+    """A results table as bench_distill_step writes it (two configurations, their floors)."""
+    base = dict(lookahead=0, guidance="step", generation=0.1, teacher_forward_loss=0.0, student_fwd_bwd_opt=0.05,
+                vs_trl=0.5, teacher_forwards_per_token=1.5, teacher_forwards_per_token_live=1.0,
+                host_syncs_per_step=9, teacher_token_fraction=0.5, teacher_states_reused=1.0,
+                student_forwards_per_generation=41, teacher_forwards_per_generation=41)
+    rows = [dict(base, config="On-policy", seconds_per_step=0.2, vs_on_policy=1.0, vs_on_policy_floor=2.0),
+            dict(base, config="AdaSwitch, step + reuse", seconds_per_step=0.4, vs_on_policy=2.0,
+                 vs_on_policy_floor=4.0)]
+    if floors:
+        rows += [dict(base, config="floor: On-policy", seconds_per_step=0.1, vs_on_policy=0.5, vs_on_policy_floor=1.0,
+                      generation=0.04),
+                 dict(base, config="floor: AdaSwitch, step + reuse", seconds_per_step=0.16, vs_on_policy=0.8,
+                      vs_on_policy_floor=1.6, generation=0.08)]
+    return rows
+
+
+def test_step_report_puts_floor_ratios_in_their_own_section():
+    bench, _ = _benchmarks()
+    text = bench.markdown(_step_rows(floors=True), "CPU: test")
+    main, floor = text.split("## Floor")
+    assert "| floor: " not in main  # floor rows are not configurations
+    # ours / floor (step 0.4 / 0.16, generation 0.1 / 0.08), floor vs on-policy floor 1.6
+    assert "| AdaSwitch, step + reuse | 2.50x | 1.25x | 1.60x | 2.00x |" in floor
+    assert "## Floor" not in bench.markdown(_step_rows(floors=False), "CPU: test")
+
+
+def test_cost_table_shows_the_floor_when_the_csv_has_it(tmp_path):
+    _, cost_table = _benchmarks()
+    for floors in (True, False):
+        rows = _step_rows(floors)
+        results = tmp_path / f"step_{floors}"
+        with open(results.with_suffix(".csv"), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        results.with_suffix(".md").write_text("# x\n\nCPU: test machine\n")
+        cost_table.ROWS, saved = ("On-policy", "AdaSwitch, step + reuse"), cost_table.ROWS
+        try:
+            text = cost_table.render(results)
+        finally:
+            cost_table.ROWS = saved
+        if floors:
+            assert "| AdaSwitch, step + reuse | 2.00x | 0.50x | 1.60x | 2.50x | 1.500 | 1.000 | 9 |" in text
+        else:
+            assert "floor" not in text.lower()
+            assert "| AdaSwitch, step + reuse | 2.00x | 0.50x | 1.500 | 9 |" in text

@@ -243,9 +243,9 @@ def test_render_response_marks_runs():
 @pytest.mark.parametrize(
     ("case", "fragments"),
     [
-        ("missing_column", ["train dataset: missing column(s) ['completion']"]),
-        ("empty_prompt", ["train dataset: row 2 has an empty prompt"]),
-        ("long_prompt", ["train dataset: row 1 has a prompt of", "longer than the limit of 60"]),
+        ("missing_column", ["--train: missing column(s) ['completion']"]),
+        ("empty_prompt", ["--train: row 2 has an empty prompt"]),
+        ("long_prompt", ["--train: row 1 has a prompt of", "longer than the limit of 60"]),
         ("no_teacher_dir", ["--teacher: not a directory"]),
         ("not_a_model", ["is not a saved model (no config.json)"]),
         ("bad_policy", ["argument --policy: invalid choice: 'greedy'", "--help"]),
@@ -253,10 +253,10 @@ def test_render_response_marks_runs():
         ("bad_number", ["argument --window: invalid int value"]),
         ("unknown_yaml_key", ["unknown setting(s) ['learning_rat']"]),
         ("missing_train", ["missing --train"]),
-        ("missing_file", ["train dataset: file not found"]),
+        ("missing_file", ["--train: file not found"]),
         ("bad_set", ["--set: expected KEY=VALUE"]),
         ("bad_set_type", ["--set seed: expected an integer, got 'abc'"]),
-        ("empty_file", ["train dataset:", "is empty (no rows)"]),
+        ("empty_file", ["--train:", "is empty (no rows)"]),
         ("output_is_file", ["--output-dir:", "exists and is not a directory"]),
         ("resume_missing", ["--resume-from-checkpoint: not a directory"]),
         ("resume_not_checkpoint", ["--resume-from-checkpoint:", "is not a checkpoint (no trainer_state.json)"]),
@@ -322,8 +322,7 @@ def test_distill_bad_inputs(files, tmp_path, capsys, monkeypatch, case, fragment
     }
     argv = cases[case]()
     (tmp_path / "c.yaml").write_text("learning_rat: 0.1\n")
-    if case not in ("empty_prompt", "long_prompt"):  # rows are tokenized by the Distiller: after the load
-        monkeypatch.setattr(cli, "load_model", lambda *a: pytest.fail("a model was loaded before the error"))
+    monkeypatch.setattr(cli, "load_model", lambda *a: pytest.fail("a model was loaded before the error"))
     code, _, err = run(argv + FAST[:7], capsys)
     assert_one_line_error(code, err, *fragments)
     assert not (tmp_path / "o").exists()  # nothing left on disk
@@ -332,13 +331,14 @@ def test_distill_bad_inputs(files, tmp_path, capsys, monkeypatch, case, fragment
 @pytest.mark.parametrize(
     ("case", "fragments"),
     [
-        ("bad_row_after_load", ["train dataset: row 1 has a prompt of"]),
+        ("bad_input_after_load", ["the tokenizer has 300 tokens but the student has 200 and the teacher"]),
         ("fails_in_training", ["internal error: RuntimeError: boom", "ADASWITCH_DEBUG=1"]),
     ],
 )
 def test_failed_distill_leaves_no_output_dir(files, tmp_path, capsys, monkeypatch, case, fragments):
-    """Errors found once the models are loaded (data rows need the models' context length; a failure
-    inside training): the output directory the run created is removed when it holds no file."""
+    """Errors once the models are loaded (a student with fewer output rows than the tokenizer has tokens; a
+    failure inside training): the output directory the run created is removed when it holds no file."""
+    student = files["student"]
     if case == "fails_in_training":
         from adaswitch.train.distiller import Distiller
 
@@ -346,11 +346,14 @@ def test_failed_distill_leaves_no_output_dir(files, tmp_path, capsys, monkeypatc
             raise RuntimeError("boom")
 
         monkeypatch.setattr(Distiller, "train", boom)
-        data = files["train"]
     else:
-        data = write_jsonl(tmp_path / "d.jsonl", [rows(1)[0], {"prompt": "the cat " * 40, "completion": "b"}])
+        from tiny_models import tiny_student, tiny_tokenizer
+
+        student = tmp_path / "small_student"
+        tiny_student(vocab_size=200, max_positions=64).save_pretrained(student)
+        tiny_tokenizer().save_pretrained(student)
     out = tmp_path / "o"
-    argv = ["distill", "--teacher", files["teacher"], "--student", files["student"], "--train", data,
+    argv = ["distill", "--teacher", files["teacher"], "--student", student, "--train", files["train"],
             "--output-dir", out, *FAST[:7]]
     code, _, err = run(argv, capsys)
     if case == "fails_in_training":

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from adaswitch.demo.build_teacher import TEACHER_DIR
 from adaswitch.demo.task import TaskConfig, build_dataset, extract_answer, is_correct, make_example, solve
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -162,7 +163,7 @@ def test_quick_preset_starts_from_the_shipped_checkpoint():
         TEACHER_DIR,
         load_teacher,
     )
-    from adaswitch.demo.run import PRESETS
+    from adaswitch.demo.presets import PRESETS
 
     quick = PRESETS["quick"]
     assert quick.student == QUICK_STUDENT_DIR and quick.sft_steps == 0
@@ -180,14 +181,101 @@ def test_quick_preset_starts_from_the_shipped_checkpoint():
 # ------------------------------------------------------------------------------------------ runner
 
 
-def test_demo_tiny_end_to_end(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory):
+    """`adaswitch demo --tiny --workers 1` once for the tests below: (output dir, printed text)."""
+    import contextlib
+    import io
+
+    from adaswitch.demo.run import main
+
+    out = tmp_path_factory.mktemp("tiny_demo")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["--tiny", "--output-dir", str(out), "--no-progress", "--workers", "1"]) == 0
+    return out, printed.getvalue()
+
+
+TIMING_KEYS = {"seconds_per_step", "overhead_vs_on_policy", "total_seconds", "date", "load_average_1m_at_end",
+               "sft_seconds_at_start", "workers"}
+
+
+def _without_timing(value):
+    if isinstance(value, dict):
+        return {k: _without_timing(v) for k, v in value.items() if k not in TIMING_KEYS}
+    if isinstance(value, list):
+        return [_without_timing(v) for v in value]
+    return value
+
+
+def test_demo_results_do_not_depend_on_workers(tiny_demo, tmp_path):
+    """Two worker processes (spawn, one torch thread each, a Random switch run waiting for its seed's
+    AdaSwitch run) give the same results.json as every run in this process, timings aside."""
+    from adaswitch.demo.run import main
+
+    assert main(["--tiny", "--output-dir", str(tmp_path), "--no-progress", "--workers", "2"]) == 0
+    one = json.loads((tiny_demo[0] / "results.json").read_text())
+    two = json.loads((tmp_path / "results.json").read_text())
+    assert (one["meta"]["workers"], two["meta"]["workers"]) == (1, 2)
+    assert one["meta"]["threads_per_worker"] == two["meta"]["threads_per_worker"] == 1
+    assert _without_timing(one) == _without_timing(two)
+
+
+def test_worker_errors_name_the_run():
+    from adaswitch.demo.pool import Job, RunPool
+    from adaswitch.demo.presets import PRESETS
+
+    broken = Job(name="Broken, seed 3", method="Broken", seed=3, overrides={"policy": "no_such_policy"})
+    with pytest.raises(RuntimeError, match="Broken, seed 3") as caught:
+        with RunPool(PRESETS["tiny"], workers=2, teacher_dir=TEACHER_DIR) as pool:
+            pool.run(None, [broken], progress=False, desc="test")
+    assert "policy" in str(caught.value)
+
+
+def test_jobs_must_draw_from_a_job_that_draws_from_none():
+    from adaswitch.demo.pool import Job, RunPool
+    from adaswitch.demo.presets import PRESETS
+
+    jobs = [Job("a", "AdaSwitch", 0, {}, after=1), Job("b", "Random switch", 0, {}, after=0)]
+    with pytest.raises(ValueError, match="after"):
+        RunPool(PRESETS["tiny"], workers=1, teacher_dir=TEACHER_DIR).run(None, jobs, progress=False, desc="x")
+
+
+def test_default_workers_follow_the_cores(monkeypatch):
+    import os
+
+    from adaswitch.demo import presets
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7}, raising=False)
+    assert presets.default_workers() == presets.MAX_DEFAULT_WORKERS == 4
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    assert presets.default_workers() == 1
+    with pytest.raises(ValueError, match="workers"):
+        presets.check_workers(0)
+
+
+def test_demo_jobs_schedule_random_switch_after_its_adaswitch():
+    from adaswitch.demo.experiment import METHOD_NAMES
+    from adaswitch.demo.run import demo_jobs
+
+    jobs = demo_jobs(METHOD_NAMES, (0, 1), window=8, k=1.5)
+    assert len(jobs) == 2 * len(METHOD_NAMES)
+    for job in jobs:
+        if job.method == "Random switch":
+            source = jobs[job.after]
+            assert (source.method, source.seed) == ("AdaSwitch", job.seed)
+        else:
+            assert job.after is None
+    assert [(j.method, j.seed) for j in jobs if j.keep_model] == [("AdaSwitch", 0)]
+
+
+def test_demo_tiny_end_to_end(tiny_demo):
     from matplotlib.image import imread
 
     from adaswitch.demo.experiment import METHOD_NAMES
-    from adaswitch.demo.run import PAIRED_COLUMNS, TABLE_COLUMNS, main
+    from adaswitch.demo.run import PAIRED_COLUMNS, TABLE_COLUMNS
 
-    assert main(["--tiny", "--output-dir", str(tmp_path), "--no-progress"]) == 0
-    printed = capsys.readouterr().out
+    tmp_path, printed = tiny_demo
     lines = [line for line in printed.splitlines() if line.startswith("|")]
     assert len(lines) == 2 * (2 + len(METHOD_NAMES))
     table, paired_table = lines[: 2 + len(METHOD_NAMES)], lines[2 + len(METHOD_NAMES):]
@@ -234,6 +322,8 @@ def test_demo_rejects_bad_arguments_before_work(tmp_path):
         run_demo("tiny", tmp_path, methods=("GKD",))
     with pytest.raises(ValueError, match="Random switch"):
         run_demo("tiny", tmp_path, methods=("SKD", "Random switch"))
+    with pytest.raises(ValueError, match="workers"):
+        run_demo("tiny", tmp_path, workers=0)
     with pytest.raises(ValueError, match="steps"):
         Budget(steps=0, batch_size=4)
     assert not (tmp_path / "results.json").exists()
@@ -319,9 +409,12 @@ def test_ablation_tiny(tmp_path):
         "--seeds",
         "0",
         "--no-progress",
+        "--workers",
+        "2",
     ]
     assert main(argv) == 0
     result = json.loads((tmp_path / "ablation.json").read_text())
+    assert result["meta"]["workers"] == 2 and result["meta"]["seeds"] == [0]
     assert [(c["window"], c["k"]) for c in result["cells"]] == [(4, 1.5), (4, 3.0)]
     best = max(result["cells"], key=lambda c: (c["accuracy"], -c["teacher_kl"]))
     assert (result["best"]["window"], result["best"]["k"]) == (best["window"], best["k"])
@@ -333,7 +426,8 @@ def test_switch_ablation_tiny_and_render(tmp_path):
     from adaswitch.demo.ablation import BASELINE, format_switch_table, main, render_switch
 
     argv = ["--switch", "--tiny", "--output-dir", str(tmp_path), "--divergences", "forward_kl", "tvd",
-            "--min-divergences", "0.5", "--max-divergences", "0", "--seeds", "0", "1", "--no-progress"]
+            "--min-divergences", "0.5", "--max-divergences", "0", "--seeds", "0", "1", "--no-progress",
+            "--workers", "1"]
     assert main(argv) == 0
     result = json.loads((tmp_path / "ablation_switch.json").read_text())
     names = [c["name"] for c in result["cells"]]

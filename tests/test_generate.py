@@ -351,3 +351,30 @@ def test_mixed_dtypes_bf16_teacher_fp32_student(student):
     # here, divergences within bf16 precision.
     assert torch.equal(look.response, ref.response) and torch.equal(look.switch_position, ref.switch_position)
     torch.testing.assert_close(look.divergence, ref.divergence, equal_nan=True, atol=2e-2, rtol=2e-2)
+
+
+def test_default_sync_every_stops_at_the_first_finished_step_on_cpu(student, teacher, prompts):
+    """On the CPU the default reads the flags every iteration: the student stops the step after every row
+    has switched, and the loop the step after every row is done (sync_every=16 runs on to its next read)."""
+    calls = {"student": 0}
+
+    def count(module, args, kwargs):
+        if kwargs.get("input_ids") is not None and kwargs["input_ids"].shape[1] == 1:
+            calls["student"] += 1
+
+    n = 24
+    handle = student.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        default = run(student, teacher, prompts, SWITCHY, max_new_tokens=n)
+        eager = calls["student"]
+        calls["student"] = 0
+        sparse = run(student, teacher, prompts, SWITCHY, max_new_tokens=n, sync_every=16)
+        lazy = calls["student"]
+    finally:
+        handle.remove()
+    assert_same(default, sparse)  # the read interval never changes a token
+    sw = default.switch_position
+    assert (sw >= 0).all() and int(sw.max()) < n - 2, "every row must switch well before the budget"
+    # student decode forwards: positions 0 .. last switch (the switching step reads both models)
+    assert eager == int(sw.max()) + 1, (eager, sw.tolist())
+    assert lazy > eager

@@ -1,12 +1,15 @@
 """Speculative teacher guidance (adaswitch.ops.fused_speculative, generate(guidance="speculative")) and the
 teacher states generate returns for the loss (return_teacher_states).
 
-- the op: Triton == native == PyTorch reference on every decision; a chi-square test over many counter-based
-  draws on a tiny vocabulary that every guided token follows the teacher's sampling distribution (with
-  temperature, top_k, top_p, greedy), at the first guided index and later ones;
-- generate: greedy teachers give exactly step mode's tokens (AdaSwitch, its controls' parent, Teacher);
-  sampled runs keep the invariants (batch invariance, backend equality, host-read bound, EOS);
-- teacher states: equal to the states of a full teacher forward over prompt + response, where the teacher ran.
+- the op: Triton == native == PyTorch reference on every decision, the bonus token included; a chi-square
+  test over many counter-based draws on a tiny vocabulary that every guided token follows the teacher's
+  sampling distribution (with temperature, top_k, top_p, greedy), at the first guided index, later ones and
+  the bonus index G;
+- generate: greedy teachers give exactly step mode's tokens (AdaSwitch, its controls, Teacher), with
+  bonus tokens taken; sampled runs keep the invariants (batch invariance, backend equality, host-read bound,
+  EOS);
+- teacher states: equal to the states of a full teacher forward over prompt + response, where the teacher ran
+  (bonus positions included).
 """
 
 import math
@@ -15,7 +18,8 @@ import pytest
 import torch
 from tiny_models import EOS_ID, PAD_ID, VOCAB_SIZE, random_prompts, tiny_student, tiny_teacher
 
-from adaswitch import SKD, AdaSwitch, Sampling, Student, Teacher, generate, native_available
+import adaswitch.engine.generate as engine
+from adaswitch import SKD, AdaSwitch, FixedSwitch, Sampling, Student, Teacher, generate, native_available
 from adaswitch.engine.sync import SyncCounter
 from adaswitch.ops import fused_speculative, rng
 from adaswitch.ops.speculative import sampling_probs
@@ -40,6 +44,35 @@ def student():
 @pytest.fixture(scope="module")
 def prompts():
     return random_prompts(B, P, min_len=2, seed=5)
+
+
+@pytest.fixture(scope="module")
+def near_teacher():
+    """A student that nearly is the teacher (its weights plus small noise): greedy drafts are often the
+    teacher's argmax, so guided blocks accept every draft and take the bonus, and sometimes not."""
+    model = tiny_teacher(vocab_size=VOCAB_SIZE + 20)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for w in model.parameters():
+            w.add_(torch.randn(w.shape, generator=gen) * 0.002)
+    return model
+
+
+@pytest.fixture
+def spec_calls(monkeypatch):
+    """The SpeculativeOutput of every guided block generate runs (to check that bonuses occur)."""
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(fused_speculative(*args, **kwargs))
+        return calls[-1]
+
+    monkeypatch.setattr(engine, "fused_speculative", spy)
+    return calls
+
+
+def _count(calls, field) -> int:
+    return sum(int(getattr(c, field).sum()) for c in calls)
 
 
 def run(student, teacher, prompts, policy, **kw):
@@ -72,12 +105,17 @@ SAMPLINGS = [
 
 # ------------------------------------------------------------------------------------------------ the op
 
+FIELDS = ("accepted", "token", "resampled", "bonus", "finished")
+
+
+@pytest.mark.parametrize("bonus", [False, True], ids=["G", "G+1"])
 @pytest.mark.parametrize("ss,ts", SAMPLINGS)
-def test_backends_agree_on_every_decision(ss, ts):
+def test_backends_agree_on_every_decision(ss, ts, bonus):
     torch.manual_seed(1)
     b, g, v = 24, 4, 37
     s = torch.randn(b, g, v) * 2
-    t = s + torch.randn(b, g, v)  # related models: some drafts accepted, some rejected
+    t = torch.cat([s, s[:, -1:]], 1) + torch.randn(b, g + 1, v)  # related models: some drafts accepted
+    t = t if bonus else t[:, :g]  # G + 1 positions: the teacher also scored the bonus position
     keys, pos = torch.arange(b) * 7 + 3, torch.randint(0, 30, (b,))
     draft = _drafts(s, ss, keys, pos)
     draft[0, 1] = v + 5  # an id outside the vocabulary: rejected everywhere
@@ -86,17 +124,53 @@ def test_backends_agree_on_every_decision(ss, ts):
     eos = int(draft[1, 2])  # some rows meet an EOS draft
     ref = _spec(s, t, draft, start, ss, ts, keys, pos, "torch", eos=eos)
     assert ref.resampled.any() and (ref.accepted > 0).any()
+    assert bool(ref.bonus.any()) == bonus  # bonus cases present exactly when the teacher scored index G
     for impl in IMPLS[1:]:
         out = _spec(s, t, draft, start, ss, ts, keys, pos, impl, eos=eos)
-        for field in ("accepted", "token", "resampled", "finished"):
+        for field in FIELDS:
             assert torch.equal(getattr(out, field), getattr(ref, field)), (impl, field)
     # rows with start >= G take nothing
     idle = start >= g
-    assert not ref.resampled[idle].any() and not ref.accepted[idle].any()
+    assert not ref.resampled[idle].any() and not ref.accepted[idle].any() and not ref.bonus[idle].any()
     assert (ref.token[idle] == 0).all()
+    # a bonus row accepted every draft from its start, without EOS; a resampled row takes no bonus
+    assert (ref.accepted[ref.bonus] == g - start[ref.bonus]).all() and not (ref.bonus & ref.resampled).any()
+    # the bonus only adds to the G-position decisions
+    if bonus:
+        plain = _spec(s, t[:, :g], draft, start, ss, ts, keys, pos, "torch", eos=eos)
+        for field in ("accepted", "resampled"):
+            assert torch.equal(getattr(plain, field), getattr(ref, field)), field
+        assert torch.equal(plain.token[~ref.bonus], ref.token[~ref.bonus])
     # bf16 logits run on every backend too
     for impl in IMPLS:
         _spec(s.bfloat16(), t.bfloat16(), draft, start, ss, ts, keys, pos, impl)
+
+
+def test_a_bonus_eos_finishes_the_row():
+    """A row whose bonus token is EOS is finished, on every backend; the other bonus rows are not."""
+    torch.manual_seed(2)
+    b, g, v = 16, 2, 11
+    s = torch.randn(b, g, v)
+    t = torch.cat([s, s[:, -1:]], 1) + 0.2 * torch.randn(b, g + 1, v)
+    keys, pos = torch.arange(b), torch.zeros(b, dtype=torch.long)
+    ss = ts = Sampling()
+    draft, start = _drafts(s, ss, keys, pos), torch.zeros(b, dtype=torch.long)
+    first = _spec(s, t, draft, start, ss, ts, keys, pos, "torch", eos=v + 1)
+    assert first.bonus.sum() >= 2 and not first.finished.any()
+    row = int(first.bonus.nonzero()[0])
+    eos = int(first.token[row])
+    for impl in IMPLS:
+        out = _spec(s, t, draft, start, ss, ts, keys, pos, impl, eos=eos)
+        assert bool(out.bonus[row]) and bool(out.finished[row]), impl
+        assert torch.equal(out.finished & out.bonus, out.bonus & (out.token == eos)), impl
+
+
+def test_teacher_logits_shape_is_checked():
+    s, draft = torch.zeros(2, 3, 5), torch.zeros(2, 3, dtype=torch.long)
+    keys = pos = start = torch.zeros(2, dtype=torch.long)
+    for bad in (torch.zeros(2, 2, 5), torch.zeros(2, 5, 5), torch.zeros(2, 4, 6)):
+        with pytest.raises(ValueError, match=r"teacher_logits must be \[B, G, V\] or \[B, G \+ 1, V\]"):
+            _spec(s, bad, draft, start, Sampling(), Sampling(), keys, pos, "torch")
 
 
 def _chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
@@ -161,15 +235,71 @@ def test_chi_square_catches_a_wrong_distribution():
     assert stat > _CRIT[dof]
 
 
+def _bonus_tokens(s_row, t_row, ss, ts, index, draws, impl):
+    """The bonus tokens the op writes over `draws` independent keys (start = index; the teacher's logits
+    [G + 1, V] include the bonus position), and their keys."""
+    g = s_row.shape[0]
+    keys = torch.arange(draws) + 1000
+    pos = torch.full((draws,), 11)
+    s = s_row[None].expand(draws, g, -1).contiguous()
+    t = t_row[None].expand(draws, g + 1, -1).contiguous()
+    draft = _drafts(s, ss, keys, pos)
+    out = _spec(s, t, draft, torch.full((draws,), index), ss, ts, keys, pos, impl)
+    assert (out.accepted[out.bonus] == g - index).all()
+    return out.token[out.bonus], keys[out.bonus]
+
+
+@pytest.mark.parametrize("ss,ts", SAMPLINGS, ids=["plain", "topk-topp", "topp-topk", "greedy-student",
+                                                  "greedy-teacher"])
+def test_bonus_tokens_follow_the_teacher_distribution(ss, ts):
+    """Given that every draft was accepted, the bonus token at index G is a draw from p_T there."""
+    v, g, draws = 7, 3, 20000
+    gen = torch.Generator().manual_seed(4)
+    s_row = torch.randn(g, v, generator=gen) * 1.5
+    t_row = torch.randn(g + 1, v, generator=gen) * 1.5
+    tokens, _ = _bonus_tokens(s_row, t_row, ss, ts, 1, draws, "torch")
+    assert len(tokens) > 200, len(tokens)
+    probs = sampling_probs(t_row[g][None], ts)[0]
+    counts = torch.bincount(tokens, minlength=v)
+    stat, dof = _chi_square(counts, probs)
+    if dof == 0:  # greedy: the teacher's argmax
+        assert counts[probs > 0].sum() == len(tokens)
+    else:
+        assert stat < _CRIT[dof], (stat, dof, counts.tolist(), probs.tolist())
+
+
+def test_chi_square_catches_a_wrong_bonus():
+    """The bonus check fails for a bonus drawn from the wrong distribution: the student's p_S at the last
+    drafted index, or the teacher's p_T one index early, with the bonus's own noise."""
+    v, g, draws = 7, 3, 20000
+    gen = torch.Generator().manual_seed(4)
+    s_row, t_row = torch.randn(g, v, generator=gen) * 1.5, torch.randn(g + 1, v, generator=gen) * 1.5
+    ss = ts = Sampling()
+    tokens, keys = _bonus_tokens(s_row, t_row, ss, ts, 1, draws, "torch")
+    noise = rng.gumbel(3, keys, torch.full_like(keys, 11 + g), rng.STREAM_RESIDUAL, v)
+    probs = sampling_probs(t_row[g][None], ts)[0]
+    for wrong in (sampling_probs(s_row[g - 1][None], ss), sampling_probs(t_row[g - 1][None], ts)):
+        bad = torch.argmax(torch.log(wrong) + noise, -1)
+        stat, dof = _chi_square(torch.bincount(bad, minlength=v), probs)
+        assert stat > _CRIT[dof]
+    # the op's own bonus tokens are exactly that rule at index G
+    assert torch.equal(tokens, torch.argmax(torch.log(probs)[None] + noise, -1))
+
+
 def test_triton_matches_reference_on_the_chi_square_draws():
     v, g, draws = 7, 3, 120
     gen = torch.Generator().manual_seed(4)
     s_row, t_row = torch.randn(g, v, generator=gen), torch.randn(g, v, generator=gen)
     ss, ts = Sampling(0.8, top_k=5), Sampling(1.3, top_p=0.85)
     ref = _guided_tokens(s_row, t_row, ss, ts, 0, draws, "torch")
+    t_bonus = torch.cat([t_row, torch.randn(1, v, generator=gen)])
+    ref_bonus = _bonus_tokens(s_row, t_bonus, ss, ts, 1, draws, "torch")
+    assert len(ref_bonus[0]) > 10
     for impl in IMPLS[1:]:
         out = _guided_tokens(s_row, t_row, ss, ts, 0, draws, impl)
         assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1]), impl
+        out_bonus = _bonus_tokens(s_row, t_bonus, ss, ts, 1, draws, impl)
+        assert torch.equal(out_bonus[0], ref_bonus[0]) and torch.equal(out_bonus[1], ref_bonus[1]), impl
 
 
 # ------------------------------------------------------------------------------------------------- engine
@@ -195,14 +325,38 @@ def test_greedy_teacher_gives_step_mode_tokens(student, teacher, prompts, policy
         assert (guided.switch_position >= 0).any()
 
 
-def test_sampled_guidance_invariants(student, teacher):
+GREEDY_BOTH = [
+    AdaSwitch(window=2, k=1.05, student_sampling=Sampling(0.0), teacher_sampling=Sampling(0.0)),
+    FixedSwitch(position=3, student_sampling=Sampling(0.0), teacher_sampling=Sampling(0.0)),
+]
+
+
+@pytest.mark.parametrize("policy", GREEDY_BOTH, ids=["adaswitch", "fixed-switch"])
+@pytest.mark.parametrize("g", [1, 3])
+def test_greedy_teacher_gives_step_mode_tokens_with_bonuses(near_teacher, teacher, prompts, policy, g, spec_calls):
+    """A student close to the teacher: blocks accept every draft and take the bonus token (G + 1 teacher
+    tokens for one teacher forward), others reject; the tokens are still exactly step mode's, bonuses past
+    max_new_tokens included (blocks of G + 1 cross N)."""
+    step = run(near_teacher, teacher, prompts, policy)
+    guided = run(near_teacher, teacher, prompts, policy, lookahead=g, guidance="speculative", sync_every=3)
+    for field in ("response", "from_teacher", "lengths", "switch_position"):
+        assert torch.equal(getattr(step, field), getattr(guided, field)), field
+    torch.testing.assert_close(step.divergence, guided.divergence, equal_nan=True, atol=1e-5, rtol=1e-4)
+    assert _count(spec_calls, "bonus") > 0 and _count(spec_calls, "resampled") > 0
+    assert (guided.switch_position >= 0).any() and (guided.lengths < N).any()  # an EOS row too
+    # fewer teacher forwards (blocks) than the teacher tokens the blocks wrote
+    assert len(spec_calls) < int(guided.from_teacher.sum())
+
+
+def test_sampled_guidance_invariants(student, teacher, spec_calls):
     """Batch invariance (a row's tokens with stable keys do not depend on its batch), backends equal, and
-    the student's tokens before the switch are step mode's."""
+    the student's tokens before the switch are step mode's; with bonus tokens taken."""
     ids, mask = random_prompts(4, 5, min_len=2, seed=8)
     policy = AdaSwitch(window=2, k=1.05, teacher_sampling=Sampling(0.9, top_k=40))
     kw = dict(policy=policy, max_new_tokens=10, eos_token_id=EOS_ID, pad_token_id=PAD_ID, lookahead=3,
               guidance="speculative", example_keys=[11, 12, 13, 14])
     full = generate(student, teacher, ids, mask, **kw)
+    assert _count(spec_calls, "bonus") > 0
     kw2 = dict(kw, example_keys=[13, 11])
     part = generate(student, teacher, ids[[2, 0]], mask[[2, 0]], **kw2)
     for i, row in enumerate((2, 0)):
@@ -261,8 +415,10 @@ def _full_teacher_states(teacher, out):
     ids=["adaswitch", "adaswitch-look", "adaswitch-guided", "skd", "skd-look", "teacher", "teacher-guided",
          "student"],
 )
-def test_teacher_states_equal_a_full_forward(student, teacher, prompts, policy, kw):
+def test_teacher_states_equal_a_full_forward(student, teacher, prompts, policy, kw, spec_calls):
     out = run(student, teacher, prompts, policy, return_teacher_states=True, **kw)
+    if kw.get("guidance") == "speculative":  # the bonus positions' states are covered too
+        assert _count(spec_calls, "bonus") > 0
     valid = out.attention_mask[:, out.prompt_length:].bool()
     if isinstance(policy, Student):  # the teacher never ran
         assert out.teacher_hidden_states is None and out.teacher_states_mask is None

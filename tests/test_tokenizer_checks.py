@@ -5,16 +5,15 @@ past the tokenizer (320 rows, 300 tokens) no padded id is generated nor weighs i
 import json
 from pathlib import Path
 
-import datasets
 import pytest
 import torch
 from scripts.tiny_run import rows, write_jsonl
 from test_cli import assert_one_line_error, run
-from tiny_models import VOCAB_SIZE, _vocabulary, tiny_student, tiny_teacher, tiny_tokenizer
+from tiny_models import VOCAB_SIZE, _vocabulary, tiny_distiller, tiny_student, tiny_teacher, tiny_tokenizer
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedTokenizerFast
 
 import adaswitch.engine.generate as generate_module
-from adaswitch import DistillConfig, Distiller, cli
+from adaswitch import Distiller, cli
 from adaswitch.policies import Student
 from adaswitch.train import data
 from adaswitch.train.evaluate import evaluate
@@ -96,19 +95,9 @@ def generated(monkeypatch):
     return outputs
 
 
-def config(tmp_path, **kw):
-    settings = dict(
-        output_dir=str(tmp_path / "out"),
-        report_to=[],
-        use_cpu=True,
-        per_device_train_batch_size=4,
-        max_new_tokens=8,
-        max_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-    )
-    settings.update(kw)
-    return DistillConfig(**settings)
+def make_trainer(tmp_path, **kw):
+    """`tiny_distiller` with this file's budget (8 new tokens, 1 step)."""
+    return tiny_distiller(tmp_path, **{"max_new_tokens": 8, "max_steps": 1, **kw})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -128,14 +117,7 @@ def test_vocabulary_difference_sees_same_size_and_special_ids():
 
 def test_distiller_refuses_different_tokenizers(tmp_path):
     with pytest.raises(ValueError) as info:
-        Distiller(
-            model=tiny_student(max_positions=64).train(),
-            teacher_model=tiny_teacher(max_positions=64),
-            args=config(tmp_path),
-            train_dataset=datasets.Dataset.from_list(rows(4)),
-            processing_class=tiny_tokenizer(),
-            teacher_processing_class=other_tokenizer(),
-        )
+        make_trainer(tmp_path, teacher_tokenizer=other_tokenizer())
     message = str(info.value)
     for fragment in (
         "processing_class",
@@ -152,12 +134,11 @@ def test_distiller_refuses_different_tokenizers(tmp_path):
 def test_distiller_compares_the_tokenizers_saved_with_the_models(dirs, tmp_path):
     """Models loaded from local directories: the tokenizers saved there are compared with processing_class."""
     with pytest.raises(ValueError) as info:
-        Distiller(
-            model=AutoModelForCausalLM.from_pretrained(dirs["student"]).train(),
-            teacher_model=AutoModelForCausalLM.from_pretrained(dirs["other_teacher"]),
-            args=config(tmp_path),
-            train_dataset=dirs["train"],
-            processing_class=tiny_tokenizer(),
+        make_trainer(
+            tmp_path,
+            student=AutoModelForCausalLM.from_pretrained(dirs["student"]).train(),
+            teacher=AutoModelForCausalLM.from_pretrained(dirs["other_teacher"]),
+            data=dirs["train"],
         )
     message = str(info.value)
     assert "the tokenizer saved with the teacher" in message and "other_teacher" in message, message
@@ -300,12 +281,13 @@ def test_generate_with_tokenizer_never_samples_padded_ids():
 
 @pytest.mark.parametrize("policy", ["student", "teacher"])
 def test_distiller_padded_pair_samples_only_tokens(dirs, tmp_path, policy):
-    trainer = Distiller(
-        model=AutoModelForCausalLM.from_pretrained(dirs["padded_student"]).train(),
-        teacher_model=AutoModelForCausalLM.from_pretrained(dirs["padded_teacher"]),
-        args=config(tmp_path, policy=policy, max_new_tokens=12),
-        train_dataset=dirs["train"],
-        processing_class=tiny_tokenizer(),
+    trainer = make_trainer(
+        tmp_path,
+        student=AutoModelForCausalLM.from_pretrained(dirs["padded_student"]).train(),
+        teacher=AutoModelForCausalLM.from_pretrained(dirs["padded_teacher"]),
+        data=dirs["train"],
+        policy=policy,
+        max_new_tokens=12,
     )
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     ids, valid, *_ = trainer._responses(trainer.model, batch)
@@ -319,13 +301,7 @@ def test_distiller_loss_ignores_padded_rows(tmp_path, monkeypatch, fused):
     monkeypatch.setattr(Distiller, "_use_fused", lambda self, model: fused)
     student = tiny_student(vocab_size=PADDED, max_positions=64).train()
     teacher = tiny_teacher(vocab_size=PADDED, max_positions=64)
-    trainer = Distiller(
-        model=student,
-        teacher_model=teacher,
-        args=config(tmp_path, policy="dataset"),
-        train_dataset=datasets.Dataset.from_list(rows(4)),
-        processing_class=tiny_tokenizer(),
-    )
+    trainer = make_trainer(tmp_path, student=student, teacher=teacher, policy="dataset")
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     before = trainer.compute_loss(trainer.model, batch).item()
     with torch.no_grad():

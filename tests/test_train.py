@@ -8,33 +8,10 @@ import datasets
 import pytest
 import torch
 from scripts.tiny_run import rows
+from tiny_models import tiny_distiller as make_trainer
 from tiny_models import tiny_student, tiny_teacher, tiny_tokenizer
 
-from adaswitch import DistillConfig, Distiller
-
-
-def make_trainer(tmp_path, *, data=None, eval_data=None, student=None, teacher=None, tokenizer=None, **kw):
-    settings = dict(
-        output_dir=str(tmp_path / "out"),
-        report_to=[],
-        use_cpu=True,
-        per_device_train_batch_size=4,
-        max_new_tokens=5,
-        max_steps=2,
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        learning_rate=1e-2,
-    )
-    settings.update(kw)
-    return Distiller(
-        model=student or tiny_student(max_positions=64).train(),
-        teacher_model=teacher or tiny_teacher(max_positions=64),
-        args=DistillConfig(**settings),
-        train_dataset=data or datasets.Dataset.from_list(rows(4)),
-        eval_dataset=eval_data,
-        processing_class=tokenizer or tiny_tokenizer(),
-    )
+from adaswitch import Distiller
 
 
 def first_batch(trainer):

@@ -7,6 +7,7 @@ No hub access is needed: models are built from configs, the tokenizer from a fix
     tok = tiny_tokenizer()
     teacher, student = tiny_teacher(), tiny_student()
     batch = tok(["the cat", "a dog sat on"], return_tensors="pt", padding=True)   # left-padded
+    trainer = tiny_distiller(tmp_path, policy="adaswitch")   # a Distiller on them (context 64), for tests
 """
 
 from __future__ import annotations
@@ -125,3 +126,53 @@ def random_prompts(
     mask = torch.arange(max_len)[None, :] >= (max_len - lengths)[:, None]
     ids = torch.where(mask, ids, torch.full_like(ids, PAD_ID))
     return ids, mask.long()
+
+
+def tiny_distill_config(tmp_path, **settings):
+    """A DistillConfig for CPU tests: output under tmp_path/out, no saving, no reporting, batch 4, 5 new
+    tokens, 2 steps (`settings` override any of them)."""
+    from adaswitch import DistillConfig
+
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        report_to=[],
+        use_cpu=True,
+        per_device_train_batch_size=4,
+        max_new_tokens=5,
+        max_steps=2,
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        learning_rate=1e-2,
+    )
+    return DistillConfig(**{**defaults, **settings})
+
+
+def tiny_distiller(
+    tmp_path,
+    *,
+    data=None,
+    eval_data=None,
+    student=None,
+    teacher=None,
+    tokenizer=None,
+    teacher_tokenizer=None,
+    **settings,
+):
+    """A Distiller with `tiny_distill_config(tmp_path, **settings)`: by default a fresh student (train mode)
+    and teacher with a 64-token context, the tiny tokenizer and four prompt/completion rows of
+    tests/scripts/tiny_run.py."""
+    import datasets
+    from scripts.tiny_run import rows
+
+    from adaswitch import Distiller
+
+    return Distiller(
+        model=student if student is not None else tiny_student(max_positions=64).train(),
+        teacher_model=teacher if teacher is not None else tiny_teacher(max_positions=64),
+        args=tiny_distill_config(tmp_path, **settings),
+        train_dataset=data if data is not None else datasets.Dataset.from_list(rows(4)),
+        eval_dataset=eval_data,
+        processing_class=tokenizer if tokenizer is not None else tiny_tokenizer(),
+        teacher_processing_class=teacher_tokenizer,
+    )

@@ -2,4 +2,5 @@
 
 from adaswitch.demo.run import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # the demo's spawned worker processes import this module without running it
+    raise SystemExit(main())

@@ -5,7 +5,9 @@ the quick preset's budget and seeds, and ranks the settings by mean eval accurac
 teacher-forced KL). The winner is what `adaswitch.AdaSwitch()` ships as its default; docs/ablation.md
 records the table. With --switch: the switching-rule sweep at the shipped L, K (the divergence D, the
 floor F = min_divergence, the absolute trigger A = max_divergence), with paired per-seed differences
-against the default; `--switch --render FILE` regenerates its table and plot from the JSON.
+against the default; `--switch --render FILE` regenerates its table and plot from the JSON. Both sweeps
+are lists of named settings run over the seeds by one runner (`run_sweep`), on the demo's pool of
+single-threaded runs (`--workers`).
 """
 
 from __future__ import annotations
@@ -15,9 +17,19 @@ import json
 import math
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from adaswitch.demo.build_teacher import TEACHER_DIR
+from adaswitch.demo.presets import (
+    adaswitch_defaults,
+    check_workers,
+    cpu_name,
+    default_workers,
+    get_preset,
+    git_commit,
+    prepare_preset,
+)
 
 WINDOWS = (4, 8, 16)
 KS = (1.5, 2.0, 3.0, 5.0)
@@ -51,6 +63,70 @@ def format_table(cells: list[dict], best: dict) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class Setting:
+    """One row of a sweep: `method` is the name each run records, `overrides` its DistillConfig overrides,
+    `tags` what each run's record adds; `draws_from`: the earlier setting whose switch positions of the
+    same seed this random-switch control draws from."""
+
+    name: str
+    method: str
+    overrides: dict
+    tags: dict = field(default_factory=dict)
+    draws_from: str | None = None
+
+
+def run_sweep(
+    spec,
+    settings: list[Setting],
+    seeds: tuple[int, ...],
+    *,
+    path: Path,
+    build,
+    teacher_dir,
+    workers: int,
+    progress: bool,
+    desc: str,
+) -> list[dict]:
+    """Runs every setting over the seeds on the demo's pool and returns the runs, seed by seed in
+    settings order. `build(runs, ctx)` is the JSON written to `path` each time another seed is complete,
+    so an interrupted sweep leaves its complete seeds."""
+    from adaswitch.demo.experiment import quiet_library_bars
+    from adaswitch.demo.pool import Job, RunPool, single_threaded
+
+    names = [st.name for st in settings]
+    for i, st in enumerate(settings):
+        if st.draws_from is not None and st.draws_from not in names[:i]:
+            raise ValueError(f"setting {st.name!r}: draws_from must name an earlier setting, got {st.draws_from!r}")
+    jobs, index = [], {}
+    for seed in seeds:
+        for st in settings:
+            index[(st.name, seed)] = len(jobs)
+            after = None if st.draws_from is None else index[(st.draws_from, seed)]
+            jobs.append(Job(name=f"{st.name}, seed {seed}", method=st.method, seed=seed, overrides=st.overrides,
+                            tags=st.tags, after=after))
+    written = set()
+
+    def write_complete_seeds(_, __, records):
+        complete = [s for s in seeds if all(records[index[(name, s)]] is not None for name in names)]
+        if set(complete) != written:
+            written.update(complete)
+            runs = [records[index[(name, s)]] for s in complete for name in names]
+            path.write_text(json.dumps(build(runs, ctx), indent=2, default=lambda v: None) + "\n")
+
+    with single_threaded(), quiet_library_bars(), RunPool(spec, workers=workers, teacher_dir=teacher_dir) as pool:
+        ctx = prepare_preset(spec, teacher_dir=teacher_dir, progress=progress)
+        records = pool.run(ctx, jobs, progress=progress, desc=desc, on_result=write_complete_seeds)
+    return records
+
+
+def _check_seeds(spec, seeds) -> tuple[int, ...]:
+    seeds = spec.seeds if seeds is None else tuple(seeds)
+    if not seeds or len(set(seeds)) != len(seeds) or any(not isinstance(s, int) or s < 0 for s in seeds):
+        raise ValueError(f"seeds must be distinct non-negative ints, got {seeds!r}")
+    return seeds
+
+
 def run_ablation(
     preset: str = "quick",
     output_dir: str | Path = "demo_out",
@@ -59,41 +135,65 @@ def run_ablation(
     windows=WINDOWS,
     ks=KS,
     seeds=None,
+    workers: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """Runs the sweep; writes ablation.json; returns {"meta", "cells", "best", "table"}."""
-    from tqdm.auto import tqdm
-
-    from adaswitch.demo.experiment import quiet_library_bars, run_method
-    from adaswitch.demo.run import PRESETS, cpu_name, git_commit, prepare_preset
+    """Runs the window x K sweep; writes ablation.json; returns {"meta", "cells", "best", "table"}."""
     from adaswitch.policies import AdaSwitch
 
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    spec = get_preset(preset)
     for w in windows:
         for k in ks:
             AdaSwitch(window=w, k=k)  # bad values are reported before any work
-    spec = PRESETS[preset]
-    seeds = spec.seeds if seeds is None else tuple(seeds)
-    if not seeds:
-        raise ValueError("seeds must not be empty")
+    seeds = _check_seeds(spec, seeds)
+    workers = check_workers(default_workers() if workers is None else workers)
+    settings = [Setting(name=f"L = {w}, K = {k:g}", method="AdaSwitch",
+                        overrides={"policy": "adaswitch", "window": w, "k": k}, tags={"window": w, "k": k})
+                for w in windows for k in ks]
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    with quiet_library_bars():
-        ctx = prepare_preset(spec, teacher_dir=teacher_dir, progress=progress)
-        jobs = [(w, k, s) for w in windows for k in ks for s in seeds]
-        runs = []
-        for w, k, s in tqdm(jobs, desc="ablation", unit="run", disable=not progress):
-            overrides = {"policy": "adaswitch", "window": w, "k": k}
-            result = run_method(ctx, "AdaSwitch", overrides, seed=s, budget=spec.budget)
-            result.pop("model")
-            runs.append({**result, "window": w, "k": k})
 
+    def build(runs, ctx):
+        cells = window_cells(runs, windows, ks)
+        best = rank(cells)[0]
+        return {
+            "meta": {
+                "preset": preset,
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "commit": git_commit(),
+                "machine": cpu_name(),
+                "seeds": [s for s in seeds if any(r["seed"] == s for r in runs)],
+                "budget": {"steps": spec.budget.steps, "batch_size": spec.budget.batch_size, "lr": spec.budget.lr},
+                "teacher_accuracy": ctx.teacher_accuracy,
+                "student_after_sft_accuracy": ctx.student_accuracy,
+                "total_seconds": round(time.perf_counter() - started, 1),
+                **ctx.info,
+                "workers": workers,
+                "threads_per_worker": 1,
+            },
+            "cells": cells,
+            "best": {"window": best["window"], "k": best["k"], "accuracy": best["accuracy"]},
+        }
+
+    path = out / "ablation.json"
+    run_sweep(spec, settings, seeds, path=path, build=build, teacher_dir=teacher_dir, workers=workers,
+              progress=progress, desc="ablation")
+    result = json.loads(path.read_text())
+    cells = result["cells"]
+    result["table"] = format_table(cells, next(c for c in cells if (c["window"], c["k"]) == (
+        result["best"]["window"], result["best"]["k"])))
+    return result
+
+
+def window_cells(runs: list[dict], windows, ks) -> list[dict]:
+    """One cell per (window, k) with runs: means over seeds."""
     cells = []
     for w in windows:
         for k in ks:
             mine = [r for r in runs if r["window"] == w and r["k"] == k]
+            if not mine:
+                continue
             acc = [r["accuracy"] for r in mine]
             cells.append(
                 {
@@ -108,30 +208,7 @@ def run_ablation(
                     "seconds_per_step": _mean([r["seconds_per_step"] for r in mine]),
                 }
             )
-    best = rank(cells)[0]
-    result = {
-        "meta": {
-            "preset": preset,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "commit": git_commit(),
-            "machine": cpu_name(),
-            "seeds": list(seeds),
-            "budget": {
-                "steps": spec.budget.steps,
-                "batch_size": spec.budget.batch_size,
-                "lr": spec.budget.lr,
-            },
-            "teacher_accuracy": ctx.teacher_accuracy,
-            "student_after_sft_accuracy": ctx.student_accuracy,
-            "total_seconds": round(time.perf_counter() - started, 1),
-            **ctx.info,
-        },
-        "cells": cells,
-        "best": {"window": best["window"], "k": best["k"], "accuracy": best["accuracy"]},
-    }
-    (out / "ablation.json").write_text(json.dumps(result, indent=2, default=lambda v: None) + "\n")
-    result["table"] = format_table(cells, best)
-    return result
+    return cells
 
 
 # ------------------------------------------------------------------------------- the switching-rule sweep
@@ -228,77 +305,58 @@ def run_switch_ablation(
     min_divergences=MIN_DIVERGENCES,
     max_divergences=MAX_DIVERGENCES,
     seeds=None,
+    workers: int | None = None,
     progress: bool = True,
 ) -> dict:
     """Runs the switching-rule sweep at the shipped L, K; writes ablation_switch.json and
     ablation_switch.png; returns {"meta", "cells", "runs", "table"}."""
-    from tqdm.auto import tqdm
-
-    from adaswitch.demo.experiment import quiet_library_bars, random_switch_overrides, run_method
-    from adaswitch.demo.run import PRESETS, adaswitch_defaults, prepare_preset
     from adaswitch.policies import AdaSwitch
 
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    spec = get_preset(preset)
     configs = switch_configs(divergences, min_divergences, max_divergences)
     window, k = adaswitch_defaults()
     for c in configs:  # bad values are reported before any work
         AdaSwitch(window=window, k=k, divergence=c["divergence"], min_divergence=c["min_divergence"],
                   max_divergence=c["max_divergence"])
-    spec = PRESETS[preset]
-    seeds = spec.seeds if seeds is None else tuple(seeds)
-    if not seeds:
-        raise ValueError("seeds must not be empty")
+    seeds = _check_seeds(spec, seeds)
+    workers = check_workers(default_workers() if workers is None else workers)
+    settings = [
+        Setting(name=c["name"], method=c["name"], tags={"config": c["name"]},
+                overrides={"policy": c["policy"], "window": window, "k": k, "switch_divergence": c["divergence"],
+                           "min_divergence": c["min_divergence"], "max_divergence": c["max_divergence"]},
+                draws_from=BASELINE if c["policy"] == "random_switch" else None)
+        for c in configs
+    ]
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+
+    def build(runs, ctx):
+        return {
+            "meta": {
+                "preset": preset,
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "commit": git_commit(),
+                "machine": cpu_name(),
+                "adaswitch": {"window": window, "k": k},
+                "budget": {"steps": spec.budget.steps, "batch_size": spec.budget.batch_size, "lr": spec.budget.lr},
+                "teacher_accuracy": ctx.teacher_accuracy,
+                "student_start_accuracy": ctx.student_accuracy,
+                "student_start_step_accuracy": ctx.student_step_accuracy,
+                "seeds": sorted({r["seed"] for r in runs}),
+                "total_seconds": round(time.perf_counter() - started, 1),
+                **ctx.info,
+                "workers": workers,
+                "threads_per_worker": 1,
+            },
+            "cells": summarise_switch(runs, configs),
+            "runs": runs,
+        }
+
     path = out / "ablation_switch.json"
-    with quiet_library_bars():
-        ctx = prepare_preset(spec, teacher_dir=teacher_dir, progress=progress)
-        runs = []
-        # seed by seed (the default first: the random control draws from its switch positions); the JSON is
-        # rewritten after every seed, so an interrupted sweep leaves complete seeds
-        for s in tqdm(seeds, desc="switch ablation (seeds)", unit="seed", disable=not progress):
-            counts = None
-            for c in tqdm(configs, desc=f"seed {s}", unit="run", leave=False, disable=not progress):
-                overrides = {"policy": c["policy"], "window": window, "k": k, "switch_divergence": c["divergence"],
-                             "min_divergence": c["min_divergence"], "max_divergence": c["max_divergence"]}
-                if c["policy"] == "random_switch":
-                    if counts is None:
-                        raise ValueError("the random switch control needs the default's run of the same seed")
-                    overrides.update(random_switch_overrides(counts))
-                result = run_method(ctx, c["name"], overrides, seed=s, budget=spec.budget)
-                result.pop("model")
-                if c["name"] == BASELINE:
-                    counts = result["switch_position_counts"]
-                runs.append({**result, "config": c["name"]})
-            path.write_text(json.dumps(_switch_result(runs, configs, preset, spec, ctx, window, k, started),
-                                       indent=2, default=lambda v: None) + "\n")
+    run_sweep(spec, settings, seeds, path=path, build=build, teacher_dir=teacher_dir, workers=workers,
+              progress=progress, desc="switch ablation")
     return render_switch(path, out)
-
-
-def _switch_result(runs, configs, preset, spec, ctx, window, k, started) -> dict:
-    from adaswitch.demo.run import cpu_name, git_commit
-
-    cells = summarise_switch(runs, configs)
-    return {
-        "meta": {
-            "preset": preset,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "commit": git_commit(),
-            "machine": cpu_name(),
-            "adaswitch": {"window": window, "k": k},
-            "budget": {"steps": spec.budget.steps, "batch_size": spec.budget.batch_size, "lr": spec.budget.lr},
-            "teacher_accuracy": ctx.teacher_accuracy,
-            "student_start_accuracy": ctx.student_accuracy,
-            "student_start_step_accuracy": ctx.student_step_accuracy,
-            "seeds": sorted({r["seed"] for r in runs}),
-            "total_seconds": round(time.perf_counter() - started, 1),
-            **ctx.info,
-        },
-        "cells": cells,
-        "runs": runs,
-    }
 
 
 def render_switch(json_path: str | Path, output_dir: str | Path | None = None) -> dict:
@@ -329,6 +387,7 @@ def _switch_main(args) -> int:
             min_divergences=tuple(args.min_divergences),
             max_divergences=tuple(args.max_divergences),
             seeds=tuple(args.seeds) if args.seeds else None,
+            workers=args.workers,
             progress=not args.no_progress,
         )
     meta = result["meta"]
@@ -351,6 +410,9 @@ def main(argv=None) -> int:
     parser.add_argument("--windows", type=int, nargs="+", default=list(WINDOWS))
     parser.add_argument("--ks", type=float, nargs="+", default=list(KS))
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the preset's seeds")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="single-threaded runs at a time (default: the CPU cores available, at most 4; 1: in "
+                        "this process); the results do not depend on it")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--switch", action="store_true",
                         help="the switching-rule sweep instead (divergence D, floor F, absolute trigger A at the "
@@ -372,6 +434,7 @@ def main(argv=None) -> int:
         windows=tuple(args.windows),
         ks=tuple(args.ks),
         seeds=tuple(args.seeds) if args.seeds else None,
+        workers=args.workers,
         progress=not args.no_progress,
     )
     meta, best = result["meta"], result["best"]

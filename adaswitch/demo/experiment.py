@@ -128,8 +128,10 @@ def prepare(
     data: DataSpec | None = None,
     max_new_tokens: int = 40,
     progress: bool = True,
+    measure: bool = True,
 ) -> Context:
-    """Loads the teacher, builds the data and the starting student, and measures both.
+    """Loads the teacher, builds the data and the starting student, and measures both (unless
+    `measure=False`: the accuracies stay NaN, for worker processes that only run distillations).
 
     `student` is a checkpoint directory (the shipped one: `build_teacher.STUDENT_DIR`) or the name of
     a student preset of `adaswitch.demo.models`, built fresh (seed 0) and SFT-ed for `sft_steps`."""
@@ -177,10 +179,11 @@ def prepare(
         student_accuracy=math.nan,
         sft_seconds=sft_seconds,
     )
-    ctx.teacher_accuracy = accuracy(ctx, teacher, max_new_tokens=max_new_tokens)["accuracy"]
-    start = accuracy(ctx, model, max_new_tokens=max_new_tokens, with_kl=True)
-    ctx.student_accuracy, ctx.student_teacher_kl = start["accuracy"], start["teacher_kl"]
-    ctx.student_step_accuracy = start["step_accuracy"]
+    if measure:
+        ctx.teacher_accuracy = accuracy(ctx, teacher, max_new_tokens=max_new_tokens)["accuracy"]
+        start = accuracy(ctx, model, max_new_tokens=max_new_tokens, with_kl=True)
+        ctx.student_accuracy, ctx.student_teacher_kl = start["accuracy"], start["teacher_kl"]
+        ctx.student_step_accuracy = start["step_accuracy"]
     ctx.info = {
         "teacher_parameters": num_parameters(teacher),
         "student_parameters": num_parameters(model),

@@ -1,7 +1,8 @@
 """`adaswitch demo`: every distillation method on the embedded arithmetic task, one table.
 
     adaswitch demo                 # quick preset (the default; minutes on 2 CPU cores)
-    adaswitch demo --full          # the shipped 82% student, 120 steps, all 500 eval problems
+    adaswitch demo --full          # the shipped stronger student, 120 steps, all 500 eval problems
+    adaswitch demo --workers 1     # every run in this process (default: one per core, at most 4)
     adaswitch demo --tiny          # seconds; what CI runs
     adaswitch demo --ablation      # the window x k sweep that sets AdaSwitch's defaults
     python -m adaswitch.demo ...   # the same
@@ -18,116 +19,27 @@ paired per-seed differences against on-policy and SKD, write results.json and th
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from adaswitch.demo.build_teacher import QUICK_NUM_EVAL, QUICK_STUDENT_DIR, STUDENT_DIR, TEACHER_DIR, DataSpec
-from adaswitch.demo.experiment import METHOD_NAMES, ON_POLICY, SKD_NAME, Budget
-
-
-@dataclass(frozen=True)
-class DemoPreset:
-    name: str
-    student: str | Path  # a checkpoint directory, or a student preset name SFT-ed for sft_steps at start
-    sft_steps: int
-    budget: Budget
-    seeds: tuple[int, ...]
-    num_eval: int | None
-    trace_prompts: int
-    num_train: int = DataSpec().num_train
-    num_eval_problems: int = DataSpec().num_eval  # the eval split built (num_eval: how many of them are used)
-
-
-PRESETS = {
-    "tiny": DemoPreset(
-        name="tiny",
-        student="tiny",
-        sft_steps=2,
-        budget=Budget(steps=1, batch_size=4),
-        seeds=(0, 1),
-        num_eval=4,
-        trace_prompts=4,
-        num_train=500,
-    ),
-    "quick": DemoPreset(
-        name="quick",
-        # A weaker student (600 of the shipped student's 1,000 SFT steps, same recipe and seed), shipped in
-        # assets/student_quick so that every machine starts from the same weights, and more steps at a
-        # higher lr, so the methods have room to move: the shipped 82% student is not improved by any
-        # method at a quick budget (docs/demo.md). 1,000 eval problems (held out of that SFT's data).
-        student=QUICK_STUDENT_DIR,
-        sft_steps=0,
-        budget=Budget(steps=150, batch_size=32, lr=3e-3),
-        seeds=(0, 1, 2),
-        num_eval=None,
-        trace_prompts=128,
-        num_eval_problems=QUICK_NUM_EVAL,
-    ),
-    "full": DemoPreset(
-        name="full",
-        student=STUDENT_DIR,
-        sft_steps=0,
-        budget=Budget(steps=120, batch_size=32, lr=1e-4),
-        seeds=(0, 1, 2),
-        num_eval=None,
-        trace_prompts=256,
-    ),
-}
-# AdaSwitch settings when --window/--k are not given: the policy's shipped defaults (set by the ablation).
-SKD_TOP_K = 2
-
-
-def prepare_preset(spec: DemoPreset, *, teacher_dir, progress: bool, student=None):
-    """A preset's teacher, student (SFT-ed at start when the preset says so; `student`: a checkpoint
-    directory instead) and data: what the demo and the ablation start from."""
-    from adaswitch.demo.experiment import prepare
-
-    return prepare(
-        student=spec.student if student is None else student,
-        sft_steps=spec.sft_steps,
-        num_eval=spec.num_eval,
-        teacher_dir=teacher_dir,
-        data=DataSpec(num_train=spec.num_train, num_eval=spec.num_eval_problems),
-        max_new_tokens=spec.budget.max_new_tokens,
-        progress=progress,
-    )
-
-
-def adaswitch_defaults() -> tuple[int, float]:
-    from adaswitch.policies import AdaSwitch
-
-    policy = AdaSwitch()
-    return policy.window, policy.k
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).parent,
-            text=True,
-            stderr=subprocess.DEVNULL,
-        ).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
+from adaswitch.demo.build_teacher import STUDENT_DIR, TEACHER_DIR
+from adaswitch.demo.experiment import METHOD_NAMES, ON_POLICY, SKD_NAME
+from adaswitch.demo.presets import (
+    SKD_TOP_K,
+    adaswitch_defaults,
+    check_workers,
+    cpu_name,
+    default_workers,
+    get_preset,
+    git_commit,
+    prepare_preset,
+)
 
 PAIRED_BASELINES = (ON_POLICY, SKD_NAME)
 PAIRED_KEYS = ("accuracy", "step_accuracy")
@@ -263,25 +175,28 @@ def run_demo(
     k: float | None = None,
     methods: tuple[str, ...] = METHOD_NAMES,
     seeds: tuple[int, ...] | None = None,
+    workers: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """Runs the demo and writes results.json and the plots; returns the results dict."""
+    """Runs the demo and writes results.json and the plots; returns the results dict. `workers`: how
+    many single-threaded runs at a time (default: the CPU cores available, at most 4; 1 = in this
+    process); the results do not depend on it."""
     from tqdm.auto import tqdm
 
     from adaswitch.demo.experiment import quiet_library_bars
+    from adaswitch.demo.pool import RunPool, single_threaded
     from adaswitch.policies import AdaSwitch
 
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    spec = get_preset(preset)
     unknown = [m for m in methods if m not in METHOD_NAMES]
     if not methods or unknown:
         raise ValueError(f"methods must be a non-empty subset of {METHOD_NAMES}, got {methods!r}")
-    spec = PRESETS[preset]
     seeds = spec.seeds if seeds is None else tuple(seeds)
     if not seeds or any(not isinstance(s, int) or s < 0 for s in seeds):
         raise ValueError(f"seeds must be non-negative ints, got {seeds!r}")
     if "Random switch" in methods and "AdaSwitch" not in methods:
         raise ValueError("methods: 'Random switch' draws from AdaSwitch's switch positions; include 'AdaSwitch'")
+    workers = check_workers(default_workers() if workers is None else workers)
     methods = tuple(m for m in METHOD_NAMES if m in methods)  # AdaSwitch before its random control
     default_window, default_k = adaswitch_defaults()
     window = default_window if window is None else window
@@ -292,10 +207,14 @@ def run_demo(
 
     started = time.perf_counter()
     say = tqdm.write if progress else print
-    with quiet_library_bars():
-        say(f"[adaswitch demo] preset={preset}: loading the teacher and the student ...")
+    with single_threaded(), quiet_library_bars(), \
+            RunPool(spec, workers=workers, teacher_dir=teacher_dir, student=student_dir) as pool:
+        say(f"[adaswitch demo] preset={preset}: loading the teacher and the student "
+            f"({workers} single-threaded run{'s' if workers > 1 else ''} at a time) ...")
         ctx = prepare_preset(spec, teacher_dir=teacher_dir, progress=progress, student=student_dir)
-        results = _run(spec, ctx, methods, seeds, window, k, out, progress, say)
+        results = _run(spec, ctx, pool, methods, seeds, window, k, out, progress, say)
+    results["meta"]["workers"] = workers
+    results["meta"]["threads_per_worker"] = 1
     results["meta"]["total_seconds"] = round(time.perf_counter() - started, 1)
     (out / "results.json").write_text(json.dumps(_json_safe(results), indent=2) + "\n")
     results["table"] = format_table(results["results"])
@@ -303,38 +222,40 @@ def run_demo(
     return results
 
 
-def _run(spec, ctx, methods, seeds, window, k, out, progress, say) -> dict:
-    import torch
-    from tqdm.auto import tqdm
+def demo_jobs(methods, seeds, *, window: int, k: float) -> list:
+    """One job per (method, seed), method by method; each "Random switch" run draws from the AdaSwitch
+    run of its seed, and the first seed's AdaSwitch student comes back for the switch trace."""
+    from adaswitch.demo.experiment import method_overrides
+    from adaswitch.demo.pool import Job
 
-    from adaswitch.demo.experiment import method_overrides, run_method, switch_trace
+    jobs, index = [], {}
+    for name in methods:
+        for seed in seeds:
+            index[(name, seed)] = len(jobs)
+            if name == "Random switch":  # its switch positions are added once AdaSwitch's run is done
+                overrides, after = {"policy": "random_switch", "window": window, "k": k}, index[("AdaSwitch", seed)]
+            else:
+                overrides, after = method_overrides(name, window=window, k=k, skd_top_k=SKD_TOP_K), None
+            jobs.append(Job(name=f"{name}, seed {seed}", method=name, seed=seed, overrides=overrides, after=after,
+                            keep_model=name == "AdaSwitch" and seed == seeds[0]))
+    return jobs
+
+
+def _run(spec, ctx, pool, methods, seeds, window, k, out, progress, say) -> dict:
+    from adaswitch.demo.experiment import switch_trace
     from adaswitch.demo.stats import binomial_std
 
     say(
         f"[adaswitch demo] teacher {100 * ctx.teacher_accuracy:.1f}%, student after SFT "
         f"{100 * ctx.student_accuracy:.1f}% on {len(ctx.eval)} eval problems"
     )
-
-    runs, adaswitch_model, switch_counts = [], None, {}
-    jobs = [(m, s) for m in methods for s in seeds]
-    bar = tqdm(jobs, desc="distilling", unit="run", disable=not progress)
-    for name, seed in bar:
-        bar.set_postfix_str(f"{name}, seed {seed}")
-        result = run_method(
-            ctx,
-            name,
-            # the random control draws from the switch positions AdaSwitch produced with the same seed
-            method_overrides(name, window=window, k=k, skd_top_k=SKD_TOP_K, switch_counts=switch_counts.get(seed)),
-            seed=seed,
-            budget=spec.budget,
-        )
-        model = result.pop("model")
-        if name == "AdaSwitch":
-            switch_counts[seed] = result["switch_position_counts"]
-            if adaswitch_model is None:
-                adaswitch_model = model
-        runs.append(result)
-    bar.close()
+    runs = pool.run(ctx, demo_jobs(methods, seeds, window=window, k=k), progress=progress, desc="distilling")
+    adaswitch_model = None
+    for run in runs:
+        if "state_dict" in run:
+            adaswitch_model = copy.deepcopy(ctx.student)
+            adaswitch_model.load_state_dict(run.pop("state_dict"))
+            adaswitch_model.eval()
 
     rows = summarise(runs)
     trace_kw = dict(
@@ -353,7 +274,6 @@ def _run(spec, ctx, methods, seeds, window, k, out, progress, say) -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "commit": git_commit(),
             "machine": cpu_name(),
-            "torch_threads": torch.get_num_threads(),
             "load_average_1m_at_end": round(os.getloadavg()[0], 2),  # other work sharing the cores
             "seeds": list(seeds),
             "budget": asdict(spec.budget),
@@ -420,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--tiny", action="store_true", help="seconds: a smoke test (CI)")
     size.add_argument(
-        "--full", action="store_true", help="the shipped 82%% student, 120 steps, all eval problems (docs/demo.md)"
+        "--full", action="store_true", help="the shipped stronger student, 120 steps, all eval problems (docs/demo.md)"
     )
     parser.add_argument(
         "--ablation",
@@ -446,6 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="METHOD",
         help=f"subset of {', '.join(METHOD_NAMES)}",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="single-threaded runs at a time, each in its own process (default: the CPU cores available, "
+        "at most 4; 1: in this process); the results do not depend on it",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -457,11 +384,13 @@ def main(argv=None) -> int:
         from adaswitch.demo import ablation
 
         if args.full or args.window is not None or args.k is not None or args.methods or args.student:
-            parser.error("--ablation takes --tiny, --seeds, --output-dir, --teacher, --windows and --ks")
+            parser.error("--ablation takes --tiny, --seeds, --output-dir, --teacher, --workers and the sweep's "
+                         "options (python -m adaswitch.demo.ablation --help)")
         forwarded = ["--output-dir", args.output_dir, "--teacher", args.teacher, *rest]
         forwarded += ["--tiny"] if args.tiny else []
         forwarded += ["--seeds", *map(str, args.seeds)] if args.seeds else []
         forwarded += ["--no-progress"] if args.no_progress else []
+        forwarded += ["--workers", str(args.workers)] if args.workers is not None else []
         return ablation.main(forwarded)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -475,6 +404,7 @@ def main(argv=None) -> int:
         k=args.k,
         methods=tuple(args.methods) if args.methods else METHOD_NAMES,
         seeds=tuple(args.seeds) if args.seeds else None,
+        workers=args.workers,
         progress=not args.no_progress,
     )
     meta = results["meta"]

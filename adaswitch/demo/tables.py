@@ -1,24 +1,58 @@
-"""The demo's tables in README.md and docs/demo.md, written from the committed results (never typed).
+"""The demo's numbers in README.md, docs/demo.md and docs/ablation.md, written from the committed results
+(never typed).
 
-    python -m adaswitch.demo.tables          # rewrite the blocks from docs/demo_results/
-    python -m adaswitch.demo.tables --check  # exit 1 when a block differs from what the JSON renders
+    python -m adaswitch.demo.tables          # rewrite the blocks from docs/demo_results/ and the assets
+    python -m adaswitch.demo.tables --check  # exit 1 when a block differs from what the files render
 
-Blocks sit between `<!-- NAME:begin -->` and `<!-- NAME:end -->` markers: `demo-quick` (the quick preset's
-table and paired differences, from docs/demo_results/quick/results.json) and `switch-ablation` (the
-switching-rule sweep, from docs/demo_results/ablation_switch.json).
+Blocks sit between `<!-- NAME:begin -->` and `<!-- NAME:end -->` markers:
+
+* `demo-quick`: the quick preset's table and paired differences (docs/demo_results/quick/results.json);
+* `demo-rerun`: that table's accuracies next to a second `make demo`'s (docs/demo_results/quick/rerun.json,
+  the results.json of a rerun from a fresh clone), or one line saying there is none;
+* `switch-ablation`, `switch-ablation-setting`, `switch-summary`: the switching-rule sweep's table, its
+  set-up and the facts the prose discusses (docs/demo_results/ablation_switch.json);
+* `window-ablation`: the window x K sweep's set-up and table (docs/demo_results/ablation.json);
+* `demo-checkpoints`: the shipped checkpoints (their build_info.json).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-QUICK = ROOT / "docs" / "demo_results" / "quick" / "results.json"
-SWITCH = ROOT / "docs" / "demo_results" / "ablation_switch.json"
-DOCUMENTS = (ROOT / "README.md", ROOT / "docs" / "demo.md")
+RESULTS = ROOT / "docs" / "demo_results"
+QUICK = RESULTS / "quick" / "results.json"
+RERUN = RESULTS / "quick" / "rerun.json"
+SWITCH = RESULTS / "ablation_switch.json"
+WINDOW = RESULTS / "ablation.json"
+ASSETS = Path(__file__).resolve().parent / "assets"
+CHECKPOINTS = ("teacher", "student", "student_quick")
+DOCUMENTS = (ROOT / "README.md", ROOT / "docs" / "demo.md", ROOT / "docs" / "ablation.md")
+
+
+def _shown(path: Path) -> str:
+    """A path as the documents name it: relative to the repository when inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def _pct(value) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
+
+
+def _runs_at_a_time(meta: dict) -> str:
+    """How the runs shared the machine: results written before the worker pool record torch threads."""
+    if "workers" in meta:
+        threads = meta.get("threads_per_worker", 1)
+        return (f"{meta['workers']} run{'s' if meta['workers'] != 1 else ''} at a time, {threads} torch "
+                f"thread{'s' if threads != 1 else ''} each")
+    if "torch_threads" in meta:
+        return f"one run at a time, {meta['torch_threads']} torch threads"
+    return "threads not recorded"
 
 
 def render_quick(results: dict) -> str:
@@ -28,16 +62,52 @@ def render_quick(results: dict) -> str:
     budget = meta["budget"]
     head = (f"Written by `python -m adaswitch.demo.tables` from `docs/demo_results/quick/results.json`: "
             f"`make demo` on {meta['date']}, commit {meta['commit']}, {meta['machine']}, "
-            f"{meta['torch_threads']} torch threads, {meta['total_seconds']:.0f} s in all; {len(meta['seeds'])} seeds, "
-            f"{budget['steps']} steps x batch {budget['batch_size']}; starting student "
-            f"{100 * meta['student_after_sft_accuracy']:.1f}% final-answer / "
-            f"{100 * meta['student_after_sft_step_accuracy']:.1f}% per-step accuracy, teacher "
-            f"{100 * meta['teacher_accuracy']:.1f}%; one accuracy's sampling noise (binomial std) "
-            f"{100 * meta['eval_binomial_std']:.1f} points.")
+            f"{_runs_at_a_time(meta)}, {meta['total_seconds']:.0f} s in all; {len(meta['seeds'])} seeds, "
+            f"{budget['steps']} steps x batch {budget['batch_size']} at lr {budget['lr']:g}; starting student "
+            f"{_pct(meta['student_after_sft_accuracy'])}% final-answer / "
+            f"{_pct(meta['student_after_sft_step_accuracy'])}% per-step accuracy on {meta['num_eval']:,} eval "
+            f"problems, teacher {_pct(meta['teacher_accuracy'])}%; one accuracy's sampling noise (binomial std) "
+            f"{_pct(meta['eval_binomial_std'])} points.")
     rows = results["results"]
     return "\n\n".join([head, format_table(rows),
                         "Per-seed differences (points; mean ± std, seeds won, * = 95% paired t-test):",
                         format_paired_table(rows)])
+
+
+def render_rerun(committed_path: str | Path, rerun_path: str | Path) -> str:
+    """The committed run's accuracies next to a rerun's, per method, with their difference (points) and
+    each file's commit, machine and date; one line when there is no rerun file."""
+    committed_path, rerun_path = Path(committed_path), Path(rerun_path)
+    if not rerun_path.exists():
+        return (f"No rerun is recorded: `{_shown(rerun_path)}` (the results.json of a second `make demo` "
+                "from a fresh clone) does not exist.")
+    committed, rerun = (json.loads(p.read_text()) for p in (committed_path, rerun_path))
+    theirs = {r["method"]: r for r in rerun["results"]}
+    lines = [f"Written by `python -m adaswitch.demo.tables` from `{_shown(committed_path)}` (committed) and "
+             f"`{_shown(rerun_path)}` (rerun); accuracy % as mean over seeds, Δ = rerun − committed in points.", ""]
+    for label, r in (("committed", committed), ("rerun", rerun)):
+        m = r["meta"]
+        lines.append(f"* {label}: commit {m.get('commit', '?')}, {m.get('machine', '?')}, {m.get('date', '?')}, "
+                     f"{m.get('preset', '?')} preset, seeds {m.get('seeds', '?')}, {_runs_at_a_time(m)}")
+    head = ("method", "accuracy % committed", "accuracy % rerun", "Δ accuracy",
+            "step accuracy % committed", "step accuracy % rerun", "Δ step accuracy")
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+
+    def delta(a, b):
+        if any(v is None or math.isnan(v) for v in (a, b)):
+            return "-"
+        return f"{100 * (b - a):+.1f}"
+
+    methods = [r["method"] for r in committed["results"]]
+    methods += [m for m in theirs if m not in methods]
+    mine = {r["method"]: r for r in committed["results"]}
+    for name in methods:
+        a, b = mine.get(name, {}), theirs.get(name, {})
+        cells = [name]
+        for key in ("accuracy", "step_accuracy"):
+            cells += [_pct(a.get(key)), _pct(b.get(key)), delta(a.get(key), b.get(key))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def render_switch(results: dict) -> str:
@@ -46,11 +116,123 @@ def render_switch(results: dict) -> str:
     return format_switch_table(results["cells"])
 
 
-BLOCKS = {"demo-quick": (QUICK, render_quick), "switch-ablation": (SWITCH, render_switch)}
+def _seeds(seeds: list[int]) -> str:
+    return ", ".join(map(str, seeds[:-1])) + f" and {seeds[-1]}" if len(seeds) > 1 else str(seeds[0])
+
+
+def render_switch_setting(results: dict) -> str:
+    """The switching-rule sweep's set-up, from its JSON."""
+    meta = results["meta"]
+    budget = meta["budget"]
+    return (f"Setting (written from `docs/demo_results/ablation_switch.json`): the {meta['preset']} preset "
+            f"(docs/demo.md), starting student {meta['student_source']} ({_pct(meta['student_start_accuracy'])}% "
+            f"final-answer, {_pct(meta['student_start_step_accuracy'])}% per-step accuracy on the "
+            f"{meta['num_eval']:,} eval problems; teacher {_pct(meta['teacher_accuracy'])}%), {budget['steps']} "
+            f"steps x {budget['batch_size']} prompts at lr {budget['lr']:g}, seeds {_seeds(meta['seeds'])}, "
+            f"AdaSwitch at the shipped L = {meta['adaswitch']['window']}, K = {meta['adaswitch']['k']:g}. Run "
+            f"{meta['date']}, commit {meta['commit']}, {meta['machine']}, {_runs_at_a_time(meta)}, "
+            f"{meta['total_seconds']:.0f} s for the {len(results['runs'])} runs.")
+
+
+def render_switch_summary(results: dict) -> str:
+    """What the prose about the switching-rule sweep rests on: the default against its controls, what
+    passes the paired test, and how far any setting moved the student."""
+    from adaswitch.demo.ablation import BASELINE, CONTROLS
+    from adaswitch.demo.stats import format_paired
+
+    cells = {c["name"]: c for c in results["cells"]}
+    base, meta = cells[BASELINE], results["meta"]
+    lines = ["Written from `docs/demo_results/ablation_switch.json` (points; mean ± std over seeds of the "
+             "per-seed difference, seeds above the default, * = 95% paired t-test):", ""]
+    lines.append(f"* {BASELINE}: {_pct(base['accuracy'])} ± {_pct(base['accuracy_std'])}% "
+                 f"final-answer, {_pct(base['step_accuracy'])} ± {_pct(base['step_accuracy_std'])}% per-step "
+                 "accuracy;")
+    for name in CONTROLS:
+        if name in cells:
+            vs = cells[name]["vs_default"]
+            lines.append(f"* {name} − default: {format_paired(vs['accuracy'])} final-answer, "
+                         f"{format_paired(vs['step_accuracy'])} per-step;")
+    significant = [c["name"] for c in results["cells"] if c["name"] != BASELINE
+                   and any(c["vs_default"][key]["significant"] for key in ("accuracy", "step_accuracy"))]
+    lines.append(f"* settings whose difference from the default passes the paired test: "
+                 f"{', '.join(significant) if significant else 'none'};")
+    acc = [c["accuracy"] for c in results["cells"]]
+    step = [c["step_accuracy"] for c in results["cells"]]
+    lines.append(f"* after {meta['budget']['steps']} steps from {_pct(meta['student_start_accuracy'])}% final-answer "
+                 f"/ {_pct(meta['student_start_step_accuracy'])}% per-step accuracy at start, the settings end at "
+                 f"{_pct(min(acc))}-{_pct(max(acc))}% final-answer and {_pct(min(step))}-{_pct(max(step))}% per-step "
+                 "accuracy.")
+    return "\n".join(lines)
+
+
+def render_window(results: dict) -> str:
+    """The window x K sweep's set-up and table, best cell in bold."""
+    from adaswitch.demo.ablation import rank
+
+    meta, cells = results["meta"], results["cells"]
+    budget = meta["budget"]
+    best = rank(cells)[0]
+    runs = sum(len(c["accuracies"]) for c in cells)
+    head = (f"Setting (written from `docs/demo_results/ablation.json`): the {meta['preset']} preset of that "
+            f"run: the shipped Qwen2 teacher ({_pct(meta['teacher_accuracy'])}% on these {meta['num_eval']} eval "
+            f"problems), the Llama student from {meta['student_source']} "
+            f"({_pct(meta['student_after_sft_accuracy'])}%), "
+            f"AdaSwitch distillation for {budget['steps']} steps x {budget['batch_size']} prompts at lr "
+            f"{budget['lr']:g}, seeds {_seeds(meta['seeds'])}, greedy accuracy on the first {meta['num_eval']} eval "
+            f"problems. The file records commit {meta['commit']} at the end of the run, {meta['date']}, "
+            f"{meta['machine']}, {_runs_at_a_time(meta)}, {meta['total_seconds']:.0f} s for the {runs} runs.")
+    columns = ("L", "K", "accuracy % per seed", "mean ± std", "teacher KL", "switch rate", "mean switch pos",
+               "s / step")
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for c in cells:
+        is_best = c is best
+        mean = f"{_pct(c['accuracy'])} ± {_pct(c['accuracy_std'])}"
+        lines.append("| " + " | ".join([
+            str(c["window"]),
+            f"**{c['k']:g}**" if is_best else f"{c['k']:g}",
+            ", ".join(_pct(a) for a in c["accuracies"]),
+            f"**{mean}**" if is_best else mean,
+            f"{c['teacher_kl']:.4f}",
+            f"{c['switch_rate']:.2f}",
+            f"{c['mean_switch_position']:.1f}",
+            f"{c['seconds_per_step']:.2f}",
+        ]) + " |")
+    return "\n\n".join([head, "\n".join(lines),
+                        f"**Best by the rule: L = {best['window']}, K = {best['k']:g}** "
+                        f"({_pct(best['accuracy'])}% mean accuracy)."])
+
+
+def render_checkpoints(asset_dirs: dict[str, Path]) -> str:
+    """The shipped checkpoints as their build_info.json records them."""
+    columns = ("checkpoint", "architecture", "parameters", "safetensors MB", "SFT steps x batch, lr",
+               "greedy accuracy", "build time", "built")
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for name, path in asset_dirs.items():
+        info = json.loads((Path(path) / "build_info.json").read_text())
+        lines.append("| " + " | ".join([
+            f"`assets/{name}`",
+            info["architecture"],
+            f"{info['parameters']:,}",
+            f"{info['checkpoint_bytes'] / 1e6:.1f}",
+            f"{info['train_steps']:,} x {info['batch_size']}, {info['lr']:g}",
+            f"{_pct(info['eval_accuracy'])}% of {info['eval_examples']:,}",
+            f"{info['train_seconds']:.0f} s ({info['machine']})",
+            info["built"],
+        ]) + " |")
+    return "\n".join(lines)
 
 
 def _blocks() -> dict:
-    return {name: render(json.loads(path.read_text())) for name, (path, render) in BLOCKS.items()}
+    quick, switch, window = (json.loads(p.read_text()) for p in (QUICK, SWITCH, WINDOW))
+    return {
+        "demo-quick": render_quick(quick),
+        "demo-rerun": render_rerun(QUICK, RERUN),
+        "switch-ablation": render_switch(switch),
+        "switch-ablation-setting": render_switch_setting(switch),
+        "switch-summary": render_switch_summary(switch),
+        "window-ablation": render_window(window),
+        "demo-checkpoints": render_checkpoints({name: ASSETS / name for name in CHECKPOINTS}),
+    }
 
 
 def _replace(text: str, name: str, body: str) -> str:
@@ -75,7 +257,7 @@ def main(argv=None) -> int:
     stale = [doc for doc in DOCUMENTS if updated(doc.read_text(), blocks) != doc.read_text()]
     if args.check:
         for doc in stale:
-            print(f"{doc.relative_to(ROOT)}: a demo table differs from the committed JSON; "
+            print(f"{doc.relative_to(ROOT)}: a demo block differs from the committed results; "
                   "run python -m adaswitch.demo.tables")
         return 1 if stale else 0
     for doc in stale:

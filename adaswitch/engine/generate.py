@@ -22,21 +22,25 @@ Design (gpt-fast style: prefill, then a short per-token loop; details fixed here
   drafts (lengths only). A row that has already switched takes one teacher token
   per block.
 * Speculative guidance (guidance="speculative", AdaSwitch and its controls, Teacher): blocks as above,
-  then from each row's stop (its switch; index 0 once switched, and always under Teacher)
-  `fused_speculative` accepts drafts with probability min(1, p_T / p_S) and, at the first rejection,
-  draws from norm(max(0, p_T - p_S)): up to G teacher tokens per block, each distributed as the
-  teacher's own draw; the run stays in blocks after switches. Caches roll back as in lookahead.
+  except that both models also take d_{G-1} (the teacher scores [last, d_0 .. d_{G-1}]); then from each
+  row's stop (its switch; index 0 once switched, and always under Teacher) `fused_speculative` accepts
+  drafts with probability min(1, p_T / p_S) and, at the first rejection, draws from
+  norm(max(0, p_T - p_S)); a row that accepted every draft takes a bonus token from p_T at index G:
+  up to G + 1 teacher tokens per block, each distributed as the teacher's own draw; the run stays in
+  blocks after switches. Caches roll back as in lookahead.
 * Teacher states (return_teacher_states=True): the teacher's forwards also return their last hidden
   states, scattered like the tokens into a [B, N, H] buffer (and a mask of where the teacher ran), so a
   loss can take them instead of running the teacher again.
-* Host reads: about every `sync_every` tokens the host reads one small tensor (all rows done?, all rows
+* Host reads (`sync_every`: 16 on an accelerator, 1 on the CPU, where a read is free, unless given):
+  about every `sync_every` tokens the host reads one small tensor (all rows done?, all rows
   switched?, least response position of unfinished rows) -- one device-to-host sync: every sync_every
   steps, or every ceil(sync_every / G) blocks while blocks keep giving G tokens (else every sync_every
   blocks), so at most ceil(max_new_tokens / sync_every) + 1 reads in the loop. It stops early
   when all rows are done; an AdaSwitch run leaves lookahead mode once some row has switched (that row
   gains one token per block, so blocks would not shorten the run) and stops running the student once
   every row has switched. Every iteration moves each unfinished row forward by >= 1 token, so at most
-  max_new_tokens iterations run and the caches hold prompt + max_new_tokens + max(1, G) columns.
+  max_new_tokens iterations run and the caches hold prompt + max_new_tokens + max(1, G) columns (one
+  more under speculative guidance).
   Argument validation before the loop does a few more reads (prompt padding, token id range).
 * Mixed: the per-sequence coin is `adaswitch.ops.rng.mixed_coin`; rows that lose it take `completions`
   (the dataset's responses, right-padded with pad) and are marked finished before the loop.
@@ -224,8 +228,9 @@ class _Run:
         if lookahead:
             self.draft_policy = Student(policy.student_sampling)
             self.draft_state = SwitchState.new(b, 1, device)
-        # Columns: the prompt minus its last token, <= n kept tokens, and one forward's transient columns.
-        capacity = p - 1 + n + max(1, lookahead)
+        # Columns: the prompt minus its last token, <= n kept tokens, and one forward's transient columns
+        # (a guided block's G + 1: its drafts and the bonus position).
+        capacity = p - 1 + n + max(1, lookahead) + int(self.guided)
         self.caches = {}
         for name, model, used in (("student", student, self.run_student),
                                   ("teacher", teacher, self.run_teacher)):
@@ -316,9 +321,12 @@ class _Run:
 
     def block(self) -> None:
         """Lookahead: G student drafts, one teacher forward, fused_lookahead (and, with speculative guidance,
-        fused_speculative from each row's stop), write, roll back."""
+        fused_speculative from each row's stop, with its bonus token), write, roll back."""
         g, student, teacher = self.g, self.caches["student"], self.caches["teacher"]
-        offsets = torch.arange(g, device=self.device)
+        # Columns a block writes to each cache: [last, d_0 .. d_{G-2}]; with guidance also d_{G-1}, so the
+        # teacher scores the position after the last draft (the bonus token's distribution).
+        width = g + 1 if self.guided else g
+        offsets = torch.arange(width, device=self.device)
         idle = self._idle()
         cur, drafts, student_logits = self.last, [], []
         self.draft_state.finished.zero_()
@@ -332,17 +340,21 @@ class _Run:
             drafts.append(cur)
             student_logits.append(ls)
         draft = torch.stack(drafts, 1)
-        lt, ht = self._teacher_forward(torch.cat([self.last[:, None], draft[:, :-1]], 1))
+        if self.guided:  # d_{G-1} into the student's cache too: a row that takes the bonus keeps it
+            self._forward(self.student, student, cur[:, None])
+        lt, ht = self._teacher_forward(torch.cat([self.last[:, None], draft[:, : width - 1]], 1))
         student_logits = torch.stack(student_logits, 1)
         finished_before = self.state.finished.clone() if self.guided else None
-        out = fused_lookahead(student_logits, lt, draft, self.policy, self.state,
+        out = fused_lookahead(student_logits, lt[:, :g], draft, self.policy, self.state,
                               seed=self.seed, keys=self.keys, position=self.pos, eos_token_id=self.eos,
                               pad_token_id=self.pad, impl=self.impl)
         a = out.accepted
+        divergence = out.divergence
         if self.guided:
             # From each row's stop (its switch, or index 0 once switched / under Teacher) the teacher's tokens
-            # are the drafts it accepts and, at the first rejection, its residual draw (fused_speculative),
-            # instead of one teacher draw per block; the row's EOS follows those tokens.
+            # are the drafts it accepts and then its own draw: the residual draw at the first rejection, or
+            # the bonus token at index G when it accepted every draft (fused_speculative); instead of one
+            # teacher draw per block. The row's EOS follows those tokens.
             spec = fused_speculative(student_logits, lt, draft, torch.where(out.from_teacher, a, g),
                                      student_sampling=self.policy.student_sampling,
                                      teacher_sampling=self.policy.teacher_sampling, seed=self.seed,
@@ -351,28 +363,31 @@ class _Run:
             self.state.finished.copy_(torch.where(out.from_teacher, finished_before | spec.finished,
                                                   self.state.finished))
             end = a + torch.where(out.from_teacher, spec.accepted, 0)
-            resampled = out.from_teacher & spec.resampled
-            at_stop = (offsets[None, :] == end[:, None]) & resampled[:, None]
+            drawn = out.from_teacher & (spec.resampled | spec.bonus)  # the teacher's own draw at index `end`
+            at_stop = (offsets[None, :] == end[:, None]) & drawn[:, None]
             keep = (offsets[None, :] < end[:, None]) | at_stop
-            token = torch.where(at_stop, spec.token[:, None], draft)
+            padded = torch.cat([draft, torch.full_like(draft[:, :1], self.pad)], 1)  # index G: the bonus
+            token = torch.where(at_stop, spec.token[:, None], padded)
             by_teacher = ((offsets[None, :] >= a[:, None]) & out.from_teacher[:, None] & keep) | at_stop
-            produced = end + resampled.long()
+            produced = end + drawn.long()
+            divergence = torch.cat([divergence, torch.full_like(divergence[:, :1], math.nan)], 1)
         else:
             at_stop = (offsets[None, :] == a[:, None]) & out.from_teacher[:, None]
             keep = (offsets[None, :] < a[:, None]) | at_stop
             token = torch.where(at_stop, out.token[:, None], draft)
             by_teacher = at_stop
             produced = a + out.from_teacher.long()
-        self._write(self.pos[:, None] + offsets, keep, token, by_teacher, out.divergence)
+        self._write(self.pos[:, None] + offsets, keep, token, by_teacher, divergence)
         if ht is not None:
             self._write_hidden(self.pos[:, None] + offsets, keep, ht)
         # `last` becomes the newest kept token; rows that produced nothing (finished) keep theirs.
         newest = token.gather(1, (produced - 1).clamp(min=0)[:, None])[:, 0]
         self.last.copy_(torch.where(produced > 0, newest, self.last))
-        # Both caches hold [last, d_0 .. d_{G-2}]; a live row keeps the first `produced` (>= 1) of them, at
-        # most up to max_new_tokens (what lies beyond is never output), so no row outgrows the capacity.
+        # Both caches hold the block's `width` columns; a live row keeps the first `produced` (>= 1) of them,
+        # at most up to max_new_tokens (what lies beyond, a bonus included, is never output), so no row
+        # outgrows the capacity.
         kept = torch.minimum(produced, self.n - self.pos)
-        drop = torch.where(idle, g, g - kept)
+        drop = torch.where(idle, width, width - kept)
         student.rollback(drop)
         teacher.rollback(drop)
         self.pos += produced
@@ -479,7 +494,7 @@ def generate(
     seed: int = 0,
     example_keys=None,
     lookahead: int = 0,
-    sync_every: int = 16,
+    sync_every: int | None = None,
     completions: torch.Tensor | None = None,
     cuda_graph: bool = False,
     vocab_size: int | None = None,
@@ -501,7 +516,9 @@ def generate(
         seed, example_keys: the counter-based RNG's seed and per-row keys (default: row index); pass
             stable keys (e.g. dataset indices) to make a row's tokens independent of its batch.
         lookahead: G > 0 drafts G student tokens per teacher forward (AdaSwitch, SKD); same tokens.
-        sync_every: iterations between the host's reads of the "all finished" flag.
+        sync_every: iterations between the host's reads of the "all finished" flag. None (default): 16
+            on an accelerator, where a read waits for the queued work; 1 on the CPU, where nothing is
+            queued, so a read costs nothing and the loop stops each model the step it is no longer needed.
         completions: int64 [B, M] dataset responses (right-padded with pad) for `Mixed` rows that use
             the dataset.
         cuda_graph: capture the per-iteration work in CUDA graphs (CUDA tensors only).
@@ -516,11 +533,15 @@ def generate(
         guidance: how the teacher writes its tokens. "step": one teacher draw per teacher forward (after
             AdaSwitch's switch, and under Teacher). "speculative" (AdaSwitch and its controls, Teacher; needs
             lookahead = G >= 1 and the student): the student keeps drafting G tokens per block and the teacher,
-            in its one forward, accepts each draft with probability min(1, p_T / p_S) and at the first
-            rejection draws from norm(max(0, p_T - p_S)) (`adaswitch.ops.fused_speculative`): every teacher
-            token still follows the teacher's sampling distribution (temperature / top_k / top_p), up to G
-            per teacher forward. Greedy teachers give exactly step mode's tokens; sampling teachers the
-            same distribution with other draws. SKD's lookahead already verifies G drafts per forward.
+            in its one forward (on the G drafts and the position after them), accepts each draft with
+            probability min(1, p_T / p_S) and at the first rejection draws from norm(max(0, p_T - p_S)); a
+            row that accepts every draft also takes a bonus token drawn from p_T at the position after the
+            last draft (rng stream 5 at that response position) (`adaswitch.ops.fused_speculative`): every
+            teacher token still follows the teacher's sampling distribution (temperature / top_k / top_p),
+            up to G + 1 per teacher forward (the student then runs G + 1 one-token forwards per block, the
+            last one putting the last draft into its cache). Greedy teachers give exactly step mode's
+            tokens; sampling teachers the same distribution with other draws. SKD's lookahead already
+            verifies G drafts per forward.
         return_teacher_states: also return the teacher's last hidden states at every response position the
             teacher ran on (`teacher_hidden_states`, `teacher_states_mask`), for a loss that would
             otherwise run the teacher again.
@@ -554,6 +575,8 @@ def generate(
         teacher = None
     if student is not None and teacher is not None:
         _check_shared_tokenizer(student, teacher)
+    if sync_every is None:
+        sync_every = default_sync_every(input_ids.device if isinstance(input_ids, torch.Tensor) else "cpu")
     for name, value, low in (("max_new_tokens", max_new_tokens, 1), ("lookahead", lookahead, 0),
                              ("sync_every", sync_every, 1)):
         if not _is_int(value) or value < low:
@@ -641,6 +664,13 @@ def generate(
         run = _Run(student, teacher, input_ids, mask, policy, max_new_tokens, eos, pad, seed, keys, lookahead,
                    vocab_size, completions, impl, attention_scope, layouts, guidance, return_teacher_states)
         return _decode(run, policy, max_new_tokens, lookahead, sync_every, cuda_graph).finish(input_ids, mask)
+
+
+def default_sync_every(device) -> int:
+    """Iterations between host reads when the caller gives none: a read drains an accelerator's queue (16
+    amortises it), while on the CPU the work is already done when the read comes (1 stops the loop and the
+    student at the first iteration where they are no longer needed)."""
+    return 1 if torch.device(device).type == "cpu" else 16
 
 
 def _decode(run: _Run, policy, max_new_tokens: int, lookahead: int, sync_every: int, cuda_graph: bool) -> _Run:

@@ -4,7 +4,7 @@ Imported lazily by `adaswitch` (it needs transformers, datasets and accelerate).
 """
 
 from adaswitch.train.config import DistillConfig
-from adaswitch.train.data import DistillCollator, load_prompt_completion, tokenize_dataset
+from adaswitch.train.data import DistillCollator, load_prompt_completion, prepare_dataset, tokenize_dataset
 from adaswitch.train.evaluate import evaluate, exact_match_checker, extract_answer
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "exact_match_checker",
     "extract_answer",
     "load_prompt_completion",
+    "prepare_dataset",
     "tokenize_dataset",
 ]
 

@@ -168,9 +168,10 @@ class DistillConfig(TrainingArguments):
             "forward, when the teacher ran on every loss position and the fused LM-head loss applies."
         },
     )
-    sync_every: int = field(
-        default=16,
-        metadata={"help": "Decode steps between checks of the all-rows-finished flag (host syncs)."},
+    sync_every: int | None = field(
+        default=None,
+        metadata={"help": "Decode steps between checks of the all-rows-finished flag (host syncs). Default: 16 "
+                  "on an accelerator, 1 on the CPU (where a check costs nothing)."},
     )
     max_prompt_length: int | None = field(
         default=None,
@@ -275,6 +276,8 @@ class DistillConfig(TrainingArguments):
                 raise ValueError(f"{side}_top_p must be a number in (0, 1] (1.0 = off), got {top_p!r}")
         for name in ("max_new_tokens", "sync_every"):
             value = getattr(self, name)
+            if name == "sync_every" and value is None:
+                continue
             if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if not _is_int(self.lookahead) or self.lookahead < 0:

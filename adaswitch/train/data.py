@@ -217,11 +217,7 @@ def tokenize_dataset(
             tokenizer, row["prompt"], completion, row=index, name=name
         )
         if len(prompt_ids) > max_prompt_length:
-            raise ValueError(
-                f"{name}: row {index} has a prompt of {len(prompt_ids)} tokens, longer than the "
-                f"limit of {max_prompt_length} (the context length minus max_new_tokens, or "
-                "max_prompt_length)"
-            )
+            raise _too_long(name, index, len(prompt_ids), max_prompt_length)
         out = {PROMPT_IDS: prompt_ids, EXAMPLE_KEY: index}
         if use_completion:
             out[COMPLETION_IDS] = (
@@ -238,6 +234,106 @@ def tokenize_dataset(
         load_from_cache_file=False,
         keep_in_memory=True,
         desc=f"Tokenizing {name}",
+    )
+
+
+def _too_long(name: str, row: int, tokens: int, limit: int) -> ValueError:
+    return ValueError(
+        f"{name}: row {row} has a prompt of {tokens} tokens, longer than the limit of {limit} (the context "
+        "length minus max_new_tokens, or max_prompt_length)"
+    )
+
+
+def is_tokenized(dataset) -> bool:
+    """Whether `dataset` holds the columns `tokenize_dataset` returns (and only those)."""
+    if not isinstance(dataset, datasets.Dataset):
+        return False
+    columns = set(dataset.column_names)
+    return {PROMPT_IDS, EXAMPLE_KEY} <= columns <= {PROMPT_IDS, COMPLETION_IDS, EXAMPLE_KEY}
+
+
+def check_tokenized(
+    dataset: datasets.Dataset,
+    tokenizer,
+    *,
+    max_prompt_length: int,
+    max_completion_length: int | None = None,
+    use_completion: bool = True,
+    name: str = "dataset",
+) -> datasets.Dataset:
+    """A dataset `tokenize_dataset` returned, checked against this run's limits (its rows may have been
+    tokenized for another run): every prompt non-empty and within `max_prompt_length`, every id one of the
+    tokenizer's; completions cut to `max_completion_length` (dropped when not used). Errors name the row
+    by its `example_key`. Column-wise (pyarrow), so checking is cheap next to tokenizing again."""
+    import pyarrow.compute as pc
+
+    if use_completion and COMPLETION_IDS not in dataset.column_names:
+        raise ValueError(f"{name}: the tokenized rows have no {COMPLETION_IDS!r} column; this policy needs completions")
+    if len(dataset) == 0:
+        raise ValueError(f"{name}: has no rows")
+    table = dataset.with_format("arrow")[:]  # row order as the dataset shows it (a select / shuffle applied)
+    keys = table[EXAMPLE_KEY].to_pylist()
+    lengths = pc.list_value_length(table[PROMPT_IDS]).to_pylist()
+    for i, n in enumerate(lengths):
+        if not n:
+            raise ValueError(f"{name}: row {keys[i]} has an empty prompt")
+        if n > max_prompt_length:
+            raise _too_long(name, keys[i], n, max_prompt_length)
+    columns = [PROMPT_IDS] + ([COMPLETION_IDS] if use_completion else [])
+    for column in columns:
+        lists = table[column].combine_chunks()
+        ids = pc.list_flatten(lists)
+        bad = pc.or_(pc.less(ids, 0), pc.greater_equal(ids, len(tokenizer)))
+        if pc.any(bad).as_py():
+            row = pc.list_parent_indices(lists).filter(bad)[0].as_py()
+            token = ids.filter(bad)[0].as_py()
+            raise ValueError(
+                f"{name}: row {keys[row]}: token id {token} in {column} is not one of the tokenizer's "
+                f"{len(tokenizer)} ids (tokenized with another tokenizer?)"
+            )
+    if not use_completion and COMPLETION_IDS in dataset.column_names:
+        dataset = dataset.remove_columns(COMPLETION_IDS)
+    if use_completion and max_completion_length:
+        longest = pc.max(pc.list_value_length(table[COMPLETION_IDS])).as_py()
+        if longest > max_completion_length:
+            dataset = dataset.map(
+                lambda row: {COMPLETION_IDS: row[COMPLETION_IDS][:max_completion_length]},
+                load_from_cache_file=False,
+                keep_in_memory=True,
+                desc=f"Cutting {name} completions",
+            )
+    return dataset
+
+
+def prepare_dataset(
+    source,
+    tokenizer,
+    *,
+    max_prompt_length: int,
+    max_completion_length: int | None = None,
+    use_completion: bool = True,
+    name: str = "dataset",
+) -> datasets.Dataset:
+    """The rows a run trains or evaluates on: `source` read (`load_prompt_completion`) and tokenized
+    (`tokenize_dataset`), or, when it is already tokenized (`is_tokenized`), checked (`check_tokenized`).
+    The command line tokenizes before any model loads and hands the result on, so rows are read once."""
+    if is_tokenized(source):
+        return check_tokenized(
+            source,
+            tokenizer,
+            max_prompt_length=max_prompt_length,
+            max_completion_length=max_completion_length,
+            use_completion=use_completion,
+            name=name,
+        )
+    data = load_prompt_completion(source, name=name, require_completion=use_completion)
+    return tokenize_dataset(
+        data,
+        tokenizer,
+        max_prompt_length=max_prompt_length,
+        max_completion_length=max_completion_length,
+        use_completion=use_completion,
+        name=name,
     )
 
 
@@ -275,15 +371,16 @@ class DistillCollator:
 
 
 def context_length(*models) -> int | None:
-    """The shortest `max_position_embeddings` of the given models (None when none declares one)."""
-    lengths = [getattr(getattr(m, "config", None), "max_position_embeddings", None) for m in models]
+    """The shortest `max_position_embeddings` of the given models or model configs (None when none declares
+    one): a config read from config.json gives the limit before any weights load."""
+    lengths = [getattr(getattr(m, "config", m), "max_position_embeddings", None) for m in models]
     lengths = [n for n in lengths if isinstance(n, int) and n > 0]
     return min(lengths) if lengths else None
 
 
 def prompt_limit(max_prompt_length: int | None, max_new_tokens: int, *models) -> int:
     """The longest allowed prompt: `max_prompt_length` if given, capped so that prompt + response fit
-    in the models' context."""
+    in the models' context (`models`: models or their configs)."""
     ctx = context_length(*models)
     if ctx is not None and max_new_tokens >= ctx:
         raise ValueError(

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import json
 import math
 import os
 import shutil
@@ -42,7 +43,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, Trainer
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 from transformers.utils import logging
 
 from adaswitch.train.checkpoint import STAGING_PREFIX, publish, recover
@@ -50,10 +51,9 @@ from adaswitch.train.config import SWITCH_POLICIES, DistillConfig
 from adaswitch.train.data import (
     DistillCollator,
     check_same_tokenizer,
-    load_prompt_completion,
+    prepare_dataset,
     prompt_limit,
     saved_tokenizers,
-    tokenize_dataset,
 )
 from adaswitch.train.distributed import (  # FSDP2 / DeepSpeed ZeRO plumbing
     _zero3_partitioned,
@@ -65,6 +65,9 @@ from adaswitch.train.distributed import (  # FSDP2 / DeepSpeed ZeRO plumbing
 )
 
 IGNORE_INDEX = -100
+# Saved in every checkpoint beside trainer_state.json: `Distiller.switch_position_counts`, which Trainer's state
+# does not hold, so that a resumed run keeps counting where the checkpoint stopped.
+SWITCH_COUNTS_NAME = "switch_position_counts.json"
 
 logger = logging.get_logger(__name__)
 
@@ -275,7 +278,9 @@ class Distiller(Trainer):
             to the student's device; never updated.
         args: a `DistillConfig`.
         train_dataset, eval_dataset: `datasets.Dataset`s or .jsonl/.json/.parquet/.csv paths with a `prompt`
-            column and, for policies `dataset` and `mixed`, a `completion` column (text or chat messages).
+            column and, for policies `dataset` and `mixed`, a `completion` column (text or chat messages); or
+            what `adaswitch.train.data.prepare_dataset` returned for them (checked against this run's limits,
+            not tokenized again).
         processing_class: the shared tokenizer (must define a pad token). Its ids are the vocabulary:
             generation never samples, and the loss never weighs, an id >= len(processing_class) (embedding
             rows padded past the tokenizer).
@@ -380,7 +385,8 @@ class Distiller(Trainer):
         )
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         # Training rows per switch position (index p + 1; index 0: no switch), summed over processes, for the
-        # switch policies: e.g. the distribution a RandomSwitch control draws from.
+        # switch policies: e.g. the distribution a RandomSwitch control draws from. Saved with each checkpoint
+        # (SWITCH_COUNTS_NAME) and restored on resume.
         self.switch_position_counts = [0] * (args.max_new_tokens + 1)
         self._last_generation_seconds = 0.0
         self._last_tokens = 0.0
@@ -388,9 +394,8 @@ class Distiller(Trainer):
 
     @staticmethod
     def _prepare_dataset(dataset, tokenizer, args, limit, name):
-        data = load_prompt_completion(dataset, name=name, require_completion=args.uses_completions)
-        return tokenize_dataset(
-            data,
+        return prepare_dataset(
+            dataset,
             tokenizer,
             max_prompt_length=limit,
             max_completion_length=args.max_new_tokens,
@@ -731,9 +736,16 @@ class Distiller(Trainer):
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
         """Trainer.train, after putting back a checkpoint that a run killed while replacing it had moved
-        aside (`adaswitch.train.checkpoint.recover`), so `resume_from_checkpoint=True` finds it."""
-        if self.args.should_save and resume_from_checkpoint is not None:
+        aside (`adaswitch.train.checkpoint.recover`), so `resume_from_checkpoint=True` finds it, and after
+        restoring the checkpoint's `switch_position_counts` (`load_switch_counts`)."""
+        if self.args.should_save and resume_from_checkpoint not in (None, False):
             recover(self.args.output_dir)
+        if resume_from_checkpoint is True:  # as Trainer resolves it (it raises when there is none)
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            self.switch_position_counts = load_switch_counts(
+                resume_from_checkpoint, len(self.switch_position_counts)
+            )
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
 
     def _save_checkpoint(self, model, trial):
@@ -742,7 +754,11 @@ class Distiller(Trainer):
         exists whole or not at all. (With push_to_hub, Trainer uploads from the folder it wrote, so
         its in-place save is kept.)"""
         if self.args.push_to_hub:
-            return super()._save_checkpoint(model, trial)
+            super()._save_checkpoint(model, trial)  # the counts go up with the next push
+            if self.args.should_save:
+                folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+                save_switch_counts(os.path.join(self._get_output_dir(trial=trial), folder), self.switch_position_counts)
+            return
         run_dir = self._get_output_dir(trial=trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staging = os.path.join(run_dir, f"{STAGING_PREFIX}{self.state.global_step}")
@@ -762,6 +778,8 @@ class Distiller(Trainer):
             self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
             if self.args.should_save:
                 self.state.save_to_json(os.path.join(written, TRAINER_STATE_NAME))
+        if self.args.should_save:
+            save_switch_counts(written, self.switch_position_counts)
         self.accelerator.wait_for_everyone()  # every process has written its files (e.g. its RNG state)
         if self.args.should_save:
             # fsync, then one rename (or one atomic exchange when the step is saved again), see checkpoint.py
@@ -774,3 +792,39 @@ class Distiller(Trainer):
             )
         self.accelerator.wait_for_everyone()
 
+
+def save_switch_counts(checkpoint_dir: str, counts: list[int]) -> None:
+    """Writes `counts` (rows per switch position + 1; index 0: no switch) as `SWITCH_COUNTS_NAME` in a
+    checkpoint directory, through a temporary file and a rename, so the file is whole or absent."""
+    path = os.path.join(checkpoint_dir, SWITCH_COUNTS_NAME)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"switch_position_counts": [int(c) for c in counts]}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_switch_counts(checkpoint_dir, length: int) -> list[int]:
+    """The `switch_position_counts` saved in a checkpoint, as a list of `length` (this run's max_new_tokens
+    + 1): zeros when the checkpoint has no such file (written before it was saved), padded with zeros when
+    the checkpoint's budget was shorter. A malformed file, or one with rows at positions this run's budget
+    cannot hold, is a ValueError naming the file."""
+    path = os.path.join(os.fspath(checkpoint_dir), SWITCH_COUNTS_NAME)
+    if not os.path.isfile(path):
+        return [0] * length
+    try:
+        with open(path) as f:
+            counts = json.load(f)["switch_position_counts"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path!r}: cannot read switch_position_counts ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(counts, list) or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0
+                                               for c in counts):
+        raise ValueError(f"{path!r}: switch_position_counts must be a list of integers >= 0, got {counts!r}")
+    if any(counts[length:]):
+        last = max(i for i, c in enumerate(counts) if c)  # switch position last - 1
+        raise ValueError(
+            f"{path!r}: the checkpoint counted rows switching at response position {last - 1}, which this "
+            f"run's max_new_tokens ({length - 1}) cannot reach; resume with max_new_tokens >= {last}"
+        )
+    return counts[:length] + [0] * (length - len(counts))

@@ -1,0 +1,131 @@
+"""The demo's presets and the facts every demo entry point records: what the demo runner and the
+ablation sweeps both start from, kept apart from either so neither imports the other."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from adaswitch.demo.build_teacher import QUICK_NUM_EVAL, QUICK_STUDENT_DIR, STUDENT_DIR, DataSpec
+from adaswitch.demo.experiment import Budget
+
+
+@dataclass(frozen=True)
+class DemoPreset:
+    name: str
+    student: str | Path  # a checkpoint directory, or a student preset name SFT-ed for sft_steps at start
+    sft_steps: int
+    budget: Budget
+    seeds: tuple[int, ...]
+    num_eval: int | None
+    trace_prompts: int
+    num_train: int = DataSpec().num_train
+    num_eval_problems: int = DataSpec().num_eval  # the eval split built (num_eval: how many of them are used)
+
+
+PRESETS = {
+    "tiny": DemoPreset(
+        name="tiny",
+        student="tiny",
+        sft_steps=2,
+        budget=Budget(steps=1, batch_size=4),
+        seeds=(0, 1),
+        num_eval=4,
+        trace_prompts=4,
+        num_train=500,
+    ),
+    "quick": DemoPreset(
+        name="quick",
+        # A weaker student (600 of the shipped student's 1,000 SFT steps, same recipe and seed), shipped in
+        # assets/student_quick so that every machine starts from the same weights, and more steps at a
+        # higher lr, so the methods have room to move: the shipped stronger student is not improved by any
+        # method at a quick budget. 1,000 eval problems (held out of that SFT's data).
+        student=QUICK_STUDENT_DIR,
+        sft_steps=0,
+        budget=Budget(steps=150, batch_size=32, lr=3e-3),
+        seeds=(0, 1, 2),
+        num_eval=None,
+        trace_prompts=128,
+        num_eval_problems=QUICK_NUM_EVAL,
+    ),
+    "full": DemoPreset(
+        name="full",
+        student=STUDENT_DIR,
+        sft_steps=0,
+        budget=Budget(steps=120, batch_size=32, lr=1e-4),
+        seeds=(0, 1, 2),
+        num_eval=None,
+        trace_prompts=256,
+    ),
+}
+SKD_TOP_K = 2  # top-2 of a 19-token vocabulary (docs/demo.md: top-25 would accept every draft)
+MAX_DEFAULT_WORKERS = 4  # beyond this the runs of a preset (27 for quick) leave workers idle at the tail
+
+
+def get_preset(name: str) -> DemoPreset:
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+    return PRESETS[name]
+
+
+def prepare_preset(spec: DemoPreset, *, teacher_dir, progress: bool, student=None, measure: bool = True):
+    """A preset's teacher, student (SFT-ed at start when the preset says so; `student`: a checkpoint
+    directory instead) and data: what the demo and the ablation start from. `measure=False` skips the
+    accuracy evaluations of the start (a worker process only needs the models and the data)."""
+    from adaswitch.demo.experiment import prepare
+
+    return prepare(
+        student=spec.student if student is None else student,
+        sft_steps=spec.sft_steps,
+        num_eval=spec.num_eval,
+        teacher_dir=teacher_dir,
+        data=DataSpec(num_train=spec.num_train, num_eval=spec.num_eval_problems),
+        max_new_tokens=spec.budget.max_new_tokens,
+        progress=progress,
+        measure=measure,
+    )
+
+
+def adaswitch_defaults() -> tuple[int, float]:
+    """AdaSwitch's shipped (window, k): what the demo uses when --window / --k are not given."""
+    from adaswitch.policies import AdaSwitch
+
+    policy = AdaSwitch()
+    return policy.window, policy.k
+
+
+def default_workers() -> int:
+    """One single-threaded run per CPU core this process may use, at most MAX_DEFAULT_WORKERS."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(MAX_DEFAULT_WORKERS, cores))
+
+
+def check_workers(workers) -> int:
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    return workers
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            text=True,
+            stderr=subprocess.DEVNULL,
+        ).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
