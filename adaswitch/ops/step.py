@@ -2,14 +2,19 @@
 device, every row's next token under a generation policy (docs/spec.md sections 2-4) and updates the rows'
 switching state. `fused_lookahead` does the same for G drafted positions at once (lookahead mode).
 
-Dispatch: the Triton kernel (kernels/triton/step.py), the native CPU path (the draws by the fused C++ op
-kernels/csrc/step.cpp, the rest in PyTorch ops) or this file's PyTorch reference; all draw with the
-counter-based RNG of adaswitch.ops.rng, so they give the same tokens. No host sync anywhere here:
-every decision is a tensor operation, Python branches only on the policy (a config, not data).
+Dispatch: the Triton kernel (kernels/triton/step.py), the native CPU path (the divergence by the
+token_divergence op, then every draw, SKD's rank test, the switching rule and the state updates in one
+call of the C++ op step_decide / lookahead_decide, kernels/csrc/step.cpp) or this file's PyTorch
+reference; all draw with the counter-based RNG of adaswitch.ops.rng, so they give the same tokens, and
+the native rule takes its window sums from torch's own sum, as the reference, so it decides bit for bit
+as the reference.
+No host sync anywhere here: every decision is a tensor operation (or the native op's loop over rows),
+Python branches only on the policy (a config, not data).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -17,9 +22,8 @@ import torch
 
 from adaswitch import reference
 from adaswitch._backend import native_ops, resolve_impl
-from adaswitch._validation import FLOAT_DTYPES
+from adaswitch._validation import FLOAT_DTYPES, check_divergence_args
 from adaswitch.ops import rng
-from adaswitch.ops.divergence import token_divergence
 from adaswitch.policies import SCHEDULED, SKD, AdaSwitch, Mixed, Student, Teacher, check_policy
 
 
@@ -155,9 +159,15 @@ def _check_inputs(student_logits, teacher_logits, policy, state, keys, position,
 
 
 def _impl(impl, device) -> str:
-    """"triton", "native" (the draws by the fused C++ op, the divergence by token_divergence's native op,
-    the decisions in PyTorch) or "torch"."""
+    """"triton", "native" (the C++ ops of kernels/csrc/step.cpp, the divergence by token_divergence's
+    native op) or "torch"."""
     return resolve_impl(impl, device, native_op="gumbel_argmax")
+
+
+@functools.cache
+def _has_native(name: str) -> bool:
+    """Whether the built adaswitch._C has op `name` (cached: an attribute probe costs a few us per call)."""
+    return native_ops() is not None and hasattr(native_ops(), name)
 
 
 # ------------------------------------------------------------------------------------- shared pieces
@@ -193,9 +203,17 @@ def _teacher_rank(teacher_logits, token, native=False):
 
 
 def _divergence(student_logits, teacher_logits, policy: AdaSwitch, native=False):
-    if native and hasattr(native_ops(), "token_divergence"):
-        return token_divergence(student_logits, teacher_logits, policy.divergence, beta=policy.beta,
-                                alpha=policy.alpha, temperature=policy.divergence_temperature, impl="native")
+    if native and _has_native("token_divergence"):
+        # token_divergence(impl="native")'s call without its argument checks (the policy's fields and the
+        # logits are already checked): the same op on the same arguments
+        s, t = student_logits, teacher_logits
+        if s.dtype != t.dtype:
+            common = torch.promote_types(s.dtype, t.dtype)
+            s, t = s.to(common), t.to(common)
+        if s.dim() != 2:
+            lead, vocab = s.shape[:-1], s.shape[-1]
+            return _divergence(s.reshape(-1, vocab), t.reshape(-1, vocab), policy, native).reshape(lead)
+        return native_ops().token_divergence(s.contiguous(), t.contiguous(), *_native_constants(policy).divergence)
     return reference.divergence_rows(student_logits, teacher_logits, policy.divergence, beta=policy.beta,
                                      alpha=policy.alpha, temperature=policy.divergence_temperature,
                                      dtype=torch.float32)
@@ -232,6 +250,108 @@ def _switch_rule(d, state: SwitchState, policy: AdaSwitch, explore, position):
     state.switched |= switch
     state.switch_pos.copy_(torch.where(switch, position, state.switch_pos))
     return switch
+
+
+# --------------------------------------------------------------------------------------- native
+
+# the policy kinds of the native decision ops (enum Kind in kernels/csrc/step.cpp)
+_KIND_STUDENT, _KIND_TEACHER, _KIND_SKD, _KIND_ADASWITCH, _KIND_SCHEDULED = range(5)
+_RULE_KINDS = (_KIND_ADASWITCH, _KIND_SCHEDULED)
+
+
+@dataclass(frozen=True)
+class _NativeConstants:
+    """A policy's arguments to the native decision ops, computed once per policy object."""
+
+    kind: int
+    student: tuple  # (1 / temperature, greedy, the Sampling when it filters (top_k / top_p) else None)
+    teacher: tuple
+    rule: tuple  # (min_history, k, min_divergence, max_divergence, top_k)
+    divergence: tuple  # token_divergence's (kind code, beta, alpha, temperature)
+
+
+_CONSTANTS: dict[int, tuple] = {}
+
+
+def _native_constants(policy) -> _NativeConstants:
+    """Cached by the policy's id (the policy is kept alive with its entry, so the id cannot be reused)."""
+    hit = _CONSTANTS.get(id(policy))
+    if hit is not None and hit[0] is policy:
+        return hit[1]
+
+    def sampling(s):
+        return (1.0 if s.greedy else 1.0 / s.temperature, s.greedy, s if s.filtered else None)
+
+    inf = math.inf
+    rule, divergence = (0, inf, 0.0, inf, 0), (0, 0.5, 0.1, 1.0)
+    if isinstance(policy, AdaSwitch):
+        kind = _KIND_SCHEDULED if isinstance(policy, SCHEDULED) else _KIND_ADASWITCH
+        rule = (policy.min_history, float(policy.k), float(policy.min_divergence), float(policy.max_divergence), 0)
+        divergence = check_divergence_args(policy.divergence, policy.beta, policy.alpha,
+                                           policy.divergence_temperature)
+    elif isinstance(policy, SKD):
+        # rank < top_k keeps a draft; ranks are < 2^62 (OUT_OF_VOCAB_RANK), so a larger top_k keeps all alike
+        kind, rule = _KIND_SKD, (0, inf, 0.0, inf, min(policy.top_k, OUT_OF_VOCAB_RANK + 1))
+    else:
+        kind = _KIND_TEACHER if isinstance(policy, Teacher) else _KIND_STUDENT
+    constants = _NativeConstants(kind, sampling(policy.student_sampling), sampling(policy.teacher_sampling),
+                                 rule, divergence)
+    if len(_CONSTANTS) >= 64:
+        _CONSTANTS.clear()
+    _CONSTANTS[id(policy)] = (policy, constants)
+    return constants
+
+
+_seed_hash = functools.lru_cache(maxsize=64)(rng.seed_hash)
+
+
+def _native_state(state: SwitchState) -> bool:
+    """The native ops update the state in place: its tensors must have SwitchState.new's dtypes and be
+    contiguous (anything else takes the PyTorch ops)."""
+    w, c, s, p, f = state.window, state.count, state.switched, state.switch_pos, state.finished
+    return (w.dtype == torch.float32 and c.dtype == torch.int64 and p.dtype == torch.int64
+            and s.dtype == torch.bool and f.dtype == torch.bool and w.is_contiguous() and c.is_contiguous()
+            and p.is_contiguous() and s.is_contiguous() and f.is_contiguous()
+            and (state.switch_at is None or (state.switch_at.dtype == torch.int64 and state.switch_at.is_contiguous())))
+
+
+def _threshold(logits, sampling):
+    """The draw's top_k / top_p threshold, None when unfiltered (`sampling` is the constants' third entry)."""
+    return rng.sampling_threshold(logits, sampling) if logits is not None and sampling is not None else None
+
+
+def _step_native(student_logits, teacher_logits, policy, state, seed, keys, position, eos, pad):
+    """The step by the native op step_decide: the same tokens, flags, divergences and state as
+    _step_eager(native=True), in one C++ call after the divergence."""
+    c = _native_constants(policy)
+    kind = c.kind
+    if kind in _RULE_KINDS and student_logits is None:
+        kind = _KIND_TEACHER  # every live row has switched: the teacher decides every row
+    student = None if kind == _KIND_TEACHER else student_logits
+    teacher = None if kind == _KIND_STUDENT else teacher_logits
+    d = _divergence(student, teacher, policy, True) if kind in _RULE_KINDS else None
+    token, from_teacher, divergence = native_ops().step_decide(
+        student, teacher, d, keys, position, state.window, state.count, state.switched, state.switch_pos,
+        state.finished, state.switch_at if kind == _KIND_SCHEDULED else None, kind, _seed_hash(seed),
+        c.student[0], _threshold(student, c.student[2]), c.student[1],
+        c.teacher[0], _threshold(teacher, c.teacher[2]), c.teacher[1], *c.rule, eos, pad)
+    return StepOutput(token, from_teacher, divergence)
+
+
+def _lookahead_native(student_logits, teacher_logits, draft, policy, state, seed, keys, position, eos, pad):
+    """fused_lookahead by the native op lookahead_decide: the same result and state as
+    _lookahead_eager(native=True); the teacher draws only at each row's stop."""
+    c = _native_constants(policy)
+    batch, g, vocab = teacher_logits.shape
+    flat_t = teacher_logits.reshape(batch * g, vocab)
+    d = None
+    if c.kind in _RULE_KINDS:
+        d = _divergence(student_logits.reshape(batch * g, vocab), flat_t, policy, True)
+    accepted, token, from_teacher, divergence = native_ops().lookahead_decide(
+        teacher_logits, draft, d, keys, position, state.window, state.count, state.switched, state.switch_pos,
+        state.finished, state.switch_at if c.kind == _KIND_SCHEDULED else None, c.kind, _seed_hash(seed),
+        c.teacher[0], _threshold(flat_t, c.teacher[2]), c.teacher[1], *c.rule, eos, pad)
+    return LookaheadOutput(accepted, token, from_teacher, divergence)
 
 
 # -------------------------------------------------------------------------------------- reference
@@ -316,7 +436,21 @@ def _lookahead_eager(student_logits, teacher_logits, draft, policy, state, seed,
 
 # ------------------------------------------------------------------------------------------- public
 
-@torch.no_grad()
+def _no_grad(fn):
+    """torch.no_grad() that costs nothing when grad mode is already off (generate's loop), where the
+    decorator would still enter a fresh context on every call."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_no_grad
 def fused_step(student_logits, teacher_logits, policy, state: SwitchState, *, seed: int, keys: torch.Tensor,
                position: torch.Tensor, eos_token_id: int, pad_token_id: int, impl: str | None = None
                ) -> StepOutput:
@@ -353,11 +487,14 @@ def fused_step(student_logits, teacher_logits, policy, state: SwitchState, *, se
 
         return fused_step_triton(student_logits, teacher_logits, policy, state, seed, keys, position,
                                  eos_token_id, pad_token_id)
+    if which == "native" and _has_native("step_decide") and _native_state(state):
+        return _step_native(student_logits, teacher_logits, policy, state, seed, keys, position, eos_token_id,
+                            pad_token_id)
     return _step_eager(student_logits, teacher_logits, policy, state, seed, keys, position, eos_token_id,
                        pad_token_id, which == "native")
 
 
-@torch.no_grad()
+@_no_grad
 def fused_lookahead(student_logits, teacher_logits, draft, policy, state: SwitchState, *, seed: int,
                     keys: torch.Tensor, position: torch.Tensor, eos_token_id: int, pad_token_id: int,
                     impl: str | None = None) -> LookaheadOutput:
@@ -403,6 +540,9 @@ def fused_lookahead(student_logits, teacher_logits, draft, policy, state: Switch
 
         return fused_lookahead_triton(student_logits, teacher_logits, draft, policy, state, seed, keys,
                                       position, eos_token_id, pad_token_id)
+    if which == "native" and _has_native("lookahead_decide") and _native_state(state):
+        return _lookahead_native(student_logits, teacher_logits, draft, policy, state, seed, keys, position,
+                                 eos_token_id, pad_token_id)
     return _lookahead_eager(student_logits, teacher_logits, draft, policy, state, seed, keys, position,
                             eos_token_id, pad_token_id, which == "native")
 
