@@ -38,6 +38,10 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
+# The engine's host-read interval here: the accelerator default, on every device, so the sync counts are
+# what a GPU run does (the CPU default is 1, a free read per token; with no early EOS the work is the same).
+SYNC_EVERY = 16
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
@@ -174,11 +178,11 @@ def count_syncs(cases: dict, batch: int, n: int, lookaheads, greedy: bool, devic
                 student, teacher, ids, mask, length, pol, greedy))
             counts[("engine", case, length)] = syncs(lambda length=length, pol=pol: generate(
                 student, teacher, ids, mask, policy=pol, max_new_tokens=length, eos_token_id=eos,
-                pad_token_id=tiny_models.PAD_ID))
+                pad_token_id=tiny_models.PAD_ID, sync_every=SYNC_EVERY))
             for g in lookaheads:
                 counts[(f"lookahead-{g}", case, length)] = syncs(lambda length=length, pol=pol, g=g: generate(
                     student, teacher, ids, mask, policy=pol, max_new_tokens=length, eos_token_id=eos,
-                    pad_token_id=tiny_models.PAD_ID, lookahead=g))
+                    pad_token_id=tiny_models.PAD_ID, lookahead=g, sync_every=SYNC_EVERY))
     for name, model in (("hf-student", student), ("hf-teacher", teacher)):
         for length in (n, n // 2):
             with SyncCounter() as counter:
@@ -191,7 +195,7 @@ def count_syncs(cases: dict, batch: int, n: int, lookaheads, greedy: bool, devic
         for length in (n, n // 2):
             counts[(name, "-", length)] = syncs(lambda length=length, s=s, t=t, pol=pol: generate(
                 s, t, ids, mask, policy=pol, max_new_tokens=length, eos_token_id=eos,
-                pad_token_id=tiny_models.PAD_ID))
+                pad_token_id=tiny_models.PAD_ID, sync_every=SYNC_EVERY))
     return counts
 
 
@@ -237,7 +241,8 @@ def main(argv=None) -> None:
 
     def engine(pol, g=0, graph=False, length=n):
         return generate(student, teacher, ids, mask, policy=pol, max_new_tokens=length, eos_token_id=eos,
-                        pad_token_id=pad, lookahead=g, cuda_graph=graph)
+                        pad_token_id=pad, lookahead=g, cuda_graph=graph,
+                        sync_every=SYNC_EVERY)
 
     runs = []  # (method, case, fn)
     for case in cases:
@@ -258,9 +263,11 @@ def main(argv=None) -> None:
 
     runs.append(("lm-heads", "never", lm_heads))
     runs.append(("engine-student", "-", lambda: generate(student, None, ids, mask, policy=Student(sampling),
-                                                         max_new_tokens=n, eos_token_id=eos, pad_token_id=pad)))
+                                                         max_new_tokens=n, eos_token_id=eos, pad_token_id=pad,
+                                                         sync_every=SYNC_EVERY)))
     runs.append(("engine-teacher", "-", lambda: generate(None, teacher, ids, mask, policy=Teacher(sampling),
-                                                         max_new_tokens=n, eos_token_id=eos, pad_token_id=pad)))
+                                                         max_new_tokens=n, eos_token_id=eos, pad_token_id=pad,
+                                                         sync_every=SYNC_EVERY)))
     for case in cases:
         pol = pols[case]
         runs.append(("engine", case, lambda pol=pol: engine(pol)))
