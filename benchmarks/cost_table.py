@@ -9,10 +9,12 @@ on-policy floor and ours / floor for the configurations that have one.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import sys
 from pathlib import Path
+
+from readme_block import main as _main
+from readme_block import replace_block
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "distill_step_cpu"
@@ -71,22 +73,13 @@ def render(results: Path = RESULTS) -> str:
 
 
 def updated(text: str) -> str:
-    return text[: text.index(BEGIN) + len(BEGIN)] + "\n" + render() + "\n" + text[text.index(END):]
+    return replace_block(text, BEGIN, END, render())
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 when the README block is stale")
-    args = parser.parse_args(argv)
-    text = README.read_text()
-    if args.check:
-        if updated(text) != text:
-            print("README's step-cost table differs from benchmarks/results/distill_step_cpu.csv; "
-                  "run python benchmarks/cost_table.py")
-            return 1
-        return 0
-    README.write_text(updated(text))
-    return 0
+    return _main(argv, __doc__.splitlines()[0], README, updated,
+                 "README's step-cost table differs from benchmarks/results/distill_step_cpu.csv; "
+                 "run python benchmarks/cost_table.py")
 
 
 if __name__ == "__main__":

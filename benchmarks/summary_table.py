@@ -10,10 +10,12 @@ Rerun it whenever a results CSV is measured again.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import sys
 from pathlib import Path
+
+from readme_block import main as _main
+from readme_block import replace_block
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -153,24 +155,13 @@ def render(results: Path = RESULTS) -> str:
 
 
 def updated(text: str, results: Path = RESULTS) -> str:
-    if BEGIN not in text or END not in text:
-        raise ValueError(f"README.md has no {BEGIN} ... {END} block")
-    return text[: text.index(BEGIN) + len(BEGIN)] + "\n" + render(results) + "\n" + text[text.index(END):]
+    return replace_block(text, BEGIN, END, render(results))
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 when the README block is stale")
-    args = parser.parse_args(argv)
-    text = README.read_text()
-    if args.check:
-        if updated(text) != text:
-            print("README's Benchmarks summary differs from benchmarks/results/*.csv; "
-                  "run python benchmarks/summary_table.py")
-            return 1
-        return 0
-    README.write_text(updated(text))
-    return 0
+    return _main(argv, __doc__.splitlines()[0], README, updated,
+                 "README's Benchmarks summary differs from benchmarks/results/*.csv; "
+                 "run python benchmarks/summary_table.py")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,30 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def teacher():
+    """The tiny Qwen2-style teacher, its embedding padded past the tokenizer's vocabulary (320 vs 300)."""
+    from tiny_models import VOCAB_SIZE, tiny_teacher
+
+    return tiny_teacher(vocab_size=VOCAB_SIZE + 20)
+
+
+@pytest.fixture(scope="module")
+def student():
+    """The tiny Llama-style student."""
+    from tiny_models import tiny_student
+
+    return tiny_student()
+
+
+@pytest.fixture(scope="module")
+def prompts(request):
+    """(input_ids, attention_mask): the requesting module's B left-padded random prompts of 2 to P tokens."""
+    from tiny_models import random_prompts
+
+    return random_prompts(request.module.B, request.module.P, min_len=2, seed=5)
+
+
 def pytest_report_header(config):
     from adaswitch._backend import native_available, triton_interpreted
 

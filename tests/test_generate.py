@@ -30,21 +30,7 @@ SWITCHY = AdaSwitch(window=3, k=1.1)  # switches within a few tokens on random m
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def teacher():
-    return tiny_teacher(vocab_size=VOCAB_SIZE + 20)  # embedding padded past the tokenizer vocabulary
-
-
-@pytest.fixture(scope="module")
-def student():
-    return tiny_student()
-
-
-@pytest.fixture(scope="module")
-def prompts():
-    return random_prompts(B, P, min_len=2, seed=5)
+# the fixtures teacher, student and prompts (B prompts of up to P tokens): tests/conftest.py
 
 
 def run(student, teacher, prompts, policy, **kw):

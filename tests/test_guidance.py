@@ -16,7 +16,7 @@ import math
 
 import pytest
 import torch
-from tiny_models import EOS_ID, PAD_ID, VOCAB_SIZE, random_prompts, tiny_student, tiny_teacher
+from tiny_models import EOS_ID, PAD_ID, VOCAB_SIZE, random_prompts, tiny_teacher
 
 import adaswitch.engine.generate as engine
 from adaswitch import SKD, AdaSwitch, FixedSwitch, Sampling, Student, Teacher, generate, native_available
@@ -25,25 +25,11 @@ from adaswitch.ops import fused_speculative, rng
 from adaswitch.ops.speculative import sampling_probs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+# the fixtures teacher, student and prompts (B prompts of up to P tokens): tests/conftest.py
 
 N, B, P = 14, 4, 6
 SWITCHY = AdaSwitch(window=3, k=1.1)
 IMPLS = ["torch", "triton"] + (["native"] if native_available() else [])
-
-
-@pytest.fixture(scope="module")
-def teacher():
-    return tiny_teacher(vocab_size=VOCAB_SIZE + 20)
-
-
-@pytest.fixture(scope="module")
-def student():
-    return tiny_student()
-
-
-@pytest.fixture(scope="module")
-def prompts():
-    return random_prompts(B, P, min_len=2, seed=5)
 
 
 @pytest.fixture(scope="module")
@@ -186,17 +172,42 @@ def _chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
 _CRIT = {1: 15.14, 2: 18.42, 3: 21.11, 4: 23.51, 5: 25.74, 6: 27.86, 7: 29.88, 8: 31.83}
 
 
+def _assert_follows(tokens: torch.Tensor, probs: torch.Tensor, *context) -> None:
+    """`tokens` pass the chi-square test against `probs`; a point mass (greedy): every token is its argmax."""
+    counts = torch.bincount(tokens, minlength=len(probs))
+    stat, dof = _chi_square(counts, probs)
+    if dof == 0:
+        assert counts[probs > 0].sum() == len(tokens)
+    else:
+        assert stat < _CRIT[dof], (*context, stat, dof, counts.tolist(), probs.tolist())
+
+
+V, G, DRAWS = 7, 3, 20000  # the chi-square tests: vocabulary, drafted positions, independent keys
+
+
+def _chi_square_rows(teacher_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits the chi-square tests draw from: the student's [G, V] and the teacher's [teacher_rows, V]."""
+    gen = torch.Generator().manual_seed(4)
+    return torch.randn(G, V, generator=gen) * 1.5, torch.randn(teacher_rows, V, generator=gen) * 1.5
+
+
+def _draws(s_row, t_row, ss, ts, index, draws, impl):
+    """The op over `draws` independent keys (start = index), every row with the same logits (the student's
+    `s_row` [G, V], the teacher's `t_row` [G, V] or [G + 1, V]), so each key is one independent draw:
+    the drafts, the op's output and the keys."""
+    keys = torch.arange(draws) + 1000
+    pos = torch.full((draws,), 11)
+    s = s_row[None].expand(draws, -1, -1).contiguous()
+    t = t_row[None].expand(draws, -1, -1).contiguous()
+    draft = _drafts(s, ss, keys, pos)
+    return draft, _spec(s, t, draft, torch.full((draws,), index), ss, ts, keys, pos, impl), keys
+
+
 def _guided_tokens(s_row, t_row, ss, ts, index, draws, impl):
     """Tokens the op writes at guided index `index` (start = index) over `draws` independent keys; the
     logits of every row are the same [G, V] (so each key is one independent draw)."""
     g = s_row.shape[0]
-    keys = torch.arange(draws) + 1000
-    pos = torch.full((draws,), 11)
-    s = s_row[None].expand(draws, g, -1).contiguous()
-    t = t_row[None].expand(draws, g, -1).contiguous()
-    draft = _drafts(s, ss, keys, pos)
-    start = torch.full((draws,), index)
-    out = _spec(s, t, draft, start, ss, ts, keys, pos, impl)
+    draft, out, _ = _draws(s_row, t_row, ss, ts, index, draws, impl)
     first = torch.where(out.accepted > 0, draft[:, index], out.token)
     # the token at index + 1 exists where the first was accepted (a later guided position)
     second_ok = (out.accepted > 0) & (index + 1 < g)
@@ -207,31 +218,20 @@ def _guided_tokens(s_row, t_row, ss, ts, index, draws, impl):
 @pytest.mark.parametrize("ss,ts", SAMPLINGS, ids=["plain", "topk-topp", "topp-topk", "greedy-student",
                                                   "greedy-teacher"])
 def test_guided_tokens_follow_the_teacher_distribution(ss, ts):
-    v, g, draws = 7, 3, 20000
-    gen = torch.Generator().manual_seed(4)
-    s_row = torch.randn(g, v, generator=gen) * 1.5
-    t_row = torch.randn(g, v, generator=gen) * 1.5
-    first, second = _guided_tokens(s_row, t_row, ss, ts, 1, draws, "torch")
+    s_row, t_row = _chi_square_rows(G)
+    first, second = _guided_tokens(s_row, t_row, ss, ts, 1, DRAWS, "torch")
     for tokens, j in ((first, 1), (second, 2)):
-        probs = sampling_probs(t_row[j][None], ts)[0]
-        counts = torch.bincount(tokens, minlength=v)
-        stat, dof = _chi_square(counts, probs)
-        if dof == 0:  # greedy: a point mass, every token must be the argmax
-            assert counts[probs > 0].sum() == len(tokens)
-        else:
-            assert stat < _CRIT[dof], (j, stat, dof, counts.tolist(), probs.tolist())
+        _assert_follows(tokens, sampling_probs(t_row[j][None], ts)[0], j)
 
 
 def test_chi_square_catches_a_wrong_distribution():
     """The check above fails when the op is broken: guided tokens taken as the student's drafts (no
     rejection) do not follow the teacher."""
-    v, g, draws = 7, 3, 20000
-    gen = torch.Generator().manual_seed(4)
-    s_row, t_row = torch.randn(g, v, generator=gen) * 1.5, torch.randn(g, v, generator=gen) * 1.5
+    s_row, t_row = _chi_square_rows(G)
     ss = ts = Sampling()
-    keys, pos = torch.arange(draws) + 1000, torch.full((draws,), 11)
-    draft = _drafts(s_row[None].expand(draws, g, -1), ss, keys, pos)
-    stat, dof = _chi_square(torch.bincount(draft[:, 1], minlength=v), sampling_probs(t_row[1][None], ts)[0])
+    keys, pos = torch.arange(DRAWS) + 1000, torch.full((DRAWS,), 11)
+    draft = _drafts(s_row[None].expand(DRAWS, G, -1), ss, keys, pos)
+    stat, dof = _chi_square(torch.bincount(draft[:, 1], minlength=V), sampling_probs(t_row[1][None], ts)[0])
     assert stat > _CRIT[dof]
 
 
@@ -239,12 +239,7 @@ def _bonus_tokens(s_row, t_row, ss, ts, index, draws, impl):
     """The bonus tokens the op writes over `draws` independent keys (start = index; the teacher's logits
     [G + 1, V] include the bonus position), and their keys."""
     g = s_row.shape[0]
-    keys = torch.arange(draws) + 1000
-    pos = torch.full((draws,), 11)
-    s = s_row[None].expand(draws, g, -1).contiguous()
-    t = t_row[None].expand(draws, g + 1, -1).contiguous()
-    draft = _drafts(s, ss, keys, pos)
-    out = _spec(s, t, draft, torch.full((draws,), index), ss, ts, keys, pos, impl)
+    _, out, keys = _draws(s_row, t_row, ss, ts, index, draws, impl)
     assert (out.accepted[out.bonus] == g - index).all()
     return out.token[out.bonus], keys[out.bonus]
 
@@ -253,34 +248,23 @@ def _bonus_tokens(s_row, t_row, ss, ts, index, draws, impl):
                                                   "greedy-teacher"])
 def test_bonus_tokens_follow_the_teacher_distribution(ss, ts):
     """Given that every draft was accepted, the bonus token at index G is a draw from p_T there."""
-    v, g, draws = 7, 3, 20000
-    gen = torch.Generator().manual_seed(4)
-    s_row = torch.randn(g, v, generator=gen) * 1.5
-    t_row = torch.randn(g + 1, v, generator=gen) * 1.5
-    tokens, _ = _bonus_tokens(s_row, t_row, ss, ts, 1, draws, "torch")
+    s_row, t_row = _chi_square_rows(G + 1)
+    tokens, _ = _bonus_tokens(s_row, t_row, ss, ts, 1, DRAWS, "torch")
     assert len(tokens) > 200, len(tokens)
-    probs = sampling_probs(t_row[g][None], ts)[0]
-    counts = torch.bincount(tokens, minlength=v)
-    stat, dof = _chi_square(counts, probs)
-    if dof == 0:  # greedy: the teacher's argmax
-        assert counts[probs > 0].sum() == len(tokens)
-    else:
-        assert stat < _CRIT[dof], (stat, dof, counts.tolist(), probs.tolist())
+    _assert_follows(tokens, sampling_probs(t_row[G][None], ts)[0])
 
 
 def test_chi_square_catches_a_wrong_bonus():
     """The bonus check fails for a bonus drawn from the wrong distribution: the student's p_S at the last
     drafted index, or the teacher's p_T one index early, with the bonus's own noise."""
-    v, g, draws = 7, 3, 20000
-    gen = torch.Generator().manual_seed(4)
-    s_row, t_row = torch.randn(g, v, generator=gen) * 1.5, torch.randn(g + 1, v, generator=gen) * 1.5
+    s_row, t_row = _chi_square_rows(G + 1)
     ss = ts = Sampling()
-    tokens, keys = _bonus_tokens(s_row, t_row, ss, ts, 1, draws, "torch")
-    noise = rng.gumbel(3, keys, torch.full_like(keys, 11 + g), rng.STREAM_RESIDUAL, v)
-    probs = sampling_probs(t_row[g][None], ts)[0]
-    for wrong in (sampling_probs(s_row[g - 1][None], ss), sampling_probs(t_row[g - 1][None], ts)):
+    tokens, keys = _bonus_tokens(s_row, t_row, ss, ts, 1, DRAWS, "torch")
+    noise = rng.gumbel(3, keys, torch.full_like(keys, 11 + G), rng.STREAM_RESIDUAL, V)
+    probs = sampling_probs(t_row[G][None], ts)[0]
+    for wrong in (sampling_probs(s_row[G - 1][None], ss), sampling_probs(t_row[G - 1][None], ts)):
         bad = torch.argmax(torch.log(wrong) + noise, -1)
-        stat, dof = _chi_square(torch.bincount(bad, minlength=v), probs)
+        stat, dof = _chi_square(torch.bincount(bad, minlength=V), probs)
         assert stat > _CRIT[dof]
     # the op's own bonus tokens are exactly that rule at index G
     assert torch.equal(tokens, torch.argmax(torch.log(probs)[None] + noise, -1))

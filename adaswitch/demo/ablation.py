@@ -24,11 +24,10 @@ from adaswitch.demo.build_teacher import TEACHER_DIR
 from adaswitch.demo.presets import (
     adaswitch_defaults,
     check_workers,
-    cpu_name,
     default_workers,
     get_preset,
-    git_commit,
     prepare_preset,
+    run_facts,
 )
 
 WINDOWS = (4, 8, 16)
@@ -160,9 +159,7 @@ def run_ablation(
         return {
             "meta": {
                 "preset": preset,
-                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                "commit": git_commit(),
-                "machine": cpu_name(),
+                **run_facts(),
                 "seeds": [s for s in seeds if any(r["seed"] == s for r in runs)],
                 "budget": {"steps": spec.budget.steps, "batch_size": spec.budget.batch_size, "lr": spec.budget.lr},
                 "teacher_accuracy": ctx.teacher_accuracy,
@@ -335,9 +332,7 @@ def run_switch_ablation(
         return {
             "meta": {
                 "preset": preset,
-                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                "commit": git_commit(),
-                "machine": cpu_name(),
+                **run_facts(),
                 "adaswitch": {"window": window, "k": k},
                 "budget": {"steps": spec.budget.steps, "batch_size": spec.budget.batch_size, "lr": spec.budget.lr},
                 "teacher_accuracy": ctx.teacher_accuracy,

@@ -34,11 +34,10 @@ from adaswitch.demo.presets import (
     SKD_TOP_K,
     adaswitch_defaults,
     check_workers,
-    cpu_name,
     default_workers,
     get_preset,
-    git_commit,
     prepare_preset,
+    run_facts,
 )
 
 PAIRED_BASELINES = (ON_POLICY, SKD_NAME)
@@ -271,9 +270,7 @@ def _run(spec, ctx, pool, methods, seeds, window, k, out, progress, say) -> dict
     return {
         "meta": {
             "preset": spec.name,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "commit": git_commit(),
-            "machine": cpu_name(),
+            **run_facts(),
             "load_average_1m_at_end": round(os.getloadavg()[0], 2),  # other work sharing the cores
             "seeds": list(seeds),
             "budget": asdict(spec.budget),

@@ -317,24 +317,16 @@ def prepare_dataset(
     """The rows a run trains or evaluates on: `source` read (`load_prompt_completion`) and tokenized
     (`tokenize_dataset`), or, when it is already tokenized (`is_tokenized`), checked (`check_tokenized`).
     The command line tokenizes before any model loads and hands the result on, so rows are read once."""
-    if is_tokenized(source):
-        return check_tokenized(
-            source,
-            tokenizer,
-            max_prompt_length=max_prompt_length,
-            max_completion_length=max_completion_length,
-            use_completion=use_completion,
-            name=name,
-        )
-    data = load_prompt_completion(source, name=name, require_completion=use_completion)
-    return tokenize_dataset(
-        data,
-        tokenizer,
+    limits = dict(
         max_prompt_length=max_prompt_length,
         max_completion_length=max_completion_length,
         use_completion=use_completion,
         name=name,
     )
+    if is_tokenized(source):
+        return check_tokenized(source, tokenizer, **limits)
+    data = load_prompt_completion(source, name=name, require_completion=use_completion)
+    return tokenize_dataset(data, tokenizer, **limits)
 
 
 def _pad(rows: Sequence[Sequence[int]], value: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
