@@ -168,6 +168,8 @@ def render_switch_summary(results: dict) -> str:
 def render_window(results: dict) -> str:
     """The window x K sweep's set-up and table, best cell in bold."""
     from adaswitch.demo.ablation import rank
+    from adaswitch.demo.presets import adaswitch_defaults
+    from adaswitch.demo.stats import format_paired, paired
 
     meta, cells = results["meta"], results["cells"]
     budget = meta["budget"]
@@ -181,25 +183,40 @@ def render_window(results: dict) -> str:
             f"{budget['lr']:g}, seeds {_seeds(meta['seeds'])}, greedy accuracy on the first {meta['num_eval']} eval "
             f"problems. The file records commit {meta['commit']} at the end of the run, {meta['date']}, "
             f"{meta['machine']}, {_runs_at_a_time(meta)}, {meta['total_seconds']:.0f} s for the {runs} runs.")
-    columns = ("L", "K", "accuracy % per seed", "mean ± std", "teacher KL", "switch rate", "mean switch pos",
-               "s / step")
+    # The shipped default's cell, when the sweep has it: every cell's per-seed difference from it.
+    window, k = adaswitch_defaults()
+    default = next((c for c in cells if c["window"] == window and c["k"] == k), None)
+    versus = f"Δ vs L = {window}, K = {k:g} (paired)"
+    columns = ("L", "K", "accuracy % per seed", "mean ± std", versus, "teacher KL", "switch rate",
+               "mean switch pos", "s / step")
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    significant = []
     for c in cells:
         is_best = c is best
         mean = f"{_pct(c['accuracy'])} ± {_pct(c['accuracy_std'])}"
+        vs = None
+        if default is not None and c is not default:
+            vs = paired(dict(zip(meta["seeds"], c["accuracies"])), dict(zip(meta["seeds"], default["accuracies"])))
+            if vs["significant"]:
+                significant.append(f"L = {c['window']}, K = {c['k']:g}")
         lines.append("| " + " | ".join([
             str(c["window"]),
             f"**{c['k']:g}**" if is_best else f"{c['k']:g}",
             ", ".join(_pct(a) for a in c["accuracies"]),
             f"**{mean}**" if is_best else mean,
+            "default" if c is default else format_paired(vs),
             f"{c['teacher_kl']:.4f}",
             f"{c['switch_rate']:.2f}",
             f"{c['mean_switch_position']:.1f}",
             f"{c['seconds_per_step']:.2f}",
         ]) + " |")
-    return "\n\n".join([head, "\n".join(lines),
-                        f"**Best by the rule: L = {best['window']}, K = {best['k']:g}** "
-                        f"({_pct(best['accuracy'])}% mean accuracy)."])
+    tail = (f"**Best by the rule: L = {best['window']}, K = {best['k']:g}** "
+            f"({_pct(best['accuracy'])}% mean accuracy).")
+    if default is not None:
+        tail += (f" Cells whose accuracy differs from the shipped default L = {window}, K = {k:g} by more than "
+                 f"the seed noise (95% paired t-test over the seeds; Δ in points, seeds above the default): "
+                 f"{', '.join(significant) if significant else 'none'}.")
+    return "\n\n".join([head, "\n".join(lines), tail])
 
 
 def render_checkpoints(asset_dirs: dict[str, Path]) -> str:
