@@ -184,7 +184,7 @@ class AdaSwitch:
         teacher_sampling: the teacher's sampling settings (after the switch).
     """
 
-    window: int = 8  # defaults: the best of the window x K ablation on the demo task (docs/ablation.md)
+    window: int = 8  # defaults: chosen by the window x K ablation on the demo task (docs/ablation.md)
     k: float = 1.5
     divergence: str = "forward_kl"
     warmup: int | None = None

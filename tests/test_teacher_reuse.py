@@ -143,11 +143,12 @@ def test_processed_logits_families(tmp_path, family):
 
 def test_config_guidance_checks(tmp_path):
     base = dict(output_dir=str(tmp_path), use_cpu=True, report_to=[])
-    assert DistillConfig(**base).reuse_teacher_states is True and DistillConfig(**base).guidance == "step"
+    default = DistillConfig(**base)  # adaswitch: the fast defaults, G = 4 drafts with speculative guidance
+    assert default.reuse_teacher_states is True and (default.lookahead, default.guidance) == (4, "speculative")
     with pytest.raises(ValueError, match="guidance must be one of"):
         DistillConfig(**base, guidance="fast")
     with pytest.raises(ValueError, match="set lookahead >= 1"):
-        DistillConfig(**base, guidance="speculative")
+        DistillConfig(**base, guidance="speculative", lookahead=0)
     with pytest.raises(ValueError, match="applies to policies"):
         DistillConfig(**base, policy="skd", lookahead=2, guidance="speculative")
     assert DistillConfig(**base, policy="teacher", lookahead=2, guidance="speculative").lookahead == 2

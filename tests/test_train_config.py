@@ -121,3 +121,26 @@ def test_fields_are_documented_and_completions_flag():
     ours = [f for f in dataclasses.fields(DistillConfig) if f.name in DistillConfig.__annotations__]
     assert len(ours) > 20 and all(f.metadata.get("help") for f in ours)
     assert make(policy="mixed").uses_completions and not make(policy="adaswitch").uses_completions
+
+
+@pytest.mark.parametrize(
+    ("kw", "lookahead", "guidance"),
+    [
+        (dict(policy="adaswitch"), 4, "speculative"),
+        (dict(policy="fixed_switch"), 4, "speculative"),
+        (dict(policy="random_switch", switch_positions=[3], switch_weights=[1.0]), 4, "speculative"),
+        (dict(policy="skd"), 4, "step"),
+        (dict(policy="student"), 0, "step"),
+        (dict(policy="teacher"), 0, "step"),
+        (dict(policy="mixed"), 0, "step"),
+        (dict(policy="adaswitch", guidance="step"), 0, "step"),  # lookahead without guidance is slower
+        (dict(policy="adaswitch", lookahead=0), 0, "step"),
+        (dict(policy="adaswitch", lookahead=8), 8, "speculative"),
+        (dict(policy="teacher", lookahead=2, guidance="speculative"), 2, "speculative"),
+    ],
+)
+def test_fast_defaults_by_policy(kw, lookahead, guidance):
+    """lookahead / guidance left unset resolve per policy to the step-cost benchmark's fastest setting;
+    anything set explicitly is kept."""
+    config = make(**kw)
+    assert (config.lookahead, config.guidance) == (lookahead, guidance)
