@@ -25,10 +25,15 @@ ROWS = (  # the benchmark's configurations the README shows, in order
     "AdaSwitch, step (before)",
     "AdaSwitch, step + reuse",
     "AdaSwitch, G=4 speculative + reuse",
+    "AdaSwitch, G=8 speculative + reuse",
+    "AdaSwitch, defaults",
     "SKD, step (before)",
     "SKD, step + reuse",
+    "SKD, G=4 + reuse",
+    "SKD, defaults",
     "SeqKD (teacher), step (before)",
     "SeqKD (teacher), step + reuse",
+    "SeqKD (teacher), defaults",
     "TRL DistillationTrainer (on-policy)",
 )
 
