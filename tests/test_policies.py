@@ -12,9 +12,17 @@ from adaswitch.policies import SKD, AdaSwitch, Mixed, Sampling, Student, Teacher
 def test_defaults_and_codes():
     assert [p().code for p in (Student, Teacher, Mixed, SKD, AdaSwitch)] == [0, 1, 2, 3, 4]
     a = AdaSwitch()
-    # shipped defaults = the best of the committed demo ablation (docs/ablation.md)
-    best = json.loads((Path(__file__).parents[1] / "docs" / "demo_results" / "ablation.json").read_text())["best"]
-    assert (a.window, a.k) == (best["window"], best["k"]) == (8, 1.5)
+    assert (a.window, a.k) == (8, 1.5)
+    # the committed window x K sweep (docs/ablation.md) has no cell that beats the shipped default by more
+    # than the seed noise (95% paired t-test over its seeds)
+    from adaswitch.demo.stats import paired
+
+    sweep = json.loads((Path(__file__).parents[1] / "docs" / "demo_results" / "ablation.json").read_text())
+    seeds = sweep["meta"]["seeds"]
+    by_cell = {(c["window"], c["k"]): dict(zip(seeds, c["accuracies"])) for c in sweep["cells"]}
+    default = by_cell[(a.window, a.k)]
+    better = [cell for cell, acc in by_cell.items() if (d := paired(acc, default))["significant"] and d["mean"] > 0]
+    assert better == [], better
     assert (a.divergence, a.warmup, a.min_divergence) == ("forward_kl", None, 0.0)
     assert a.min_history == 8
     assert AdaSwitch(window=4, warmup=10).min_history == 10

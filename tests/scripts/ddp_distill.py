@@ -16,7 +16,7 @@ from pathlib import Path
 import datasets
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_run import rows, state_dict_file, tiny_student, tiny_teacher, tiny_tokenizer  # noqa: E402
+from tiny_run import close_process_group, rows, state_dict_file, tiny_student, tiny_teacher, tiny_tokenizer  # noqa: E402
 
 from adaswitch import DistillConfig, Distiller  # noqa: E402
 
@@ -65,3 +65,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    close_process_group()

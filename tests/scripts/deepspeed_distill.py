@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_run import recording_trainer, tiny_student, tiny_teacher  # noqa: E402
+from tiny_run import close_process_group, recording_trainer, tiny_student, tiny_teacher  # noqa: E402
 
 from adaswitch import DistillConfig  # noqa: E402
 
@@ -140,3 +140,4 @@ if __name__ == "__main__":
     parser.add_argument("--shm", action="store_true", help="DeepSpeed's compiled shared-memory allreduce")
     a = parser.parse_args()
     main(a.out, a.resume, a.stage, a.models, shm=a.shm)
+    close_process_group()

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_run import recording_trainer, tiny_student, tiny_teacher  # noqa: E402
+from tiny_run import close_process_group, recording_trainer, tiny_student, tiny_teacher  # noqa: E402
 
 from adaswitch import DistillConfig  # noqa: E402
 
@@ -135,3 +135,4 @@ if __name__ == "__main__":
     parser.add_argument("--fsdp", action="store_true", help="FSDP with one process too (GPU: torchrun -n 1)")
     a = parser.parse_args()
     main(a.out, a.resume, shim=not a.no_shim, models=a.ram_efficient_models, fsdp=a.fsdp)
+    close_process_group()

@@ -93,3 +93,14 @@ def recording_trainer(student, teacher, config):
     )
     trainer.recorded = {}
     return trainer
+
+
+def close_process_group() -> None:
+    """Ends a torchrun run cleanly: every rank waits for the others, then the process group is torn down
+    before the interpreter exits (left to the exit, gloo's threads can abort a rank that already wrote its
+    results: "terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
