@@ -8,7 +8,8 @@ noisy). Writes benchmarks/results/distill_step_cpu.{csv,md} (or --out).
     python benchmarks/bench_distill_step.py [--rounds 2] [--steps 3] [--batch 32] [--max-new-tokens 40]
                                             [--only "On-policy;SKD, step + reuse"] [--no-trl] [--out PATH]
 
-Models: the demo's shipped teacher (Qwen2-style) and shipped student (Llama-style); prompts: the demo
+Models: the demo's shipped teacher (Qwen2-style) and the quick preset's shipped start student
+(Llama-style, assets/student_quick); prompts: the demo
 task's training prompts (the same ones for every configuration); budget: the demo's quick preset (batch
 32, 40 new tokens, forward KL, SKD top-k 2). Per configuration and round: a fresh copy of the student,
 one warm-up step, then --steps timed steps; the table holds medians over all timed steps. Columns:
@@ -394,14 +395,14 @@ def main(argv=None):
 
     from transformers.utils import logging as hf_logging
 
-    from adaswitch.demo.build_teacher import STUDENT_DIR, TEACHER_DIR, DataSpec, load_teacher
+    from adaswitch.demo.build_teacher import QUICK_STUDENT_DIR, TEACHER_DIR, DataSpec, load_teacher
 
     hf_logging.set_verbosity_error()
     logging.getLogger("adaswitch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     teacher, tokenizer = load_teacher(TEACHER_DIR)
     teacher.requires_grad_(False)
-    student, _ = load_teacher(STUDENT_DIR)
+    student, _ = load_teacher(QUICK_STUDENT_DIR)  # the quick preset's start: what `make demo` distils
     student.train()
     train = DataSpec().build()["train"]
     pool = train.select(range((args.steps + 2) * args.batch))

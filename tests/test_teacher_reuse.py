@@ -143,8 +143,8 @@ def test_processed_logits_families(tmp_path, family):
 
 def test_config_guidance_checks(tmp_path):
     base = dict(output_dir=str(tmp_path), use_cpu=True, report_to=[])
-    default = DistillConfig(**base)  # adaswitch: the fast defaults, G = 4 drafts with speculative guidance
-    assert default.reuse_teacher_states is True and (default.lookahead, default.guidance) == (4, "speculative")
+    default = DistillConfig(**base)
+    assert default.reuse_teacher_states is True and (default.lookahead, default.guidance) == (0, "step")
     with pytest.raises(ValueError, match="guidance must be one of"):
         DistillConfig(**base, guidance="fast")
     with pytest.raises(ValueError, match="set lookahead >= 1"):

@@ -123,24 +123,12 @@ def test_fields_are_documented_and_completions_flag():
     assert make(policy="mixed").uses_completions and not make(policy="adaswitch").uses_completions
 
 
-@pytest.mark.parametrize(
-    ("kw", "lookahead", "guidance"),
-    [
-        (dict(policy="adaswitch"), 4, "speculative"),
-        (dict(policy="fixed_switch"), 4, "speculative"),
-        (dict(policy="random_switch", switch_positions=[3], switch_weights=[1.0]), 4, "speculative"),
-        (dict(policy="skd"), 4, "step"),
-        (dict(policy="student"), 0, "step"),
-        (dict(policy="teacher"), 0, "step"),
-        (dict(policy="mixed"), 0, "step"),
-        (dict(policy="adaswitch", guidance="step"), 0, "step"),  # lookahead without guidance is slower
-        (dict(policy="adaswitch", lookahead=0), 0, "step"),
-        (dict(policy="adaswitch", lookahead=8), 8, "speculative"),
-        (dict(policy="teacher", lookahead=2, guidance="speculative"), 2, "speculative"),
-    ],
-)
-def test_fast_defaults_by_policy(kw, lookahead, guidance):
-    """lookahead / guidance left unset resolve per policy to the step-cost benchmark's fastest setting;
-    anything set explicitly is kept."""
-    config = make(**kw)
-    assert (config.lookahead, config.guidance) == (lookahead, guidance)
+@pytest.mark.parametrize("policy", ["adaswitch", "fixed_switch", "skd", "student", "teacher", "mixed"])
+def test_default_lookahead_by_policy(policy):
+    """lookahead defaults to G = 4 for SKD and token by token for the rest, guidance to step (the step-cost
+    benchmark's fastest settings); anything set explicitly is kept."""
+    config = make(policy=policy)
+    assert (config.lookahead, config.guidance) == (4 if policy == "skd" else 0, "step")
+    if policy in ("adaswitch", "fixed_switch"):
+        explicit = make(policy=policy, lookahead=4, guidance="speculative")
+        assert (explicit.lookahead, explicit.guidance) == (4, "speculative")

@@ -12,7 +12,7 @@ task's worked completions: the quick preset loads the shipped weaker one, assets
 the shipped stronger one, --tiny builds and SFTs a tiny one), distil copies of that student with each
 method, and with AdaSwitch's two controls (fixed and random switch), for the same number of steps on
 the same prompts, over several seeds; print the table (final-answer and per-step accuracy) and the
-paired per-seed differences against on-policy and SKD, write results.json and the plots to
+paired per-seed differences against on-policy, SKD and AdaSwitch, write results.json and the plots to
 --output-dir. See docs/demo.md.
 """
 
@@ -40,13 +40,13 @@ from adaswitch.demo.presets import (
     run_facts,
 )
 
-PAIRED_BASELINES = (ON_POLICY, SKD_NAME)
+PAIRED_BASELINES = (ON_POLICY, SKD_NAME, "AdaSwitch")  # AdaSwitch: what its controls are measured against
 PAIRED_KEYS = ("accuracy", "step_accuracy")
 
 
 def summarise(runs: list[dict]) -> list[dict]:
     """One row per method (in METHOD_NAMES order): means over seeds, accuracy std, overhead vs on-policy,
-    and paired per-seed differences against on-policy and SKD (`paired[baseline][metric]`)."""
+    and paired per-seed differences against on-policy, SKD and AdaSwitch (`paired[baseline][metric]`)."""
     from adaswitch.demo.stats import paired
 
     def by_seed(name, key):
@@ -136,6 +136,8 @@ PAIRED_COLUMNS = (
     "Δ step acc. vs on-policy",
     "Δ accuracy vs SKD",
     "Δ step acc. vs SKD",
+    "Δ accuracy vs AdaSwitch",
+    "Δ step acc. vs AdaSwitch",
 )
 
 

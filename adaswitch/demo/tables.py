@@ -56,7 +56,7 @@ def _runs_at_a_time(meta: dict) -> str:
 
 
 def render_quick(results: dict) -> str:
-    from adaswitch.demo.run import format_paired_table, format_table
+    from adaswitch.demo.run import format_paired_table, format_table, summarise
 
     meta = results["meta"]
     budget = meta["budget"]
@@ -68,7 +68,10 @@ def render_quick(results: dict) -> str:
             f"{_pct(meta['student_after_sft_step_accuracy'])}% per-step accuracy on {meta['num_eval']:,} eval "
             f"problems, teacher {_pct(meta['teacher_accuracy'])}%; one accuracy's sampling noise (binomial std) "
             f"{_pct(meta['eval_binomial_std'])} points.")
-    rows = results["results"]
+    # From the per-run records (so every summary is the current code's); JSON keeps NaN as null.
+    runs = [{k: math.nan if v is None and k != "switch_position_counts" else v for k, v in r.items()}
+            for r in results["runs"]]
+    rows = summarise(runs)
     return "\n\n".join([head, format_table(rows),
                         "Per-seed differences (points; mean ± std, seeds won, * = 95% paired t-test):",
                         format_paired_table(rows)])

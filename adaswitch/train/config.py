@@ -18,11 +18,10 @@ from adaswitch._validation import KINDS
 POLICY_NAMES = ("student", "teacher", "dataset", "mixed", "skd", "adaswitch", "fixed_switch", "random_switch")
 # AdaSwitch and its two controls (the switch without the divergence test): the policies with a switch.
 SWITCH_POLICIES = ("adaswitch", "fixed_switch", "random_switch")
-# The lookahead G the switching policies and SKD get when none is given: on the step-cost benchmark
-# (benchmarks/results/distill_step_cpu.md) G = 4 drafts per teacher forward, with speculative guidance
-# after the switch, is the fastest setting that keeps each method's tokens (SKD, greedy teachers) or
-# their distribution (sampling teachers).
-DEFAULT_LOOKAHEAD = 4
+# SKD's lookahead when none is given: on the step-cost benchmark (benchmarks/results/distill_step_cpu.md)
+# G = 4 drafts per teacher forward is faster than token by token for SKD (same tokens); the other
+# policies default to token by token, their fastest setting there.
+SKD_DEFAULT_LOOKAHEAD = 4
 TOKEN_MASKS = ("all", "student", "teacher")
 GUIDANCES = ("step", "speculative")
 # The policies whose responses come (at least partly) from the dataset's `completion` column.
@@ -153,18 +152,17 @@ class DistillConfig(TrainingArguments):
         metadata={
             "help": "Lookahead G: the student drafts G tokens which the teacher scores in one forward (adaswitch "
             "and its controls, skd; teacher with speculative guidance); 0 = token by token. Same tokens as "
-            f"token by token. Default: {DEFAULT_LOOKAHEAD} for skd, and for adaswitch and its controls unless "
-            "guidance='step' (the fastest setting of the step-cost benchmark); 0 for the other policies."
+            f"token by token. Default: {SKD_DEFAULT_LOOKAHEAD} for skd, 0 for the other policies (the fastest "
+            "settings of the step-cost benchmark)."
         },
     )
-    guidance: str | None = field(
-        default=None,
+    guidance: str = field(
+        default="step",
         metadata={
             "help": "How the teacher writes its tokens (adaswitch and its controls after the switch, teacher): "
             "'step', one token per teacher forward; 'speculative', the teacher verifies the student's drafts, "
             "up to `lookahead` + 1 teacher tokens per forward, each distributed as the teacher's own draw "
-            "(greedy teachers: the same tokens). 'speculative' needs lookahead >= 1. Default: 'speculative' "
-            "for adaswitch and its controls when lookahead >= 1, else 'step'.",
+            "(greedy teachers: the same tokens). 'speculative' needs lookahead >= 1.",
             "choices": ("step", "speculative"),
         },
     )
@@ -287,12 +285,8 @@ class DistillConfig(TrainingArguments):
                 continue
             if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if self.lookahead is None:  # the fast defaults, by policy (DEFAULT_LOOKAHEAD)
-            drafts = self.policy == "skd" or (self.policy in SWITCH_POLICIES and self.guidance != "step")
-            self.lookahead = DEFAULT_LOOKAHEAD if drafts else 0
-        if self.guidance is None:
-            guided = self.policy in SWITCH_POLICIES and _is_int(self.lookahead) and self.lookahead > 0
-            self.guidance = "speculative" if guided else "step"
+        if self.lookahead is None:  # the fastest setting by policy (SKD_DEFAULT_LOOKAHEAD)
+            self.lookahead = SKD_DEFAULT_LOOKAHEAD if self.policy == "skd" else 0
         if not _is_int(self.lookahead) or self.lookahead < 0:
             raise ValueError(f"lookahead must be an int >= 0 (0 = token by token), got {self.lookahead!r}")
         if self.guidance not in GUIDANCES:
