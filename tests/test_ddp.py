@@ -67,3 +67,54 @@ def test_two_processes_match_one(tmp_path):
         assert (step_ddp - step_one).norm() <= 1e-3 * step_one.norm(), (
             f"{name}: DDP update differs from one process"
         )
+
+
+@pytest.mark.slow
+def test_command_line_under_torchrun_trains_data_parallel(tmp_path):
+    """The README's `torchrun --nproc_per_node N -m adaswitch.cli distill ...`, run on a machine without an
+    accelerator and with no device flag: the processes train data-parallel (gloo), not each alone on the
+    whole dataset into the same output directory, so 2 x batch 2 updates the weights as 1 x batch 4."""
+    from safetensors.torch import load_file
+    from scripts.tiny_run import rows, write_models
+
+    teacher_dir, student_dir = write_models(tmp_path / "models")
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows(8)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+    def distill(launcher, out, batch):
+        settings = {"max_steps": 2, "per_device_train_batch_size": batch, "optim": "sgd", "learning_rate": 1.0,
+                    "max_new_tokens": 4, "save_strategy": "no", "report_to": "none", "disable_tqdm": "true",
+                    "seed": 0}
+        cmd = launcher + ["-m", "adaswitch.cli", "distill", "--teacher", teacher_dir, "--student", student_dir,
+                          "--train", str(train), "--output-dir", str(out)]
+        for key, value in settings.items():
+            cmd += ["--set", f"{key}={value}"]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return proc.stdout, load_file(out / "model.safetensors")
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
+    stdout, ddp = distill(torchrun, tmp_path / "ddp", batch=2)
+    _, one = distill([sys.executable], tmp_path / "single", batch=4)
+    assert stdout.count("saved the distilled student") == 1  # rank 0 only
+    init = load_file(Path(student_dir) / "model.safetensors")
+    for name, w in one.items():
+        step_one, step_ddp = (w - init[name]).double(), (ddp[name] - init[name]).double()
+        assert step_one.norm() > 0, name
+        assert (step_ddp - step_one).norm() <= 1e-3 * step_one.norm(), f"{name}: DDP update differs from one process"
+
+
+def test_launch_that_accelerate_runs_alone_is_refused(monkeypatch):
+    """WORLD_SIZE=2 from the launcher while accelerate set up one process: refused, naming both counts."""
+    from types import SimpleNamespace
+
+    from adaswitch.train.distributed import check_enabled
+
+    alone = SimpleNamespace(num_processes=1, distributed_type="DistributedType.NO", device=torch.device("cpu"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"WORLD_SIZE=2 processes were launched but accelerate runs 1 "):
+        check_enabled(SimpleNamespace(fsdp=False, deepspeed=None), alone, False, False)
+    check_enabled(SimpleNamespace(fsdp=False, deepspeed=None), SimpleNamespace(num_processes=2), False, False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    check_enabled(SimpleNamespace(fsdp=False, deepspeed=None), alone, False, False)

@@ -28,6 +28,20 @@ GUIDANCES = ("step", "speculative")
 POLICIES_USING_COMPLETIONS = ("dataset", "mixed")
 
 
+def launched_processes() -> int:
+    """How many processes the launcher (torchrun, accelerate launch, deepspeed) started: WORLD_SIZE."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _accelerator_available() -> bool:
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
 def _is_int(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, int)
 
@@ -227,6 +241,11 @@ class DistillConfig(TrainingArguments):
 
     def __post_init__(self):
         self._check()
+        if not self.use_cpu and launched_processes() > 1 and not _accelerator_available():
+            # Without use_cpu, transformers resolves a machine with no accelerator to "not distributed": every
+            # process torchrun launched would train alone on the whole dataset and write the same
+            # output_dir. On such a machine the CPU is the only device, so this changes nothing else.
+            self.use_cpu = True
         super().__post_init__()
 
     def _check(self) -> None:

@@ -40,7 +40,18 @@ def check_parallelism(args) -> None:
 
 
 def check_enabled(args, accelerator, fsdp_enabled: bool, deepspeed_enabled: bool) -> None:
-    """Refuses a run whose FSDP or DeepSpeed setting accelerate silently dropped (it would run as DDP)."""
+    """Refuses a run whose FSDP or DeepSpeed setting accelerate silently dropped (it would run as DDP), and a
+    launch of several processes that accelerate runs one by one (each would train alone)."""
+    from adaswitch.train.config import launched_processes
+
+    launched = launched_processes()
+    if launched > 1 and accelerator.num_processes != launched:
+        raise ValueError(
+            f"WORLD_SIZE={launched} processes were launched but accelerate runs {accelerator.num_processes} "
+            f"({accelerator.distributed_type} on {accelerator.device.type}): each process would train alone "
+            "on the whole dataset and write the same output_dir. Check the device settings (use_cpu, "
+            "ddp_backend) against the launcher's"
+        )
     if args.fsdp and not fsdp_enabled:
         # accelerate (1.15) turns FSDP on only for accelerator devices: on CPU processes it would
         # silently run plain DDP instead.
