@@ -332,6 +332,39 @@ def test_greedy_teacher_gives_step_mode_tokens_with_bonuses(near_teacher, teache
     assert len(spec_calls) < int(guided.from_teacher.sum())
 
 
+def test_guided_blocks_score_every_draft_like_a_full_forward(near_teacher, teacher, prompts, monkeypatch):
+    """The logits each guided block feeds fused_speculative are those of a full forward of each model over the
+    row's unpadded prompt + response so far + the block's earlier drafts (no cache): both caches are right
+    after blocks that took a bonus token or rolled back. A wrong student cache would not change a greedy
+    teacher's tokens (every token after the switch is the teacher's), only how many drafts are accepted."""
+    calls = []
+
+    def spy(student_logits, teacher_logits, draft, stops, **kwargs):
+        calls.append((student_logits.clone(), teacher_logits.clone(), draft.clone(), kwargs["position"].clone()))
+        return fused_speculative(student_logits, teacher_logits, draft, stops, **kwargs)
+
+    monkeypatch.setattr(engine, "fused_speculative", spy)
+    ids, mask = prompts
+    out = run(near_teacher, teacher, prompts, GREEDY_BOTH[0], lookahead=3, guidance="speculative", sync_every=3)
+    assert len(calls) > 2 and (out.switch_position >= 0).any()
+    checked = 0
+    for student_logits, teacher_logits, draft, position in calls:
+        for r in range(B):
+            pos = int(position[r])
+            if pos >= int(out.lengths[r]):  # finished rows run along with the batch
+                continue
+            prefix = ids[r][mask[r].bool()].tolist() + out.response[r, :pos].tolist()
+            seq = torch.tensor([prefix + draft[r].tolist()])
+            with torch.no_grad():
+                s_full = near_teacher(input_ids=seq).logits[0, len(prefix) - 1:, :VOCAB_SIZE]
+                t_full = teacher(input_ids=seq).logits[0, len(prefix) - 1:, :VOCAB_SIZE]
+            g = draft.shape[1]
+            torch.testing.assert_close(student_logits[r], s_full[:g], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(teacher_logits[r], t_full[: g + 1], atol=1e-4, rtol=1e-4)
+            checked += 1
+    assert checked > 4
+
+
 def test_sampled_guidance_invariants(student, teacher, spec_calls):
     """Batch invariance (a row's tokens with stable keys do not depend on its batch), backends equal, and
     the student's tokens before the switch are step mode's; with bonus tokens taken."""

@@ -246,10 +246,15 @@ class _Run:
                 if p > 1:
                     self._forward(model, cache, input_ids[:, :-1], prefill_mask=mask[:, :-1])
 
-    def _forward(self, model, cache, ids, prefill_mask=None, hidden=False):
-        if prefill_mask is not None:
-            # Prefill logits are not used (the loop feeds the last prompt token): skip the LM head.
-            attn, position_ids = cache.prefill_inputs(prefill_mask)
+    def _forward(self, model, cache, ids, prefill_mask=None, hidden=False, logits=True):
+        """The model on `ids` through its cache: the logits [B, q, V] (with `hidden`, also the last hidden
+        states); None for a prefill (`prefill_mask`) or `logits=False`, whose outputs nothing reads (they only
+        write keys and values), so the LM head is skipped."""
+        if prefill_mask is not None or not logits:
+            if prefill_mask is not None:  # the loop feeds the last prompt token itself
+                attn, position_ids = cache.prefill_inputs(prefill_mask)
+            else:
+                attn, position_ids = cache.decode_inputs(ids.shape[1])
             decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
             body, kw = (model, {"logits_to_keep": 1}) if decoder is model else (decoder, {})
             body(input_ids=ids, attention_mask=attn, position_ids=position_ids, cache=cache, use_cache=True, **kw)
@@ -341,7 +346,7 @@ class _Run:
             student_logits.append(ls)
         draft = torch.stack(drafts, 1)
         if self.guided:  # d_{G-1} into the student's cache too: a row that takes the bonus keeps it
-            self._forward(self.student, student, cur[:, None])
+            self._forward(self.student, student, cur[:, None], logits=False)
         lt, ht = self._teacher_forward(torch.cat([self.last[:, None], draft[:, : width - 1]], 1))
         student_logits = torch.stack(student_logits, 1)
         finished_before = self.state.finished.clone() if self.guided else None
