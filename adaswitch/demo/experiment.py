@@ -240,9 +240,9 @@ def run_method(ctx: Context, name: str, overrides: dict | None, *, seed: int, bu
             seed=seed,
             progress=False,
         )
-        seconds, history, counts = fit["seconds"], [], None
+        seconds, history, counts, decoding = fit["seconds"], [], None, None
     else:
-        seconds, history, counts = _distill(ctx, student, pool, overrides, seed=seed, budget=budget)
+        seconds, history, counts, decoding = _distill(ctx, student, pool, overrides, seed=seed, budget=budget)
     metrics = accuracy(ctx, student, max_new_tokens=budget.max_new_tokens, with_kl=True)
     return {
         "method": name,
@@ -256,6 +256,7 @@ def run_method(ctx: Context, name: str, overrides: dict | None, *, seed: int, bu
         "teacher_token_fraction": _mean(history, "teacher_token_fraction"),
         "response_tokens_per_step": _mean(history, "response_tokens"),
         "switch_position_counts": counts,
+        "decoding": decoding,
         "model": student,
     }
 
@@ -277,7 +278,10 @@ class _StepTimer(TrainerCallback):
 
 def _distill(
     ctx: Context, student, pool, overrides: dict, *, seed: int, budget: Budget
-) -> tuple[float, list[dict], list | None]:
+) -> tuple[float, list[dict], list | None, dict]:
+    """Trains `student` in place; returns the training-step seconds, the logged steps, AdaSwitch's switch
+    position counts (None without switches) and the decoding settings the config resolved (lookahead,
+    guidance: what a change of their defaults would otherwise hide in a results file)."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from adaswitch.demo.sft import make_optimizer
@@ -317,7 +321,8 @@ def _distill(
         trainer.train()
     student.eval()
     counts = trainer.switch_position_counts if any(trainer.switch_position_counts) else None
-    return timer.seconds, [h for h in trainer.state.log_history if "loss" in h], counts
+    decoding = {"lookahead": config.lookahead, "guidance": config.guidance}
+    return timer.seconds, [h for h in trainer.state.log_history if "loss" in h], counts, decoding
 
 
 @torch.no_grad()
