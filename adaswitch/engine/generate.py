@@ -250,17 +250,17 @@ class _Run:
         """The model on `ids` through its cache: the logits [B, q, V] (with `hidden`, also the last hidden
         states); None for a prefill (`prefill_mask`) or `logits=False`, whose outputs nothing reads (they only
         write keys and values), so the LM head is skipped."""
-        if prefill_mask is not None or not logits:
-            if prefill_mask is not None:  # the loop feeds the last prompt token itself
-                attn, position_ids = cache.prefill_inputs(prefill_mask)
-            else:
-                attn, position_ids = cache.decode_inputs(ids.shape[1])
+        if prefill_mask is not None:  # the loop feeds the last prompt token itself
+            attn, position_ids = cache.prefill_inputs(prefill_mask)
+            logits = False
+        else:
+            attn, position_ids = cache.decode_inputs(ids.shape[1])
+        if not logits:
             decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
             body, kw = (model, {"logits_to_keep": 1}) if decoder is model else (decoder, {})
             body(input_ids=ids, attention_mask=attn, position_ids=position_ids, cache=cache, use_cache=True, **kw)
             self._advance(cache, ids.shape[1])
             return None
-        attn, position_ids = cache.decode_inputs(ids.shape[1])
         extra = {"output_hidden_states": True} if hidden else {}
         out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, cache=cache, **extra)
         self._advance(cache, ids.shape[1])

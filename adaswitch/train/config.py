@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from adaswitch._validation import KINDS
+from adaswitch.train.distributed import accelerator_available, launched_processes
 
 POLICY_NAMES = ("student", "teacher", "dataset", "mixed", "skd", "adaswitch", "fixed_switch", "random_switch")
 # AdaSwitch and its two controls (the switch without the divergence test): the policies with a switch.
@@ -26,20 +27,6 @@ TOKEN_MASKS = ("all", "student", "teacher")
 GUIDANCES = ("step", "speculative")
 # The policies whose responses come (at least partly) from the dataset's `completion` column.
 POLICIES_USING_COMPLETIONS = ("dataset", "mixed")
-
-
-def launched_processes() -> int:
-    """How many processes the launcher (torchrun, accelerate launch, deepspeed) started: WORLD_SIZE."""
-    import os
-
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _accelerator_available() -> bool:
-    import torch
-
-    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
-    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
 
 
 def _is_int(value) -> bool:
@@ -241,7 +228,7 @@ class DistillConfig(TrainingArguments):
 
     def __post_init__(self):
         self._check()
-        if not self.use_cpu and launched_processes() > 1 and not _accelerator_available():
+        if not self.use_cpu and launched_processes() > 1 and not accelerator_available():
             # Without use_cpu, transformers resolves a machine with no accelerator to "not distributed": every
             # process torchrun launched would train alone on the whole dataset and write the same
             # output_dir. On such a machine the CPU is the only device, so this changes nothing else.

@@ -18,8 +18,20 @@ are refused (untested).
 from __future__ import annotations
 
 import contextlib
+import os
 
+import torch
 from torch import nn
+
+
+def launched_processes() -> int:
+    """How many processes the launcher (torchrun, accelerate launch, deepspeed) started: WORLD_SIZE."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def accelerator_available() -> bool:
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
 
 
 def check_parallelism(args) -> None:
@@ -42,8 +54,6 @@ def check_parallelism(args) -> None:
 def check_enabled(args, accelerator, fsdp_enabled: bool, deepspeed_enabled: bool) -> None:
     """Refuses a run whose FSDP or DeepSpeed setting accelerate silently dropped (it would run as DDP), and a
     launch of several processes that accelerate runs one by one (each would train alone)."""
-    from adaswitch.train.config import launched_processes
-
     launched = launched_processes()
     if launched > 1 and accelerator.num_processes != launched:
         raise ValueError(
