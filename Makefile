@@ -1,20 +1,31 @@
 # Two commands a newcomer needs:  `make demo` (the main job)  and  `make test` (lint + tests).
-# Both create .venv in the repository and install everything from scratch (torch pinned to the CPU
-# build 2.13.0 here; setup.py itself stays loose).
+# Both create .venv in the repository and install everything from scratch, at the exact versions of
+# requirements/lock.txt (torch: the CPU build 2.13.0; setup.py itself stays loose).
+# `make lock` re-resolves the lock from setup.py in a clean venv; `make test-latest` runs the same suite
+# in .venv-latest on the newest releases setup.py allows (run it whenever the lock is refreshed).
 PY ?= python3
+TORCH_PIN ?= torch==2.13.0
+EXTRAS := dev,compare,deepspeed
+LOCK := requirements/lock.txt
 VENV := .venv
 BIN := $(VENV)/bin
-TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+LATEST := .venv-latest
 
-.PHONY: demo test lint bench native clean
+.PHONY: demo test test-latest lock lint bench native clean
 
-$(STAMP): setup.py pyproject.toml CMakeLists.txt $(wildcard kernels/csrc/*.cpp kernels/csrc/*.h)
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=64" wheel cmake numpy
-	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
-	$(BIN)/python -m pip install -q --no-build-isolation -e ".[dev,compare,deepspeed]" "$(TORCH_PIN)"
-	$(BIN)/python -c "import adaswitch, adaswitch.kernels; print('adaswitch', adaswitch.__version__, 'native op:', adaswitch.native_available())"
+# $(call install,VENV,PIP_OPTIONS): a venv with the project (editable) and its extras
+define install
+	test -x $(1)/bin/python || $(PY) -m venv $(1)
+	$(1)/bin/python -m pip install -q $(2) --upgrade pip "setuptools>=64" wheel cmake numpy
+	$(1)/bin/python -m pip install -q $(2) "$(TORCH_PIN)"
+	$(1)/bin/python -m pip install -q $(2) --no-build-isolation -e ".[$(EXTRAS)]" "$(TORCH_PIN)"
+	$(1)/bin/python -c "import adaswitch, adaswitch.kernels; print('adaswitch', adaswitch.__version__, 'native op:', adaswitch.native_available())"
+endef
+
+$(STAMP): setup.py pyproject.toml CMakeLists.txt $(LOCK) $(wildcard kernels/csrc/*.cpp kernels/csrc/*.h)
+	$(call install,$(VENV),-c $(LOCK))
+	$(BIN)/python requirements/check_lock.py --installed
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -23,6 +34,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# the newest releases setup.py allows, in a venv of its own (always re-resolved)
+test-latest:
+	rm -rf $(LATEST)
+	$(call install,$(LATEST),)
+	$(LATEST)/bin/python -m pip list --format=freeze | grep -iE '^(torch|transformers|accelerate|datasets|tokenizers|triton|kernels|trl|liger.kernel|deepspeed|numpy)=='
+	$(LATEST)/bin/ruff check .
+	$(LATEST)/bin/python -m pytest -q $(ARGS)
+
+lock:
+	PY=$(PY) TORCH_PIN="$(TORCH_PIN)" EXTRAS=$(EXTRAS) bash requirements/make_lock.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -34,4 +56,4 @@ native: $(STAMP)
 	$(BIN)/python setup.py -q build_ext --inplace
 
 clean:
-	rm -rf build $(VENV) adaswitch/_C*.so
+	rm -rf build $(VENV) $(LATEST) adaswitch/_C*.so adaswitch/_C*.so.tmp

@@ -3,6 +3,10 @@
 Bad input (an argument, a data row, a file) is one line on stderr naming it and exit code 2, reported
 before any model loads where it can be checked then; any other failure is reported as an internal error
 with exit code 1. ADASWITCH_DEBUG=1 shows the traceback.
+`distill` writes only into --output-dir, which must be empty or new unless the run resumes from it or
+--overwrite-output-dir is given, and may not be or lie inside --student / --teacher; a checkpoint is resumed
+only by a run with its settings (adaswitch/train/resume.py). Option errors name the option as written
+(`--learning-rate`, `--set max_grad_norm`, `seed (in run.yaml)`).
 Models and tokenizers load from local directories (`AutoModelForCausalLM` / `AutoTokenizer`). Teacher and
 student must use one tokenizer (their directories' tokenizers are compared before any model loads), and
 only its ids are generated or scored (embedding rows padded past it are cut off).
@@ -195,9 +199,22 @@ def _model_dir(option: str, path) -> Path:
 
 
 def load_model(option: str, path):
+    """The causal LM saved in a directory; a file that cannot be loaded (a truncated copy, a pickle that is
+    not weights-only) is an error naming the directory, not an internal error."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(_model_dir(option, path)))
+    p = _model_dir(option, path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(p))
+    except (ImportError, MemoryError):
+        raise
+    except Exception as exc:
+        weights = sorted(f.name for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+        raise CliError(
+            f"{option}: cannot load the model in {str(p)!r} ({type(exc).__name__}: {_first_line(exc)}); its "
+            f"weights ({', '.join(weights) or 'none found'}) may be damaged (a truncated copy) or not weights-only: "
+            "save the model again with model.save_pretrained(dir)"
+        ) from exc
 
 
 def load_tokenizer(option: str, path):
@@ -258,7 +275,8 @@ def _distill_parser(sub, fields):
         description="Distil a teacher into a student. Paths and any DistillConfig field can also come from "
         "--config run.yaml (keys: teacher, student, train, eval, output_dir and DistillConfig "
         "fields); options given on the command line override the file. The final model and "
-        "tokenizer are saved to --output-dir; checkpoints go to --output-dir/checkpoint-N.",
+        "tokenizer are saved to --output-dir; checkpoints go to --output-dir/checkpoint-N. A non-empty "
+        "--output-dir is refused unless the run resumes from it or --overwrite-output-dir is given.",
     )
     g = p.add_argument_group("inputs and outputs")
     g.add_argument("--config", metavar="RUN.YAML", help="YAML file of settings (see above)")
@@ -291,6 +309,14 @@ def _distill_parser(sub, fields):
         metavar="DIR|last",
         default=None,
         help="resume from a checkpoint directory, or `last` for the newest under --output-dir",
+    )
+    g.add_argument(
+        "--overwrite-output-dir",
+        dest="overwrite_output_dir",
+        action="store_true",
+        help="write into a non-empty --output-dir: the run's files replace those of the same names and its "
+        "checkpoint-N directories are removed when training starts (default: a non-empty --output-dir is "
+        "refused unless the run resumes from it)",
     )
     g.add_argument(
         "--set",
@@ -439,16 +465,23 @@ def _describe(members: set) -> str:
     return " or ".join(names[m] for m in (bool, int, float, str, list, dict, type(None)) if m in members)
 
 
-def distill_settings(args, fields) -> dict:
+def distill_settings(args, fields, sources: dict | None = None) -> dict:
     """The merged settings: YAML file, then --set, then explicit options (later wins); each value from the
-    file or --set is read against its field's type (`typed_value`)."""
+    file or --set is read against its field's type (`typed_value`). `sources`, when given, receives each
+    setting's name as the user wrote it (`--learning-rate`, `--set learning_rate`, `learning_rate in
+    run.yaml`), for the error messages."""
+    sources = {} if sources is None else sources
     settings = _read_yaml(args.config) if args.config else {}
     settings = {str(k).replace("-", "_"): v for k, v in settings.items()}
     settings = {k: typed_value(k, v, fields, source="--config") for k, v in settings.items()}
+    sources.update({k: f"{k} (in {args.config})" for k in settings})
     for key, (raw, value) in (_parse_override(o) for o in args.overrides):
         settings[key] = typed_value(key, value, fields, raw=raw)
-    skip = {"config", "overrides", "resume", "run", "command"}
-    settings.update({k: v for k, v in vars(args).items() if k not in skip})
+        sources[key] = f"--set {key}"
+    skip = {"config", "overrides", "resume", "run", "command", "overwrite_output_dir"}
+    explicit = {k: v for k, v in vars(args).items() if k not in skip}
+    settings.update(explicit)
+    sources.update({k: "--" + k.replace("_", "-") for k in explicit})
     unknown = sorted(k for k in settings if k not in fields and k not in PATH_KEYS)
     if unknown:
         raise CliError(f"unknown setting(s) {unknown}: not DistillConfig fields nor one of {list(PATH_KEYS)}")
@@ -460,16 +493,90 @@ def distill_settings(args, fields) -> dict:
 
 def _run_distill(args) -> int:
     fields = _config_fields()
-    settings = distill_settings(args, fields)
+    sources: dict = {}
+    settings = distill_settings(args, fields, sources)
     paths = {k: settings.pop(k) for k in PATH_KEYS if k in settings and k != "output_dir"}
     output_dir = settings["output_dir"] = _output_dir(settings["output_dir"])
+    for key in ("student", "teacher"):
+        _model_dir(f"--{key}", paths[key])
+    _check_apart_from_models(output_dir, paths)
+    config = _distill_config(settings, sources)  # validates every field before any model is loaded
+    resume = _resume_checkpoint(args.resume, output_dir, config)
+    _check_output_dir_free(output_dir, resume, args.overwrite_output_dir)
     existed = os.path.lexists(output_dir)
     try:
-        return _distill(args, settings, paths)
+        return _distill(args, config, paths, resume)
     except BaseException:
         if not existed:
             _remove_if_empty(output_dir)  # a failed run leaves nothing behind
         raise
+
+
+def _distill_config(settings: dict, sources: dict):
+    """DistillConfig(**settings); an error that starts with a setting's name names it as the user wrote it."""
+    from adaswitch.train.config import DistillConfig
+
+    try:
+        return DistillConfig(**settings)
+    except (ValueError, TypeError) as exc:
+        text = str(exc)
+        head, _, rest = text.partition(" ")
+        if head in sources:
+            raise CliError(f"{sources[head]} {rest}") from exc
+        raise
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    return path == directory or directory in path.parents
+
+
+def _check_apart_from_models(output_dir: str, paths: dict) -> None:
+    """--output-dir may not be, or lie inside, --student or --teacher: the run's files would replace the
+    input model's (resolved paths, so a link or `..` is seen through)."""
+    out = Path(output_dir).resolve()
+    for key in ("student", "teacher"):
+        if paths.get(key) in (None, ""):
+            continue
+        model = Path(str(paths[key])).expanduser().resolve()
+        if _inside(out, model):
+            where = "is" if out == model else "lies inside"
+            raise CliError(
+                f"--output-dir: {output_dir!r} {where} --{key} {str(paths[key])!r}: the run would write its model "
+                f"over the {key}'s files; choose another --output-dir"
+            )
+
+
+def _check_output_dir_free(output_dir: str, resume: str | None, overwrite: bool) -> None:
+    """A non-empty --output-dir is refused, naming what it holds, unless the run resumes from a checkpoint in
+    it or --overwrite-output-dir says to replace what the run writes there."""
+    if overwrite or not os.path.isdir(output_dir):
+        return
+    entries = sorted(os.listdir(output_dir))
+    if not entries:
+        return
+    if resume is not None and _inside(Path(resume).resolve(), Path(output_dir).resolve()):
+        return
+    shown = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
+    raise CliError(
+        f"--output-dir: {output_dir!r} is not empty (it holds {shown}); the run would write its model and "
+        "checkpoints over them: choose an empty or new directory, resume the run there with "
+        "--resume-from-checkpoint last, or pass --overwrite-output-dir"
+    )
+
+
+def _remove_earlier_run(output_dir: str) -> None:
+    """--overwrite-output-dir: the checkpoints of the run written there before (checkpoint-N, and leftovers
+    of a killed save) go, so that a later --resume-from-checkpoint last cannot pick one of them."""
+    import re
+    import shutil
+
+    from adaswitch.train.checkpoint import STAGING_PREFIX
+
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path) and (
+                re.fullmatch(r"checkpoint-\d+", name) or name.startswith(STAGING_PREFIX)):
+            shutil.rmtree(path)
 
 
 def _output_dir(path) -> str:
@@ -499,9 +606,22 @@ def _remove_if_empty(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _resume_checkpoint(resume, output_dir: str):
+def _resume_checkpoint(resume, output_dir: str, config):
     """--resume-from-checkpoint checked before any model loads: `last` becomes the newest complete
-    checkpoint-N under output_dir, a directory must hold a checkpoint."""
+    checkpoint-N under output_dir, a directory must hold a checkpoint this run may resume
+    (`adaswitch.train.resume.check_resume`: same settings, steps left, optimizer state, whole weights)."""
+    path = _find_checkpoint(resume, output_dir)
+    if path is not None:
+        from adaswitch.train.resume import check_resume
+
+        try:
+            check_resume(path, config, option="--resume-from-checkpoint")
+        except ValueError as exc:
+            raise CliError(str(exc)) from exc
+    return path
+
+
+def _find_checkpoint(resume, output_dir: str):
     if resume is None:
         return None
     from transformers.trainer import TRAINER_STATE_NAME
@@ -540,12 +660,9 @@ def load_model_config(option: str, path):
         raise CliError(f"{option}: cannot read the model config in {str(p)!r}: {_first_line(exc)}") from exc
 
 
-def _distill(args, settings: dict, paths: dict) -> int:
-    from adaswitch.train.config import DistillConfig
+def _distill(args, config, paths: dict, resume) -> int:
     from adaswitch.train.data import prepare_dataset, prompt_limit
 
-    config = DistillConfig(**settings)  # validates every field before any model is loaded
-    resume = _resume_checkpoint(args.resume, config.output_dir)
     student_dir = _model_dir("--student", paths["student"])
     teacher_dir = _model_dir("--teacher", paths["teacher"])
     # One tokenizer for both models (the student's, else the teacher's), checked before anything else.
@@ -585,6 +702,10 @@ def _distill(args, settings: dict, paths: dict) -> int:
         processing_class=tokenizer,
         teacher_processing_class=tokenizers.get("--teacher"),
     )
+    if args.overwrite_output_dir and resume is None:
+        if trainer.args.should_save:  # one process removes, the others wait
+            _remove_earlier_run(config.output_dir)
+        trainer.accelerator.wait_for_everyone()
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(config.output_dir)
     if trainer.is_world_process_zero():
@@ -662,9 +783,9 @@ def render_response(tokenizer, ids: list[int], from_teacher: list[bool], color: 
 def _run_generate(args) -> int:
     fields = _config_fields()
     settings = {k: v for k, v in vars(args).items() if k in fields}
-    from adaswitch.train.config import DistillConfig
 
-    config = DistillConfig(output_dir=os.devnull, report_to=[], use_cpu=True, **settings)
+    config = _distill_config(dict(output_dir=os.devnull, report_to=[], use_cpu=True, **settings),
+                             {k: "--" + k.replace("_", "-") for k in settings})
     policy = config.build_policy()
     if policy is None:
         raise CliError("--policy dataset generates nothing; choose student, teacher, mixed, skd or adaswitch")
@@ -699,6 +820,14 @@ def _run_generate(args) -> int:
     import torch
 
     from adaswitch.engine.generate import generate
+    from adaswitch.policies import AdaSwitch
+    from adaswitch.train.finite import first_non_finite
+
+    for option, model, d in (("--student", student, student_dir), ("--teacher", teacher, teacher_dir)):
+        bad = first_non_finite(model)
+        if bad is not None:  # its logits are NaN: every "token" would be the argmax of NaN, id 0
+            raise CliError(f"{option}: the weights in {str(d)!r} are not finite ({bad} holds NaN or inf); "
+                           "nothing can be generated from them")
 
     with torch.no_grad():
         out = generate(
@@ -715,6 +844,11 @@ def _run_generate(args) -> int:
             example_keys=batch["example_keys"],
             lookahead=config.lookahead,
             guidance=config.guidance,
+        )
+    if isinstance(policy, AdaSwitch) and bool(out.divergence.isnan().all()):
+        raise CliError(
+            "every divergence of this run was NaN (the models' logits are not finite, e.g. an fp16 overflow): the "
+            "switching rule never fired and the tokens are draws from NaN logits"
         )
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     for i, prompt in enumerate(prompts):
@@ -789,18 +923,23 @@ def _run_evaluate(args) -> int:
         _check_one_tokenizer({"--model": tokenizer, "--teacher": teacher_tokenizer})
     model = load_model("--model", model_dir)
     teacher = load_model("--teacher", teacher_dir) if teacher_dir is not None else None
-    results = evaluate(
-        model,
-        tokenizer,
-        args.data,
-        answer_marker=args.answer_marker,
-        teacher=teacher,
-        teacher_tokenizer=teacher_tokenizer,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        output_path=args.output,
-        progress=not args.no_progress,
-    )
+    from adaswitch.train.atomic import WriteError
+
+    try:
+        results = evaluate(
+            model,
+            tokenizer,
+            args.data,
+            answer_marker=args.answer_marker,
+            teacher=teacher,
+            teacher_tokenizer=teacher_tokenizer,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            output_path=args.output,
+            progress=not args.no_progress,
+        )
+    except WriteError as exc:  # the only file evaluate writes
+        raise CliError(f"--output: {exc}") from exc
     summary = {k: v for k, v in results.items() if k != "examples"}
     if isinstance(summary.get("teacher_kl"), float) and math.isnan(summary["teacher_kl"]):
         summary["teacher_kl"] = None
@@ -903,7 +1042,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         where = f"{PROG} {command}" if command and not command.startswith("-") else PROG
         if isinstance(exc, INPUT_ERRORS):
-            kind = "" if isinstance(exc, (CliError, ValueError, TypeError)) else f"{type(exc).__name__}: "
+            ours = type(exc).__module__.startswith(PROG)  # e.g. WriteError: its message says what happened
+            kind = "" if ours or isinstance(exc, (CliError, ValueError, TypeError)) else f"{type(exc).__name__}: "
             print(f"{where}: error: {kind}{_first_line(exc)}", file=sys.stderr)
             return EXIT_ERROR
         print(

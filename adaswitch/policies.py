@@ -201,7 +201,7 @@ class AdaSwitch:
         if not _is_int(self.window) or self.window < 1:
             raise ValueError(f"window must be an int >= 1, got {self.window!r}")
         if not _is_number(self.k) or math.isnan(self.k) or self.k <= 0:
-            raise ValueError(f"k must be a number > 0 (math.inf = never switch), got {self.k!r}")
+            raise ValueError(f"k must be a number > 0 (inf = never switch), got {self.k!r}")
         if self.divergence not in KINDS:
             raise ValueError(f"divergence must be one of {KINDS}, got {self.divergence!r}")
         if self.warmup is not None and (not _is_int(self.warmup) or self.warmup < 0):
@@ -211,7 +211,7 @@ class AdaSwitch:
             raise ValueError(f"min_divergence must be a finite number >= 0, got {f!r}")
         a = self.max_divergence
         if not _is_number(a) or math.isnan(a) or a < 0:
-            raise ValueError(f"max_divergence must be a number >= 0 (math.inf = off), got {a!r}")
+            raise ValueError(f"max_divergence must be a number >= 0 (inf = off), got {a!r}")
         t = self.divergence_temperature
         if not _is_number(t) or not math.isfinite(t) or t <= 0:
             raise ValueError(f"divergence_temperature must be a finite number > 0, got {t!r}")
@@ -240,7 +240,7 @@ def _check_schedule_fields(policy) -> None:
     AdaSwitch.__post_init__(policy)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class FixedSwitch(AdaSwitch):
     """Control for AdaSwitch without the divergence test: the student writes the first `position`
     response tokens, the teacher the rest. Everything else is AdaSwitch's (the divergence is still
@@ -249,11 +249,16 @@ class FixedSwitch(AdaSwitch):
 
     Args:
         position: the response position of the switch; None means the warm-up, max(L, W), AdaSwitch's
-            earliest possible switch.
-        other arguments: as AdaSwitch.
+            earliest possible switch. The only positional argument (`FixedSwitch(12)`).
+        other arguments: as AdaSwitch, by keyword.
     """
 
     position: int | None = None
+
+    def __init__(self, position: int | None = None, **adaswitch):
+        # by hand, so that the first positional argument is the position, not AdaSwitch's window
+        object.__setattr__(self, "position", position)
+        AdaSwitch.__init__(self, **adaswitch)  # sets AdaSwitch's fields, then runs __post_init__ below
 
     def __post_init__(self):
         _check_schedule_fields(self)
@@ -271,7 +276,7 @@ class FixedSwitch(AdaSwitch):
         return torch.full_like(keys, self.switch_position, dtype=torch.int64)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class RandomSwitch(AdaSwitch):
     """Control for AdaSwitch without the divergence test: each row switches at a position drawn from
     `positions` (with probabilities proportional to `weights`, default uniform), e.g. AdaSwitch's own
@@ -283,11 +288,16 @@ class RandomSwitch(AdaSwitch):
     Args:
         positions: the candidate switch positions (ints >= -1; -1 = never), at least one.
         weights: None (uniform) or one number >= 0 per position, not all 0.
-        other arguments: as AdaSwitch.
+        other arguments: as AdaSwitch, by keyword (`RandomSwitch((1, 2), (1, 1))` is positions and weights).
     """
 
     positions: tuple = (8,)
     weights: tuple | None = None
+
+    def __init__(self, positions: tuple = (8,), weights: tuple | None = None, **adaswitch):
+        object.__setattr__(self, "positions", positions)
+        object.__setattr__(self, "weights", weights)
+        AdaSwitch.__init__(self, **adaswitch)
 
     def __post_init__(self):
         _check_schedule_fields(self)

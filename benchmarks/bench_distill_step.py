@@ -61,7 +61,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from machine_info import cpu_model, git_commit, load_average, utc_now
+from machine_info import cpu_model, git_commit, load_average, utc_now, versions_text
 from transformers import TrainerCallback
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -473,7 +473,7 @@ def main(argv=None):
     meta = (f"CPU: {cpu_model()}, torch {torch.__version__}, threads {torch.get_num_threads()}; commit "
             f"{git_commit()}; {utc_now()}; load average before {load_before}, after {load_after}. "
             f"Batch {args.batch}, max_new_tokens {args.max_new_tokens}, {args.rounds} rounds x {args.steps} timed "
-            f"steps per configuration (medians).")
+            f"steps per configuration (medians). Packages: {versions_text()}.")
     out.with_suffix(".md").write_text(markdown(table, meta))
     print(markdown(table, meta))
 

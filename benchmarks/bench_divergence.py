@@ -4,9 +4,9 @@ on speed). Each case first checks the result against the float64 reference, then
     python -m pytest benchmarks/bench_divergence.py --benchmark-enable --benchmark-group-by=param
 
 Implementations: "eager" (adaswitch.reference in float32), "compiled" (the same through
-torch.compile), "native" (adaswitch._C). Triton on CPU only runs under the interpreter and is
-timed on a GPU instead (benchmarks/gpu/bench_divergence_gpu.py). For the one-run ratio table and
-the committed results see benchmarks/divergence_ratios.py.
+torch.compile), "native" (adaswitch._C_*, the variant built for this CPU). Triton on CPU only runs
+under the interpreter and is timed on a GPU instead (benchmarks/gpu/bench_divergence_gpu.py). For
+the one-run ratio table and the committed results see benchmarks/divergence_ratios.py.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def _runner(impl: str, kind: str):
     if impl == "compiled":
         return _compiled(kind)
     if impl == "native" and not native_available():
-        pytest.skip("adaswitch._C not built")
+        pytest.skip("adaswitch._C_* not built")
     return lambda s, t: token_divergence(s, t, kind, impl=impl)
 
 

@@ -51,6 +51,7 @@ from machine_info import cpu_model, git_commit, load_average, utc_now  # noqa: E
 
 from adaswitch import AdaSwitch, Sampling, Student, Teacher, generate  # noqa: E402
 from adaswitch.engine.sync import SyncCounter  # noqa: E402
+from adaswitch.versions import package_versions  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 VOCAB = 151936
@@ -63,6 +64,7 @@ def machine(device: torch.device) -> dict:
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "versions": package_versions(),
         "date": utc_now(),
         "commit": git_commit(),
         "load_avg_start": load_average(),

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from machine_info import cpu_model, git_commit, utc_now
+from machine_info import cpu_model, git_commit, utc_now, versions_text
 
 from adaswitch._backend import native_ops
 from adaswitch.ops import SwitchState, fused_step
@@ -97,7 +97,7 @@ def main(argv=None):
                       f"naive/impl {row['naive_over_impl']:6.2f}")
     header = (f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
               f"Python {platform.python_version()}, commit {git_commit()}, {utc_now()}, "
-              f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
+              f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}; {versions_text()}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.with_suffix(".csv"), "w", newline="") as f:

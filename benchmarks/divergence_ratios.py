@@ -5,7 +5,9 @@ kinds. Writes benchmarks/results/divergence_cpu.{csv,md} with the machine, date 
     python benchmarks/divergence_ratios.py [--repeats 7] [--dtype float32] [--kinds forward_kl,jsd]
 
 Implementations: "eager" (adaswitch.reference in float32, what a user writes by hand), "compiled"
-(the same function through torch.compile, one graph per kind and shape), "native" (adaswitch._C).
+(the same function through torch.compile, one graph per kind and shape), "native" (adaswitch._C_*: the
+per-CPU-capability build the process loaded, recorded as native_variant; ATEN_CPU_CAPABILITY=avx2 / default
+measures a narrower one).
 Triton is not timed here: on CPU it runs only under the interpreter, which measures numpy, not the
 kernel (see benchmarks/gpu/ for its timings). Times are medians of --repeats calls after a warm-up;
 the machine is shared, so the load average before and after the run is recorded with the numbers.
@@ -22,10 +24,10 @@ import time
 from pathlib import Path
 
 import torch
-from machine_info import cpu_model, git_commit, utc_now
+from machine_info import cpu_model, git_commit, utc_now, versions_text
 
 from adaswitch import reference, token_divergence
-from adaswitch._backend import native_available
+from adaswitch._backend import native_available, native_capability
 from adaswitch._validation import KINDS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +46,8 @@ def machine() -> dict:
         "python": platform.python_version(),
         "date": utc_now(),
         "commit": git_commit(),
+        "native_variant": native_capability(),
+        "versions": versions_text(),
     }
 
 
@@ -121,7 +125,7 @@ def main(argv=None) -> list[dict]:
                 for impl, value in ms.items():
                     results.append({
                         "kind": kind, "rows": rows, "vocab": vocab, "dtype": args.dtype, "impl": impl,
-                        "threads": args.threads, "clock": args.clock,
+                        "threads": args.threads, "clock": args.clock, "native_variant": info["native_variant"],
                         "ms": round(value, 3), "speedup_vs_eager": round(ms["eager"] / value, 2),
                         "speedup_vs_compiled": round(ms["compiled"] / value, 2),
                     })
@@ -161,7 +165,7 @@ def write(results, info, load_before, load_after, args) -> None:
         "# token_divergence on CPU: native op vs PyTorch eager vs torch.compile",
         "",
         f"- machine: {info['cpu']}, {info['cores']} cores (torch threads {info['torch_threads']}), "
-        f"torch {info['torch']}, Python {info['python']}",
+        f"torch {info['torch']}, Python {info['python']}, native variant {info['native_variant']}",
         f"- date: {info['date']}, commit {info['commit']}, dtype {args.dtype}, "
         f"median of {args.repeats} calls, {args.clock} clock, {args.threads} thread(s)",
         f"- load average (1/5/15 min) before {tuple(round(x, 2) for x in load_before)}, "

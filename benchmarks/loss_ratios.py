@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent))
 
-from machine_info import cpu_model, git_commit  # noqa: E402
+from machine_info import cpu_model, git_commit, versions_text  # noqa: E402
 
 # (op, N, V, H): the CPU shapes; the logits-input op at N=4096, V=151936 (and the fused op there) would need
 # > 20 GB for the eager baselines on the 23 GB machine the results were measured on, so it is cut.
@@ -140,7 +140,8 @@ def main(argv=None):
         return
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", TRL_EXPERIMENTAL_SILENCE="1")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
-    mach, sha = f"{cpu_model()}, {os.cpu_count()} cores", git_commit()
+    mach = f"{cpu_model()}, {os.cpu_count()} cores; {versions_text(('torch', 'triton', 'liger-kernel', 'trl'))}"
+    sha = git_commit()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -1,4 +1,4 @@
-"""What every benchmark result records about where it ran: CPU model, commit, date, load."""
+"""What every benchmark result records about where it ran: CPU model, commit, date, load, package versions."""
 
 from __future__ import annotations
 
@@ -35,3 +35,12 @@ def utc_now() -> str:
 
 def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def versions_text(packages=None) -> str:
+    """The installed versions of the packages a result depends on (default: adaswitch.versions.PACKAGES), as
+    one line."""
+    from adaswitch.versions import PACKAGES, package_versions
+
+    versions = package_versions(packages or PACKAGES)
+    return ", ".join(f"{name} {version}" for name, version in versions.items() if version is not None)

@@ -67,9 +67,10 @@ def _run() -> dict:
 
     import adaswitch.engine.generate as generate_module
     from adaswitch import AdaSwitch, generate
-    from adaswitch.engine.architecture import attention_layout
+    from adaswitch.engine.architecture import attention_layout, uses_alibi
     from adaswitch.engine.conformance import check_pair, greedy_matches_transformers
     from adaswitch.train.distiller import verify_fused_head
+    from adaswitch.versions import package_versions
 
     torch.set_num_threads(1)
     ids, mask = random_prompts(3, 7, min_len=2, seed=3)
@@ -87,6 +88,7 @@ def _run() -> dict:
         row["flash_ok"] = layout.flash_ok
         row["flash_reason"] = "" if layout.flash_ok else (
             "attention sinks" if any(hasattr(m, "sinks") for m in teacher.modules())
+            else "ALiBi bias in the attention mask" if uses_alibi(teacher)
             else "attention outside transformers' attention interface")
         if layout.flash_ok:
             policy = dict(policy=AdaSwitch(window=2, k=1.1, warmup=2), vocab_size=VOCAB_SIZE, **kw)
@@ -110,7 +112,8 @@ def _run() -> dict:
             assert layer in str(err), err
             refused[name] = {"class": type(model).__name__, "layer": layer}
     return {"date": utc_now(), "commit": git_commit(), "transformers": transformers.__version__,
-            "machine": f"{cpu_model()}, torch {torch.__version__}", "families": families, "refused": refused}
+            "machine": f"{cpu_model()}, torch {torch.__version__}", "versions": package_versions(),
+            "families": families, "refused": refused}
 
 
 def main() -> int:

@@ -89,6 +89,8 @@ def test_bad_row_is_reported_before_any_model_loads(dirs, loads, tmp_path, capsy
         argv += [option, write_jsonl(tmp_path / f"{option[2:]}.jsonl", data)]
     if case == "empty_completion":
         argv += ["--policy", "dataset"]
+    if before == "with_a_file":  # a non-empty --output-dir is refused first, unless the user says to write there
+        argv += ["--overwrite-output-dir"]
     code, _, err = run(argv, capsys)
     assert_one_line_error(code, err, *fragments)
     assert loads == []

@@ -197,7 +197,7 @@ def tiny_demo(tmp_path_factory):
 
 
 TIMING_KEYS = {"seconds_per_step", "overhead_vs_on_policy", "total_seconds", "date", "load_average_1m_at_end",
-               "sft_seconds_at_start", "workers"}
+               "sft_seconds_at_start", "workers", "train_wall_seconds", "eval_seconds", "time_split"}
 
 
 def _without_timing(value):
@@ -461,3 +461,42 @@ def test_committed_switch_ablation_table_is_generated_from_its_json():
     assert result["cells"][0]["name"] == BASELINE and [c["name"] for c in result["cells"][-2:]] == list(CONTROLS)
     assert format_switch_table(result["cells"]) in (root / "docs" / "ablation.md").read_text()
     assert (root / "docs" / "demo_results" / "ablation_switch.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_demo_records_versions_cpu_code_path_and_time_split(tiny_demo):
+    """Every results file names the packages and CPU code path it ran with, and where its time went."""
+    import json
+
+    from adaswitch.versions import package_versions
+
+    out, _ = tiny_demo
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    assert meta["versions"] == package_versions() and meta["versions"]["transformers"]
+    assert meta["cpu_numerics"]["aten_capability_in_use"]
+    split = meta["time_split"]
+    assert split["runs_train_seconds"] > 0 and split["runs_eval_seconds"] > 0
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert all(r["train_wall_seconds"] > 0 and r["eval_seconds"] > 0 for r in runs)
+
+
+def test_demo_pins_cpu_code_paths_only_where_unset(monkeypatch):
+    import os
+
+    from adaswitch.demo import numerics
+
+    for name in numerics.AVX2_PATHS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")  # the user's own choice stays
+    monkeypatch.setattr(numerics, "_has_avx2", lambda: True)
+    with numerics.pinned_cpu_numerics():
+        assert os.environ["MKL_CBWR"] == "COMPATIBLE"
+        assert os.environ["ATEN_CPU_CAPABILITY"] == "avx2" and os.environ["DNNL_MAX_CPU_ISA"] == "AVX2"
+    assert "ATEN_CPU_CAPABILITY" not in os.environ and os.environ["MKL_CBWR"] == "COMPATIBLE"  # restored
+    monkeypatch.delenv("MKL_CBWR")
+    monkeypatch.setenv("ADASWITCH_DEMO_PIN_CPU", "0")
+    with numerics.pinned_cpu_numerics():
+        assert not any(name in os.environ for name in numerics.AVX2_PATHS)
+    monkeypatch.delenv("ADASWITCH_DEMO_PIN_CPU")
+    monkeypatch.setattr(numerics, "_has_avx2", lambda: False)  # no AVX2: nothing to pin to
+    with numerics.pinned_cpu_numerics():
+        assert not any(name in os.environ for name in numerics.AVX2_PATHS)

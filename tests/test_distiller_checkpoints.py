@@ -38,9 +38,6 @@ def test_switch_counts_survive_a_resume(tmp_path):
 
     # resume from checkpoint-2 (the counts are those saved) and run step 3 again: the same counts as the
     # uninterrupted run (generation is keyed by seed, step and row)
-    again = trainer(tmp_path, max_steps=2)
-    again.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
-    assert again.switch_position_counts == at_two
     resumed = trainer(tmp_path, max_steps=3)
     resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
     assert resumed.switch_position_counts == full.switch_position_counts
@@ -50,20 +47,28 @@ def test_checkpoint_without_counts_resumes_with_empty_counts(tmp_path):
     trainer(tmp_path, max_steps=2, save_strategy="steps", save_steps=2).train()
     ckpt = tmp_path / "out" / "checkpoint-2"
     (ckpt / SWITCH_COUNTS_NAME).unlink()  # as a checkpoint written before the counts were saved
-    resumed = trainer(tmp_path, max_steps=2)
+    resumed = trainer(tmp_path, max_steps=3)
     resumed.train(resume_from_checkpoint=True)
-    assert resumed.state.global_step == 2
-    assert resumed.switch_position_counts == [0] * (resumed.args.max_new_tokens + 1)
+    assert resumed.state.global_step == 3
+    assert sum(resumed.switch_position_counts) == ROWS_PER_STEP  # step 3's rows alone: the counts started empty
 
 
-def test_saved_counts_are_checked_on_resume(tmp_path):
+def restored_counts(tmp_path, monkeypatch) -> list[int]:
+    """The counts a resume of tmp_path/out's last checkpoint starts from (Trainer's loop not run)."""
+    from transformers import Trainer
+
+    monkeypatch.setattr(Trainer, "train", lambda self, *a, **k: None)
+    resumed = trainer(tmp_path, max_steps=3)
+    resumed.train(resume_from_checkpoint=True)
+    return resumed.switch_position_counts
+
+
+def test_saved_counts_are_checked_on_resume(tmp_path, monkeypatch):
     trainer(tmp_path, max_steps=2, save_strategy="steps", save_steps=2).train()
     path = tmp_path / "out" / "checkpoint-2" / SWITCH_COUNTS_NAME
     length = 5 + 1  # max_new_tokens + 1
     path.write_text(json.dumps({"switch_position_counts": [3, 1]}))  # a shorter budget: padded
-    resumed = trainer(tmp_path, max_steps=2)
-    resumed.train(resume_from_checkpoint=True)
-    assert resumed.switch_position_counts == [3, 1] + [0] * (length - 2)
+    assert restored_counts(tmp_path, monkeypatch) == [3, 1] + [0] * (length - 2)
     for content, message in (
         ("{not json", "cannot read switch_position_counts"),
         (json.dumps({"switch_position_counts": [1, -2]}), "must be a list of integers >= 0"),
@@ -71,7 +76,7 @@ def test_saved_counts_are_checked_on_resume(tmp_path):
     ):
         path.write_text(content)
         with pytest.raises(ValueError, match=message) as info:
-            trainer(tmp_path, max_steps=2).train(resume_from_checkpoint=True)
+            restored_counts(tmp_path, monkeypatch)
         assert SWITCH_COUNTS_NAME in str(info.value)
 
 

@@ -12,11 +12,11 @@ import math
 
 import pytest
 import torch
-from adaswitch.kernels.triton import launch
 
 from adaswitch import reference
 from adaswitch._backend import native_available, native_ops
 from adaswitch._validation import KINDS
+from adaswitch.kernels.triton import launch
 from adaswitch.ops import SwitchState, distill_loss, fused_lookahead, fused_step, token_divergence
 from adaswitch.ops.loss import reference_distill_loss
 from adaswitch.policies import SKD, AdaSwitch, Sampling, Student, Teacher

@@ -10,6 +10,7 @@ Families whose layers are not attention are refused before any forward.
 """
 
 import math
+import sys
 
 import pytest
 import torch
@@ -18,13 +19,14 @@ from tiny_models import EOS_ID, PAD_ID, VOCAB_SIZE, random_prompts
 
 import adaswitch.engine.generate as generate_module
 from adaswitch import AdaSwitch, Student, generate
-from adaswitch.engine.architecture import attention_layout
+from adaswitch.engine.architecture import alibi_adapter, attention_layout
 from adaswitch.engine.conformance import check_pair, greedy_matches_transformers
 
 N, B, P = 12, 3, 7
 assert P + N > 2 * WINDOW  # every row's response runs past the window
 CASES = [(name, attn) for name in CONFIGS for attn in attentions(name)]
 IDS = [f"{name}-{attn}" for name, attn in CASES]
+ALIBI = ("falcon-alibi", "bloom")  # families that add ALiBi position biases to their attention scores
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -55,11 +57,15 @@ def test_policies_equal_nocache_reference(name, attn):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_flash_layout_equals_masked_path(monkeypatch, name):
     """The flash-attn layout (its PyTorch reference on CPU) gives the masked path's tokens, in step and
-    lookahead mode; families it cannot serve (no attention interface, attention sinks) never take it."""
+    lookahead mode; families it cannot serve (no attention interface, attention sinks, ALiBi) never take it.
+    ALiBi models never do, whatever their transformers version (from 5.25 Falcon's attention goes through
+    the attention interface with its bias in the mask, which flash-attn does not read)."""
     attn = attentions(name)[0]
     student, teacher = build(name, seed=1, attn=attn), build(name, seed=0, attn=attn)
+    if name in ALIBI:
+        assert not attention_layout("teacher", teacher).flash_ok
     if not attention_layout("teacher", teacher).flash_ok:
-        assert name in ("falcon-mqa", "falcon-alibi", "bloom", "gpt-oss")
+        assert name in ("falcon-mqa", "gpt-oss", *ALIBI)
         return
     ids, mask = _prompts(seed=4)
     kw = dict(policy=AdaSwitch(window=2, k=1.1, warmup=2), max_new_tokens=N, eos_token_id=EOS_ID,
@@ -71,6 +77,47 @@ def test_flash_layout_equals_masked_path(monkeypatch, name):
         assert torch.equal(out.sequences, ref.sequences) and torch.equal(out.from_teacher, ref.from_teacher)
         torch.testing.assert_close(out.divergence, ref.divergence, equal_nan=True, atol=1e-4, rtol=1e-3)
     assert (masked[0].switch_position > 0).any()
+
+
+@pytest.mark.parametrize("name", ALIBI)
+def test_flash_attention_refuses_a_bias_in_the_mask(monkeypatch, name):
+    """Forced onto the flash layout (past `flash_ok`), an ALiBi model is refused, never run without its bias:
+    one whose attention goes through the interface (Falcon from transformers 5.25) hands the flash attention
+    its bias in a float mask, which it refuses; one whose attention is its own never calls it (Bloom, Falcon
+    before 5.25), which the first-forward check refuses."""
+    attn = attentions(name)[0]
+    student, teacher = build(name, seed=1, attn=attn), build(name, seed=0, attn=attn)
+    ids, mask = _prompts(seed=4)
+    monkeypatch.setattr(generate_module, "flash_available", lambda model, attention=None: True)
+    via_interface = hasattr(sys.modules[type(teacher).__module__], "ALL_ATTENTION_FUNCTIONS")
+    error, match = ((RuntimeError, "float32 attention mask from .*ALiBi") if via_interface
+                    else (ValueError, "did not use the KV cache"))
+    with pytest.raises(error, match=match):
+        generate(student, teacher, ids, mask, policy=AdaSwitch(window=2, k=1.1, warmup=2), max_new_tokens=4,
+                 eos_token_id=EOS_ID, pad_token_id=PAD_ID, vocab_size=VOCAB_SIZE)
+
+
+@pytest.mark.parametrize("name,attn", [(n, a) for n in ALIBI for a in attentions(n)])
+def test_alibi_bias_from_the_cache_mask_is_the_models_own(name, attn):
+    """ALiBi from the cache's 4-D mask (`alibi_adapter`): every real position's logits of a left-padded batch
+    through `RowCache` are the model's own float64 forward on the unpadded row. The tokens the tests above
+    compare barely see the bias of these tiny models (a dropped Bloom bias changes none); logits do (a
+    dropped or doubled bias moves them by 5e-4 .. 8e-3, float32 rounding by ~1e-7). atol / rtol: torch's
+    float32 defaults (1e-5 / 1.3e-6), the size of the worst-case float32 bound of the longest sum here
+    (n u = 128 x 6e-8 = 8e-6 of its magnitudes; the logits are < 1)."""
+    from adaswitch.engine.cache import RowCache
+
+    model, truth_model = build(name, attn=attn), build(name, attn=attn, dtype=torch.float64)
+    alibi_adapter(model)
+    ids, mask = _prompts()
+    cache = RowCache(model, B, capacity=P, attention=attention_layout("model", model))
+    cache_mask, position_ids = cache.prefill_inputs(mask)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=cache_mask, position_ids=position_ids, cache=cache).logits
+        for row in range(B):
+            real = mask[row].bool()
+            truth = truth_model(input_ids=ids[row][real][None]).logits[0]
+            torch.testing.assert_close(logits[row][real].double(), truth, atol=1e-5, rtol=1.3e-6)
 
 
 PAIRS = [("gemma2", "qwen3"), ("falcon-alibi", "mistral"), ("gpt-oss", "gpt2"), ("cohere2", "falcon-mqa"),

@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
-from adaswitch.kernels.triton.step import uniform_triton
 
 from adaswitch._backend import native_available, native_ops
+from adaswitch.kernels.triton.step import uniform_triton
 from adaswitch.ops import rng
 from adaswitch.policies import Sampling
 

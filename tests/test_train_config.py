@@ -45,8 +45,13 @@ def make(**kw):
     ],
 )
 def test_bad_field_names_itself(field, value):
-    with pytest.raises(ValueError, match=field):
-        make(**{field: value})
+    # each policy parameter under a policy that takes it: the value itself is refused, by the policy's check
+    policy = {"lmbda": "mixed", "skd_top_k": "skd", "switch_position": "fixed_switch",
+              "switch_positions": "random_switch", "switch_weights": "random_switch"}.get(field, "adaswitch")
+    extra = {"switch_positions": [1, 2]} if policy == "random_switch" and field != "switch_positions" else {}
+    with pytest.raises(ValueError, match=field) as info:
+        make(**{"policy": policy, field: value, **extra})
+    assert "applies to" not in str(info.value)
 
 
 def test_combinations_that_make_no_sense():
@@ -63,11 +68,12 @@ def test_combinations_that_make_no_sense():
 def test_build_policy():
     s = Sampling(0.7, 5, 0.9)
     t = Sampling(0.0, 0, 1.0)
-    kw = dict(student_temperature=0.7, student_top_k=5, student_top_p=0.9, teacher_temperature=0.0)
+    ks = dict(student_temperature=0.7, student_top_k=5, student_top_p=0.9)
+    kw = dict(**ks, teacher_temperature=0.0)
     assert make(policy="dataset").build_policy() is None
-    assert make(policy="student", **kw).build_policy() == Student(sampling=s)
-    assert make(policy="teacher", **kw).build_policy() == Teacher(sampling=t)
-    assert make(policy="mixed", lmbda=0.25, **kw).build_policy() == Mixed(lmbda=0.25, sampling=s)
+    assert make(policy="student", **ks).build_policy() == Student(sampling=s)
+    assert make(policy="teacher", teacher_temperature=0.0).build_policy() == Teacher(sampling=t)
+    assert make(policy="mixed", lmbda=0.25, **ks).build_policy() == Mixed(lmbda=0.25, sampling=s)
     assert make(policy="skd", skd_top_k=3, **kw).build_policy() == SKD(
         top_k=3, student_sampling=s, teacher_sampling=t
     )

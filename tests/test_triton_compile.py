@@ -83,9 +83,9 @@ def _install_stand_in_driver():
 def _cases():
     """(label, thunk) for every launch configuration the library uses."""
     import torch
-    from adaswitch.kernels.triton.step import uniform_triton
 
     from adaswitch._validation import KINDS
+    from adaswitch.kernels.triton.step import uniform_triton
     from adaswitch.ops import distill_loss, fused_linear_distill_loss, fused_lookahead, fused_step, token_divergence
     from adaswitch.ops.step import SwitchState
     from adaswitch.policies import SKD, AdaSwitch, Mixed, Sampling, Student, Teacher
@@ -215,6 +215,7 @@ def _transposed_divergence_ttir():
     """TTIR of the divergence kernel for a transposed bf16 [16384, 151936] input (strides (1, 16384)),
     through the real launcher: only the strides matter to the code, so small tensors stand in."""
     import torch
+
     from adaswitch.kernels.triton.divergence import _divergence_kernel
     from adaswitch.kernels.triton.launch import compile_only, launch
 
@@ -231,6 +232,7 @@ def _reserved_keyword_is_rejected() -> bool:
     import torch
     import triton
     import triton.language as tl
+
     from adaswitch.kernels.triton.launch import LAUNCHES, compile_only, launch
 
     @triton.jit

@@ -92,6 +92,7 @@ def run_sweep(
     so an interrupted sweep leaves its complete seeds."""
     from adaswitch.demo.experiment import quiet_library_bars
     from adaswitch.demo.pool import Job, RunPool, single_threaded
+    from adaswitch.train.atomic import write_file
 
     names = [st.name for st in settings]
     for i, st in enumerate(settings):
@@ -111,7 +112,7 @@ def run_sweep(
         if set(complete) != written:
             written.update(complete)
             runs = [records[index[(name, s)]] for s in complete for name in names]
-            path.write_text(json.dumps(build(runs, ctx), indent=2, default=lambda v: None) + "\n")
+            write_file(path, json.dumps(build(runs, ctx), indent=2, default=lambda v: None) + "\n")
 
     with single_threaded(), quiet_library_bars(), RunPool(spec, workers=workers, teacher_dir=teacher_dir) as pool:
         ctx = prepare_preset(spec, teacher_dir=teacher_dir, progress=progress)
@@ -398,6 +399,13 @@ def _switch_main(args) -> int:
 
 
 def main(argv=None) -> int:
+    from adaswitch.demo.numerics import pinned_cpu_numerics
+
+    with pinned_cpu_numerics():  # before the first CPU computation; the workers inherit it
+        return _main(argv)
+
+
+def _main(argv) -> int:
     parser = argparse.ArgumentParser(prog="python -m adaswitch.demo.ablation", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="seconds: a smoke test (CI)")
     parser.add_argument("--output-dir", default="demo_out", help="where ablation.json goes")

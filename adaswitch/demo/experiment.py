@@ -227,6 +227,7 @@ def run_method(ctx: Context, name: str, overrides: dict | None, *, seed: int, bu
     Every method of a seed sees the same `steps x batch_size` training prompts (a seeded draw)."""
     from adaswitch.demo.sft import sft
 
+    started = time.perf_counter()
     student = copy.deepcopy(ctx.student)
     pool = ctx.train.shuffle(seed=seed).select(range(min(len(ctx.train), budget.steps * budget.batch_size)))
     if overrides is None:
@@ -243,6 +244,7 @@ def run_method(ctx: Context, name: str, overrides: dict | None, *, seed: int, bu
         seconds, history, counts, decoding = fit["seconds"], [], None, None
     else:
         seconds, history, counts, decoding = _distill(ctx, student, pool, overrides, seed=seed, budget=budget)
+    trained = time.perf_counter()
     metrics = accuracy(ctx, student, max_new_tokens=budget.max_new_tokens, with_kl=True)
     return {
         "method": name,
@@ -257,6 +259,9 @@ def run_method(ctx: Context, name: str, overrides: dict | None, *, seed: int, bu
         "response_tokens_per_step": _mean(history, "response_tokens"),
         "switch_position_counts": counts,
         "decoding": decoding,
+        # where a run's wall time goes: set-up + training (Trainer included), then the eval generations
+        "train_wall_seconds": round(trained - started, 2),
+        "eval_seconds": round(time.perf_counter() - trained, 2),
         "model": student,
     }
 

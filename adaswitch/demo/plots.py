@@ -15,6 +15,17 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path) -> None:
+    """PNG bytes written atomically: an interrupted or failed run never leaves a half-written plot."""
+    import io
+
+    from adaswitch.train.atomic import write_file
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    write_file(path, buffer.getvalue())
+
+
 def plot_accuracy(rows: list[dict], path: str | Path, *, teacher_accuracy: float, start_accuracy: float) -> Path:
     """One point per method: mean accuracy over seeds with a std error bar; teacher and the starting
     student as lines."""
@@ -44,7 +55,7 @@ def plot_accuracy(rows: list[dict], path: str | Path, *, teacher_accuracy: float
     ax.legend(loc="upper left", fontsize=8)
     ax.set_title("Distillation methods on the same budget")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
     return Path(path)
 
@@ -63,7 +74,7 @@ def plot_switch_histogram(groups: dict[str, list[int]], path: str | Path, *, max
     ax.legend(fontsize=8)
     ax.set_title("Where AdaSwitch hands over to the teacher")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
     return Path(path)
 
@@ -109,7 +120,7 @@ def plot_divergence_trace(
     ax.set_title(f"Divergence trace for prompt {prompt!r}" if prompt else "Divergence trace")
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
     return Path(path)
 
@@ -134,6 +145,6 @@ def plot_switch_ablation(cells: list[dict], path: str | Path, *, start_step_accu
     fig.suptitle("AdaSwitch switching rule at the shipped L, K (red: forward-KL default)")
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
     return path

@@ -133,5 +133,10 @@ def cpu_name() -> str:
 
 
 def run_facts() -> dict:
-    """When, at which commit and on which CPU a run is made: what every demo results JSON records."""
-    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": git_commit(), "machine": cpu_name()}
+    """When, at which commit, on which CPU, with which packages and CPU code paths a run is made: what every demo
+    results JSON records."""
+    from adaswitch.demo.numerics import cpu_numerics
+    from adaswitch.versions import package_versions
+
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": git_commit(), "machine": cpu_name(),
+            "versions": package_versions(), "cpu_numerics": cpu_numerics()}

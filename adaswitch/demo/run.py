@@ -187,6 +187,7 @@ def run_demo(
     from adaswitch.demo.experiment import quiet_library_bars
     from adaswitch.demo.pool import RunPool, single_threaded
     from adaswitch.policies import AdaSwitch
+    from adaswitch.train.atomic import write_file
 
     spec = get_preset(preset)
     unknown = [m for m in methods if m not in METHOD_NAMES]
@@ -217,10 +218,21 @@ def run_demo(
     results["meta"]["workers"] = workers
     results["meta"]["threads_per_worker"] = 1
     results["meta"]["total_seconds"] = round(time.perf_counter() - started, 1)
-    (out / "results.json").write_text(json.dumps(_json_safe(results), indent=2) + "\n")
+    results["meta"]["time_split"] = time_split(results["runs"], results["meta"]["total_seconds"], workers)
+    write_file(out / "results.json", json.dumps(_json_safe(results), indent=2) + "\n")
     results["table"] = format_table(results["results"])
     results["paired_table"] = format_paired_table(results["results"])
     return results
+
+
+def time_split(runs: list[dict], total_seconds: float, workers: int) -> dict:
+    """Where the demo's wall time goes: the runs' CPU seconds in training and in the eval generations (summed
+    over runs; divided by `workers` they are wall seconds) and the rest (loading, the start's evaluations,
+    traces, plots, process start-up)."""
+    train = sum(r.get("train_wall_seconds", 0.0) for r in runs)
+    evals = sum(r.get("eval_seconds", 0.0) for r in runs)
+    return {"runs_train_seconds": round(train, 1), "runs_eval_seconds": round(evals, 1),
+            "other_wall_seconds": round(total_seconds - (train + evals) / workers, 1)}
 
 
 def demo_jobs(methods, seeds, *, window: int, k: float) -> list:
@@ -377,6 +389,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from adaswitch.demo.numerics import pinned_cpu_numerics
+
+    with pinned_cpu_numerics():  # before the first CPU computation; the workers inherit it
+        return _main(argv)
+
+
+def _main(argv) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.ablation:

@@ -55,6 +55,28 @@ def _runs_at_a_time(meta: dict) -> str:
     return "threads not recorded"
 
 
+def _setup(meta: dict) -> str:
+    """The packages and CPU code paths a run recorded (runs written before they were recorded: empty)."""
+    parts = []
+    versions = meta.get("versions") or {}
+    if versions:
+        parts.append(", ".join(f"{name} {versions[name]}" for name in ("torch", "transformers", "accelerate")
+                               if versions.get(name)))
+    numerics = meta.get("cpu_numerics") or {}
+    if numerics.get("aten_capability_in_use"):
+        pinned = "pinned" if numerics.get("MKL_CBWR") else "not pinned"
+        parts.append(f"CPU code path {numerics['aten_capability_in_use']} ({pinned})")
+    return "; ".join(parts)
+
+
+def _time_split(meta: dict) -> str:
+    split = meta.get("time_split")
+    if not split:
+        return ""
+    return (f" (runs: {split['runs_train_seconds']:.0f} s training + {split['runs_eval_seconds']:.0f} s eval "
+            f"generation, summed over the runs; {split['other_wall_seconds']:.0f} s loading, start and plots)")
+
+
 def render_quick(results: dict) -> str:
     from adaswitch.demo.run import format_paired_table, format_table, summarise
 
@@ -62,7 +84,8 @@ def render_quick(results: dict) -> str:
     budget = meta["budget"]
     head = (f"Written by `python -m adaswitch.demo.tables` from `docs/demo_results/quick/results.json`: "
             f"`make demo` on {meta['date']}, commit {meta['commit']}, {meta['machine']}, "
-            f"{_runs_at_a_time(meta)}, {meta['total_seconds']:.0f} s in all; {len(meta['seeds'])} seeds, "
+            f"{_runs_at_a_time(meta)}{'; ' + _setup(meta) if _setup(meta) else ''}, {meta['total_seconds']:.0f} s in "
+            f"all{_time_split(meta)}; {len(meta['seeds'])} seeds, "
             f"{budget['steps']} steps x batch {budget['batch_size']} at lr {budget['lr']:g}; starting student "
             f"{_pct(meta['student_after_sft_accuracy'])}% final-answer / "
             f"{_pct(meta['student_after_sft_step_accuracy'])}% per-step accuracy on {meta['num_eval']:,} eval "
@@ -91,7 +114,8 @@ def render_rerun(committed_path: str | Path, rerun_path: str | Path) -> str:
     for label, r in (("committed", committed), ("rerun", rerun)):
         m = r["meta"]
         lines.append(f"* {label}: commit {m.get('commit', '?')}, {m.get('machine', '?')}, {m.get('date', '?')}, "
-                     f"{m.get('preset', '?')} preset, seeds {m.get('seeds', '?')}, {_runs_at_a_time(m)}")
+                     f"{m.get('preset', '?')} preset, seeds {m.get('seeds', '?')}, {_runs_at_a_time(m)}"
+                     f"{'; ' + _setup(m) if _setup(m) else ''}")
     head = ("method", "accuracy % committed", "accuracy % rerun", "Δ accuracy",
             "step accuracy % committed", "step accuracy % rerun", "Δ step accuracy")
     lines += ["", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]

@@ -14,7 +14,9 @@ model would otherwise build into its own mask has to be known here:
 * ALiBi (Bloom, Falcon with `alibi=True`): the model builds its position biases from a 2-D padding mask;
   `alibi_adapter` lets it build them from the cache's 4-D mask (each column's position in its row).
 * flash-attn: only models whose attention goes through transformers' attention interface can take the
-  cache's flash-attn function; models with attention sinks cannot (flash-attn has none).
+  cache's flash-attn function; models with attention sinks cannot (flash-attn has none), nor ALiBi models:
+  they add their position bias to the attention mask (transformers >= 5.25 does so for Falcon's attention
+  interface too), and the flash-attn function reads no mask, so the bias would be dropped silently.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ _SUPPORTED = ("supported: decoder-only models whose layers are all attention ove
 class AttentionLayout:
     """windows: layer kind -> window in tokens (None: full); per_kind: the model takes a {kind: mask} dict
     (one mask per layer kind); additive: the attention adds the mask to its scores (eager); flash_ok: the
-    model can run on the cache's flash-attn function."""
+    model can run on the cache's flash-attn function (attention interface, no sinks, no ALiBi)."""
 
     windows: dict
     per_kind: bool
@@ -89,6 +91,15 @@ def _attention_layers(model) -> set:
     return found
 
 
+def uses_alibi(model) -> bool:
+    """The model adds ALiBi position biases to its attention scores: Falcon with `config.alibi`, and families
+    whose modeling module builds them (`build_alibi_tensor`) without a config switch (Bloom)."""
+    flag = getattr(_config(model), "alibi", None)
+    if flag is not None:
+        return bool(flag)
+    return callable(getattr(sys.modules.get(type(model).__module__), "build_alibi_tensor", None))
+
+
 def attention_layout(name: str, model) -> AttentionLayout:
     """The layout `RowCache` builds masks for; raises a clear error for models the engine cannot run."""
     config = _config(model)
@@ -112,7 +123,7 @@ def attention_layout(name: str, model) -> AttentionLayout:
     sinks = any(isinstance(getattr(m, "sinks", None), torch.nn.Parameter) for m in model.modules())
     return AttentionLayout(windows=windows, per_kind=getattr(config, "layer_types", None) is not None
                            and len(windows) > 1, additive=implementation == "eager",
-                           flash_ok=bool(uses_interface) and not sinks)
+                           flash_ok=bool(uses_interface) and not sinks and not uses_alibi(model))
 
 
 def _alibi_mask(mask) -> torch.Tensor:

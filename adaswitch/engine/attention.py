@@ -85,10 +85,16 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
                softcap=None, **kwargs):
     """transformers attention function: query [B, H, q, D]; key / value are the cache's [B, H_kv, C, D]
     views of [B, C, H_kv, D] buffers. Returns [B, q, H, D] as transformers' attention functions do. A
-    window of W tokens (transformers: keys at positions > p - W) is flash's window_size (W - 1, 0)."""
+    window of W tokens (transformers: keys at positions > p - W) is flash's window_size (W - 1, 0). The mask
+    is not read (the row bounds are the cache's): it must be the cache's boolean one, since a floating mask
+    carries something the model added to the scores (ALiBi's bias), which this function would drop."""
     cache = getattr(module, CACHE_ATTRIBUTE, None)
     if cache is None:
         raise RuntimeError(f"the {ATTENTION_NAME} attention runs only inside adaswitch.generate")
+    if attention_mask is not None and attention_mask.dtype != torch.bool:  # dtype only: no device sync
+        raise RuntimeError(f"the {ATTENTION_NAME} attention got a {attention_mask.dtype} attention mask from "
+                           f"{type(module).__name__}: the model adds a bias to its scores through the mask (ALiBi), "
+                           "which flash-attn does not read")
     if kwargs.get("s_aux") is not None:
         raise RuntimeError(f"the {ATTENTION_NAME} attention has no attention sinks ({type(module).__name__})")
     cache.flash_layers.add(getattr(module, "layer_idx", None))

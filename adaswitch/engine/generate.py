@@ -41,7 +41,8 @@ Design (gpt-fast style: prefill, then a short per-token loop; details fixed here
   every row has switched. Every iteration moves each unfinished row forward by >= 1 token, so at most
   max_new_tokens iterations run and the caches hold prompt + max_new_tokens + max(1, G) columns (one
   more under speculative guidance).
-  Argument validation before the loop does a few more reads (prompt padding, token id range).
+  Argument validation before the loop (adaswitch/engine/arguments.py) does a few more reads (prompt
+  padding, token id range).
 * Mixed: the per-sequence coin is `adaswitch.ops.rng.mixed_coin`; rows that lose it take `completions`
   (the dataset's responses, right-padded with pad) and are marked finished before the loop.
 * Output: fixed shapes. Everything after a row's first EOS is pad; `lengths` counts response tokens up
@@ -52,8 +53,9 @@ Design (gpt-fast style: prefill, then a short per-token loop; details fixed here
 * Vocabulary: logits are cut to `vocab_size`, so no id >= vocab_size is ever sampled (default:
   len(tokenizer) when `tokenizer` is given, else the smaller of the two models' vocabularies; with
   embedding matrices padded past the tokenizer's vocabulary, pass `tokenizer` or vocab_size so the
-  padded rows are never sampled). Models whose configs disagree on bos/eos/pad ids do not share a
-  tokenizer: an error.
+  padded rows are never sampled). The smaller vocabulary is right for models that share a tokenizer (both
+  heads cover it, so only the larger head's padding rows are cut); `tokenizer` also cuts the padding both
+  have. Models whose configs disagree on bos/eos/pad ids do not share a tokenizer: an error.
 * Attention: full, sliding-window and hybrid (per-layer) attention, SDPA or eager, MHA / GQA / MQA, ALiBi,
   rotary or learned positions: the cache's masks follow `adaswitch.engine.architecture`.
 * Not supported (clear errors before any work): layers that are not attention over a KV cache (linear
@@ -65,20 +67,18 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
 
-from adaswitch.engine.architecture import alibi_adapter, attention_layout
+from adaswitch.engine.architecture import alibi_adapter
+from adaswitch.engine.arguments import GUIDANCES, check_arguments, default_sync_every  # noqa: F401 (re-exported)
 from adaswitch.engine.attention import flash_available, kvcache_attention
 from adaswitch.engine.cache import RowCache
 from adaswitch.ops import rng
 from adaswitch.ops.speculative import fused_speculative
 from adaswitch.ops.step import SwitchState, fused_lookahead, fused_step, schedule
-from adaswitch.policies import SKD, AdaSwitch, Mixed, Student, Teacher, check_policy
-
-GUIDANCES = ("step", "speculative")
+from adaswitch.policies import AdaSwitch, Mixed, Student
 
 
 @dataclass
@@ -112,85 +112,6 @@ class GenerationOutput:
     prompt_length: int
     teacher_hidden_states: torch.Tensor | None = None
     teacher_states_mask: torch.Tensor | None = None
-
-
-# ------------------------------------------------------------------------------------------ checks
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _config(model):
-    return model.config.get_text_config(decoder=True)
-
-
-def _vocab(model) -> int:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None and hasattr(head, "weight"):
-        return head.weight.shape[0]
-    return _config(model).vocab_size
-
-
-def _check_model(name: str, model, needed: bool, policy):
-    if model is None:
-        if needed:
-            raise ValueError(f"{name} is required by the {type(policy).__name__} policy, got None")
-        return None
-    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
-        raise TypeError(f"{name} must be a Hugging Face causal LM (torch.nn.Module with .config), "
-                        f"got {type(model).__name__}")
-    config = _config(model)
-    if getattr(config, "is_encoder_decoder", False):
-        raise ValueError(f"{name} must be a decoder-only causal LM, got an encoder-decoder model")
-    return attention_layout(name, model)  # a clear error for layers the cache's masks cannot describe
-
-
-def _special_id(name: str, value, models, vocab: int) -> int:
-    if value is None:
-        found = set()
-        for m in models:
-            v = getattr(_config(m), name, None)
-            if isinstance(v, (list, tuple)):  # e.g. Llama 3's several EOS ids: one is needed here
-                v = v[0] if len(v) == 1 else tuple(v)
-            if v is not None:
-                found.add(v)
-        if len(found) != 1 or not _is_int(next(iter(found))):
-            raise ValueError(f"{name} is missing: pass {name}= explicitly (one int; the models' configs give "
-                             f"{sorted(map(str, found)) or 'none'})")
-        value = next(iter(found))
-    if not _is_int(value) or not 0 <= value < vocab:
-        raise ValueError(f"{name} must be an int in [0, {vocab}), got {value!r}")
-    return value
-
-
-def _check_shared_tokenizer(student, teacher) -> None:
-    cs, ct = _config(student), _config(teacher)
-    for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        a, b = getattr(cs, attr, None), getattr(ct, attr, None)
-        if a is not None and b is not None and a != b:
-            raise ValueError(f"student and teacher must share a tokenizer, but their configs disagree on "
-                             f"{attr}: {a} vs {b}")
-
-
-def _check_prompt(input_ids, attention_mask):
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
-        raise TypeError("input_ids must be an int64 tensor [batch, prompt_length], got "
-                        f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} "
-                        f"{tuple(getattr(input_ids, 'shape', ()))}")
-    if input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
-        raise ValueError(f"input_ids must hold at least one row and one column, got {tuple(input_ids.shape)}")
-    if attention_mask is None:
-        return torch.ones_like(input_ids)
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}, got "
-                         f"{tuple(getattr(attention_mask, 'shape', ()))}")
-    mask = attention_mask.to(device=input_ids.device, dtype=torch.long)
-    # One host read: 0/1 values, left padding (non-decreasing along the row), a real last token.
-    ok = ((mask == 0) | (mask == 1)).all() & (mask[:, 1:] >= mask[:, :-1]).all() & (mask[:, -1] == 1).all()
-    if not bool(ok):
-        raise ValueError("attention_mask must be 0/1 with left padding: every row's real tokens at the end, "
-                         "at least one per row (use tokenizer.padding_side = 'left')")
-    return mask
 
 
 # ------------------------------------------------------------------------------------------ engine
@@ -520,7 +441,8 @@ def generate(
         eos_token_id, pad_token_id: default to the models' config values; an error if neither has them.
         seed, example_keys: the counter-based RNG's seed and per-row keys (default: row index); pass
             stable keys (e.g. dataset indices) to make a row's tokens independent of its batch.
-        lookahead: G > 0 drafts G student tokens per teacher forward (AdaSwitch, SKD); same tokens.
+        lookahead: G > 0 drafts G student tokens per teacher forward (AdaSwitch, SKD); same tokens; at most
+            max_new_tokens.
         sync_every: iterations between the host's reads of the "all finished" flag. None (default): 16
             on an accelerator, where a read waits for the queued work; 1 on the CPU, where nothing is
             queued, so a read costs nothing and the loop stops each model the step it is no longer needed.
@@ -555,127 +477,18 @@ def generate(
         GenerationOutput (fixed shapes [B, P + N] / [B, N]).
     """
     policy = AdaSwitch() if policy is None else policy
-    check_policy(policy)
-    if guidance not in GUIDANCES:
-        raise ValueError(f"guidance must be one of {GUIDANCES}, got {guidance!r}")
-    if not isinstance(return_teacher_states, bool):
-        raise TypeError(f"return_teacher_states must be a bool, got {type(return_teacher_states).__name__}")
-    guided = guidance == "speculative"
-    if guided and not isinstance(policy, (AdaSwitch, Teacher)):
-        raise ValueError(f"guidance='speculative' applies to the AdaSwitch and Teacher policies, got "
-                         f"{type(policy).__name__} (SKD's lookahead already scores G drafts per teacher forward)")
-    if guided and (not _is_int(lookahead) or lookahead < 1):
-        raise ValueError(f"guidance='speculative' drafts lookahead = G tokens per teacher forward: pass "
-                         f"lookahead >= 1, got {lookahead!r}")
-    needs_student = isinstance(policy, (Student, SKD, AdaSwitch)) or (
-        isinstance(policy, Mixed) and policy.lmbda > 0) or guided
-    layouts = {"student": _check_model("student", student, needs_student, policy),
-               "teacher": _check_model("teacher", teacher, policy.uses_teacher, policy)}
-    # Models that define the vocabulary and special ids (Mixed(0) runs none but may still get a student).
-    models = [m for m, used in ((student, policy.uses_student or guided), (teacher, policy.uses_teacher))
-              if used and m is not None]
-    if not needs_student:
-        student = None
-    if not policy.uses_teacher:
-        teacher = None
-    if student is not None and teacher is not None:
-        _check_shared_tokenizer(student, teacher)
-    if sync_every is None:
-        sync_every = default_sync_every(input_ids.device if isinstance(input_ids, torch.Tensor) else "cpu")
-    for name, value, low in (("max_new_tokens", max_new_tokens, 1), ("lookahead", lookahead, 0),
-                             ("sync_every", sync_every, 1)):
-        if not _is_int(value) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    if lookahead > 0 and not isinstance(policy, (AdaSwitch, SKD)) and not guided:
-        raise ValueError("lookahead > 0 applies to the AdaSwitch and SKD policies (and Teacher with "
-                         f"guidance='speculative'), got {type(policy).__name__}")
-    if not isinstance(cuda_graph, bool):
-        raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
-    rng.check_seed(seed)
-
-    mask = _check_prompt(input_ids, attention_mask)
-    device = input_ids.device
-    for m in models:
-        model_device = next(m.parameters()).device
-        if model_device != device:
-            raise ValueError(f"input_ids are on {device} but a model is on {model_device}; "
-                             "move them to one device")
-    if cuda_graph and device.type != "cuda":
-        raise ValueError(f"cuda_graph=True needs CUDA tensors and models, got {device}")
-
-    if tokenizer is not None:
-        if not hasattr(tokenizer, "__len__") or not hasattr(tokenizer, "eos_token_id"):
-            raise TypeError(f"tokenizer must be a Hugging Face tokenizer, got {type(tokenizer).__name__}")
-        n_tok = len(tokenizer)
-        if vocab_size is None:
-            vocab_size = n_tok
-        elif _is_int(vocab_size) and vocab_size > n_tok:
-            raise ValueError(f"vocab_size={vocab_size} exceeds the tokenizer's {n_tok} tokens: ids past it are "
-                             "not tokens (e.g. embedding rows padded past the tokenizer) and must not be sampled")
-        eos_token_id = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
-        pad_token_id = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
-    model_vocab = min(_vocab(m) for m in models) if models else None
-    if vocab_size is None:
-        if model_vocab is None:
-            raise ValueError("vocab_size is required when the policy runs no model")
-        vocab_size = model_vocab
-    elif not _is_int(vocab_size) or vocab_size < 1:
-        raise ValueError(f"vocab_size must be an int >= 1, got {vocab_size!r}")
-    elif model_vocab is not None and vocab_size > model_vocab:
-        raise ValueError(f"vocab_size={vocab_size} exceeds a model's output vocabulary ({model_vocab})")
-    if isinstance(policy, SKD) and policy.top_k >= vocab_size:
-        warnings.warn(f"SKD(top_k={policy.top_k}) with a vocabulary of {vocab_size} accepts every student "
-                      "token: this is the Student policy (on-policy); choose top_k < vocab_size", stacklevel=2)
-    eos = _special_id("eos_token_id", eos_token_id, models, vocab_size)
-    pad = _special_id("pad_token_id", pad_token_id, models, vocab_size)
-    if bool(((input_ids < 0) | (input_ids >= vocab_size)).any()):
-        raise ValueError(f"input_ids must lie in [0, {vocab_size}) (the shared vocabulary)")
-
-    b, p = input_ids.shape
-    for m in models:
-        limit = getattr(_config(m), "max_position_embeddings", None)
-        if limit is not None and p + max_new_tokens > limit:
-            raise ValueError(f"prompt length {p} + max_new_tokens {max_new_tokens} exceeds the model's "
-                             f"max_position_embeddings {limit}")
-
-    if example_keys is None:
-        keys = torch.arange(b, device=device)
-    else:
-        keys = torch.as_tensor(example_keys, device=device)
-        if keys.dtype not in (torch.int64, torch.int32) or tuple(keys.shape) != (b,):
-            raise ValueError(f"example_keys must be {b} integers (one per row), got {keys.dtype} "
-                             f"{tuple(keys.shape)}")
-        keys = keys.long()
-
-    if isinstance(policy, Mixed) and policy.lmbda < 1:
-        if completions is None:
-            raise ValueError("completions are required by Mixed(lmbda < 1): the dataset's responses [B, M]")
-        if not isinstance(completions, torch.Tensor) or completions.dim() != 2 or completions.shape[0] != b \
-                or completions.dtype != torch.long:
-            raise ValueError(f"completions must be an int64 tensor [{b}, M], got "
-                             f"{getattr(completions, 'dtype', type(completions).__name__)} "
-                             f"{tuple(getattr(completions, 'shape', ()))}")
-        completions = completions.to(device)
-        if completions.numel() and bool(((completions < 0) | (completions >= vocab_size)).any()):
-            bad = completions[(completions < 0) | (completions >= vocab_size)][0]
-            raise ValueError(f"completions must hold token ids in [0, {vocab_size}) (the shared vocabulary, "
-                             f"right-padded with pad_token_id={pad}), got {int(bad)}"
-                             + (" (-100 is a label mask, not a token: pad with pad_token_id)" if bad == -100 else ""))
-    elif completions is not None:
-        raise ValueError(f"completions apply to the Mixed policy (lmbda < 1), not {type(policy).__name__}")
+    a = check_arguments(student, teacher, input_ids, attention_mask, policy=policy, max_new_tokens=max_new_tokens,
+                        eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed, example_keys=example_keys,
+                        lookahead=lookahead, sync_every=sync_every, completions=completions, cuda_graph=cuda_graph,
+                        vocab_size=vocab_size, tokenizer=tokenizer, guidance=guidance,
+                        return_teacher_states=return_teacher_states)
 
     # Flash-attn models get the cache's attention for the whole call, and their own back on any exit.
     with contextlib.ExitStack() as attention_scope:
-        run = _Run(student, teacher, input_ids, mask, policy, max_new_tokens, eos, pad, seed, keys, lookahead,
-                   vocab_size, completions, impl, attention_scope, layouts, guidance, return_teacher_states)
-        return _decode(run, policy, max_new_tokens, lookahead, sync_every, cuda_graph).finish(input_ids, mask)
-
-
-def default_sync_every(device) -> int:
-    """Iterations between host reads when the caller gives none: a read drains an accelerator's queue (16
-    amortises it), while on the CPU the work is already done when the read comes (1 stops the loop and the
-    student at the first iteration where they are no longer needed)."""
-    return 1 if torch.device(device).type == "cpu" else 16
+        run = _Run(a.student, a.teacher, input_ids, a.mask, policy, max_new_tokens, a.eos, a.pad, seed, a.keys,
+                   lookahead, a.vocab_size, a.completions, impl, attention_scope, a.layouts, guidance,
+                   return_teacher_states)
+        return _decode(run, policy, max_new_tokens, lookahead, a.sync_every, cuda_graph).finish(input_ids, a.mask)
 
 
 def _decode(run: _Run, policy, max_new_tokens: int, lookahead: int, sync_every: int, cuda_graph: bool) -> _Run:

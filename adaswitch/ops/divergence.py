@@ -38,8 +38,10 @@ def token_divergence(
         impl: "auto" (default), "triton", "native" or "torch".
 
     Returns:
-        float32 tensor of shape (...), no grad. Rows that are all -inf or contain NaN give NaN
-        (checking would cost a host sync, which the decode loop must not pay).
+        float32 tensor of shape (...), no grad, >= 0: every kind is a divergence, and rounding can leave
+        a tiny negative value (about -1e-7 for jsd and the skew KLs of equal inputs), which is clamped to 0
+        so that a floor such as min_divergence = 0 holds for equal distributions. Rows that are all -inf or
+        contain NaN give NaN (checking would cost a host sync, which the decode loop must not pay).
     """
     check_logits_pair(student_logits, teacher_logits)
     kind_code, beta, alpha, temperature = check_divergence_args(kind, beta, alpha, temperature)
@@ -60,4 +62,4 @@ def token_divergence(
         compute = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
         out = reference.divergence_rows(s2d, t2d, KINDS[kind_code], beta=beta, alpha=alpha,
                                         temperature=temperature, dtype=compute).float()
-    return out.reshape(lead)
+    return out.clamp_(min=0.0).reshape(lead)  # NaN stays NaN

@@ -166,7 +166,8 @@ def _impl(impl, device) -> str:
 
 @functools.cache
 def _has_native(name: str) -> bool:
-    """Whether the built adaswitch._C has op `name` (cached: an attribute probe costs a few us per call)."""
+    """Whether the loaded native module (adaswitch._C_<capability>) has op `name` (cached: an attribute probe
+    costs a few us per call)."""
     return native_ops() is not None and hasattr(native_ops(), name)
 
 

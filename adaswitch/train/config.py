@@ -9,7 +9,7 @@ settings and the loss (docs/spec.md sections 2 and 5). Fields are documented TRL
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
 
@@ -27,6 +27,22 @@ TOKEN_MASKS = ("all", "student", "teacher")
 GUIDANCES = ("step", "speculative")
 # The policies whose responses come (at least partly) from the dataset's `completion` column.
 POLICIES_USING_COMPLETIONS = ("dataset", "mixed")
+_STUDENT_SAMPLES = ("student", "mixed", "skd", *SWITCH_POLICIES)
+_TEACHER_SAMPLES = ("teacher", "skd", *SWITCH_POLICIES)
+# Each policy parameter -> the policies whose policy object takes it (beta and alpha also shape the loss).
+POLICY_PARAMETERS = {
+    "lmbda": ("mixed",),
+    "skd_top_k": ("skd",),
+    **dict.fromkeys(
+        ("window", "k", "switch_divergence", "warmup", "min_divergence", "max_divergence", "switch_temperature"),
+        SWITCH_POLICIES,
+    ),
+    "switch_position": ("fixed_switch",),
+    "switch_positions": ("random_switch",),
+    "switch_weights": ("random_switch",),
+    **{f"student_{n}": _STUDENT_SAMPLES for n in ("temperature", "top_k", "top_p")},
+    **{f"teacher_{n}": _TEACHER_SAMPLES for n in ("temperature", "top_k", "top_p")},
+}
 
 
 def _is_int(value) -> bool:
@@ -52,7 +68,8 @@ class DistillConfig(TrainingArguments):
             at a position drawn from `switch_positions` / `switch_weights`).
         lmbda, skd_top_k, window, k, switch_divergence, warmup, min_divergence, max_divergence,
         switch_temperature, switch_position, switch_positions, switch_weights: the parameters of those
-            policies (see each field's help).
+            policies (see each field's help). One set to other than its default for a policy that does not
+            take it is an error (it would change nothing).
 
     Parameters that control sampling: `student_temperature`, `student_top_k`, `student_top_p` and the
     same three for the teacher; `max_new_tokens`, `lookahead`, `guidance`, `sync_every`,
@@ -226,6 +243,14 @@ class DistillConfig(TrainingArguments):
         },
     )
 
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={
+            "help": "Kept False: a NaN or inf loss is logged as it is and stops the run (adaswitch.train.finite); "
+            "transformers' True would log the running average in its place."
+        },
+    )
+
     def __post_init__(self):
         self._check()
         if not self.use_cpu and launched_processes() > 1 and not accelerator_available():
@@ -236,65 +261,28 @@ class DistillConfig(TrainingArguments):
         super().__post_init__()
 
     def _check(self) -> None:
-        """Every error names the field and what was expected, before accelerate or any model is touched."""
+        """Every error names the field and what was expected, before accelerate or any model is touched. The
+        policy's parameters are checked by the policy itself (`build_policy`, messages in these field names);
+        a parameter of another policy set to anything but its default is an error, not silently ignored."""
         if self.policy not in POLICY_NAMES:
             raise ValueError(f"policy must be one of {POLICY_NAMES}, got {self.policy!r}")
-        if not _is_number(self.lmbda) or not 0.0 <= self.lmbda <= 1.0:
-            raise ValueError(f"lmbda must be a number in [0, 1], got {self.lmbda!r}")
-        if not _is_int(self.skd_top_k) or self.skd_top_k < 0:
-            raise ValueError(f"skd_top_k must be an int >= 0, got {self.skd_top_k!r}")
-        if not _is_int(self.window) or self.window < 1:
-            raise ValueError(f"window must be an int >= 1, got {self.window!r}")
-        if not _is_number(self.k) or math.isnan(self.k) or self.k <= 0:
-            raise ValueError(f"k must be a number > 0 (inf = never switch), got {self.k!r}")
-        for name in ("switch_divergence", "loss_kind"):
-            if getattr(self, name) not in KINDS:
-                raise ValueError(f"{name} must be one of {KINDS}, got {getattr(self, name)!r}")
-        if self.warmup is not None and (not _is_int(self.warmup) or self.warmup < 0):
-            raise ValueError(f"warmup must be None or an int >= 0, got {self.warmup!r}")
-        if (
-            not _is_number(self.min_divergence)
-            or not math.isfinite(self.min_divergence)
-            or self.min_divergence < 0
-        ):
-            raise ValueError(f"min_divergence must be a finite number >= 0, got {self.min_divergence!r}")
-        if not _is_number(self.max_divergence) or math.isnan(self.max_divergence) or self.max_divergence < 0:
-            raise ValueError(f"max_divergence must be a number >= 0 (inf = off), got {self.max_divergence!r}")
-        if self.switch_position is not None and (not _is_int(self.switch_position) or self.switch_position < 0):
-            raise ValueError(f"switch_position must be None or an int >= 0, got {self.switch_position!r}")
-        if self.policy == "random_switch" and not self.switch_positions:
-            raise ValueError("switch_positions is required by policy 'random_switch' (e.g. AdaSwitch's observed "
-                             "switch positions; -1 = never)")
-        if self.switch_positions is not None or self.switch_weights is not None:
-            from adaswitch.policies import RandomSwitch
-
-            try:
-                RandomSwitch(positions=tuple(self.switch_positions or (0,)),
-                             weights=None if self.switch_weights is None else tuple(self.switch_weights))
-            except ValueError as exc:
-                raise ValueError(f"switch_positions / switch_weights: {exc}") from None
-        for name in ("switch_temperature", "loss_temperature"):
-            value = getattr(self, name)
-            if not _is_number(value) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        for side in ("student", "teacher"):
-            t, top_k, top_p = (getattr(self, f"{side}_{n}") for n in ("temperature", "top_k", "top_p"))
-            if not _is_number(t) or not math.isfinite(t) or t < 0:
-                raise ValueError(f"{side}_temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
-            if not _is_int(top_k) or top_k < 0:
-                raise ValueError(f"{side}_top_k must be an int >= 0 (0 = off), got {top_k!r}")
-            if not _is_number(top_p) or not 0.0 < top_p <= 1.0:
-                raise ValueError(f"{side}_top_p must be a number in (0, 1] (1.0 = off), got {top_p!r}")
+        self._check_policy_parameters()
         for name in ("max_new_tokens", "sync_every"):
             value = getattr(self, name)
             if name == "sync_every" and value is None:
                 continue
             if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if self.lookahead is None:  # the fastest setting by policy (SKD_DEFAULT_LOOKAHEAD)
-            self.lookahead = SKD_DEFAULT_LOOKAHEAD if self.policy == "skd" else 0
+        if self.lookahead is None:  # the fastest setting by policy (SKD_DEFAULT_LOOKAHEAD), within the budget
+            self.lookahead = min(SKD_DEFAULT_LOOKAHEAD, self.max_new_tokens) if self.policy == "skd" else 0
         if not _is_int(self.lookahead) or self.lookahead < 0:
             raise ValueError(f"lookahead must be an int >= 0 (0 = token by token), got {self.lookahead!r}")
+        if self.lookahead > self.max_new_tokens:
+            raise ValueError(
+                f"lookahead must be <= max_new_tokens ({self.max_new_tokens}): a block drafts G tokens of a "
+                f"response that holds at most max_new_tokens (more only costs forwards), got {self.lookahead}"
+            )
+        self.build_policy()  # the policy checks its own parameters
         if self.guidance not in GUIDANCES:
             raise ValueError(f"guidance must be one of {GUIDANCES}, got {self.guidance!r}")
         if self.guidance == "speculative":
@@ -318,6 +306,29 @@ class DistillConfig(TrainingArguments):
             not _is_int(self.max_prompt_length) or self.max_prompt_length < 1
         ):
             raise ValueError(f"max_prompt_length must be None or an int >= 1, got {self.max_prompt_length!r}")
+        self._check_loss()
+        check_training_arguments(self)
+
+    def _check_policy_parameters(self) -> None:
+        """A parameter set (to other than its default) for a policy that does not take it is an error: it would
+        change nothing, silently."""
+        defaults = {f.name: f.default for f in fields(DistillConfig) if f.name in POLICY_PARAMETERS}
+        for name, users in POLICY_PARAMETERS.items():
+            value = getattr(self, name)
+            if self.policy in users or value == defaults[name]:
+                continue
+            used_by = f"policy {users[0]!r}" if len(users) == 1 else f"policies {', '.join(map(repr, users))}"
+            raise ValueError(
+                f"{name} applies to {used_by}, not {self.policy!r} (got {name}={value!r}): it would change "
+                "nothing; remove it or choose a policy that takes it"
+            )
+
+    def _check_loss(self) -> None:
+        if self.loss_kind not in KINDS:
+            raise ValueError(f"loss_kind must be one of {KINDS}, got {self.loss_kind!r}")
+        value = self.loss_temperature
+        if not _is_number(value) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"loss_temperature must be a finite number > 0, got {value!r}")
         for name in ("beta", "alpha"):
             value = getattr(self, name)
             if not _is_number(value) or not 0.0 <= value <= 1.0:
@@ -340,6 +351,11 @@ class DistillConfig(TrainingArguments):
                 "remove_unused_columns must be False for distillation: the prompt and completion "
                 "columns are not arguments of the model's forward"
             )
+        if self.logging_nan_inf_filter:
+            raise ValueError(
+                "logging_nan_inf_filter must be False: a NaN or inf loss stops the run with an error instead of "
+                "being logged as the running average"
+            )
 
     @property
     def uses_completions(self) -> bool:
@@ -347,7 +363,9 @@ class DistillConfig(TrainingArguments):
         return self.policy in POLICIES_USING_COMPLETIONS
 
     def build_policy(self):
-        """The engine policy object (adaswitch.Student, ..., adaswitch.AdaSwitch) for this config.
+        """The engine policy object (adaswitch.Student, ..., adaswitch.AdaSwitch) for this config; the policy
+        checks its parameters, and an error names the DistillConfig field (e.g. switch_temperature for
+        AdaSwitch's divergence_temperature).
 
         Returns None for `policy="dataset"`, which generates nothing: the responses are the dataset's.
         """
@@ -362,34 +380,110 @@ class DistillConfig(TrainingArguments):
             Teacher,
         )
 
-        student = Sampling(self.student_temperature, self.student_top_k, self.student_top_p)
-        teacher = Sampling(self.teacher_temperature, self.teacher_top_k, self.teacher_top_p)
+        def sampling(side):
+            names = {a: f"{side}_{a}" for a in ("temperature", "top_k", "top_p")}
+            return _named(Sampling, names, *(getattr(self, n) for n in names.values()))
+
         if self.policy == "dataset":
             return None
         if self.policy == "student":
-            return Student(sampling=student)
+            return Student(sampling=sampling("student"))
         if self.policy == "teacher":
-            return Teacher(sampling=teacher)
+            return Teacher(sampling=sampling("teacher"))
         if self.policy == "mixed":
-            return Mixed(lmbda=float(self.lmbda), sampling=student)
+            return _named(Mixed, {}, lmbda=_float(self.lmbda), sampling=sampling("student"))
         if self.policy == "skd":
-            return SKD(top_k=self.skd_top_k, student_sampling=student, teacher_sampling=teacher)
+            return _named(SKD, {"top_k": "skd_top_k"}, top_k=self.skd_top_k, student_sampling=sampling("student"),
+                          teacher_sampling=sampling("teacher"))
         common = dict(
             window=self.window,
-            k=float(self.k),
+            k=_float(self.k),
             divergence=self.switch_divergence,
             warmup=self.warmup,
-            min_divergence=float(self.min_divergence),
-            max_divergence=float(self.max_divergence),
-            divergence_temperature=float(self.switch_temperature),
-            beta=float(self.beta),
-            alpha=float(self.alpha),
-            student_sampling=student,
-            teacher_sampling=teacher,
+            min_divergence=_float(self.min_divergence),
+            max_divergence=_float(self.max_divergence),
+            divergence_temperature=_float(self.switch_temperature),
+            beta=_float(self.beta),
+            alpha=_float(self.alpha),
+            student_sampling=sampling("student"),
+            teacher_sampling=sampling("teacher"),
         )
+        names = {"divergence": "switch_divergence", "divergence_temperature": "switch_temperature"}
         if self.policy == "fixed_switch":
-            return FixedSwitch(position=self.switch_position, **common)
+            return _named(FixedSwitch, {**names, "position": "switch_position"}, position=self.switch_position,
+                          **common)
         if self.policy == "random_switch":
-            weights = None if self.switch_weights is None else tuple(float(w) for w in self.switch_weights)
-            return RandomSwitch(positions=tuple(self.switch_positions), weights=weights, **common)
-        return AdaSwitch(**common)
+            if not self.switch_positions:
+                raise ValueError("switch_positions is required by policy 'random_switch' (e.g. AdaSwitch's observed "
+                                 "switch positions; -1 = never)")
+            weights = self.switch_weights
+            weights = tuple(_float(w) for w in weights) if isinstance(weights, (list, tuple)) else weights
+            positions = self.switch_positions
+            positions = tuple(positions) if isinstance(positions, (list, tuple)) else positions
+            return _named(RandomSwitch, {**names, "positions": "switch_positions", "weights": "switch_weights"},
+                          positions=positions, weights=weights, **common)
+        return _named(AdaSwitch, names, **common)
+
+
+def _float(value):
+    """A number as a float (the policies store floats); anything else as it is, for the policy to refuse."""
+    return float(value) if _is_number(value) else value
+
+
+def _named(cls, names: dict, *args, **kwargs):
+    """cls(*args, **kwargs), an error's leading argument name replaced by the DistillConfig field's (`names`:
+    the policy's argument -> the field)."""
+    try:
+        return cls(*args, **kwargs)
+    except (ValueError, TypeError) as exc:
+        text = str(exc)
+        head, _, rest = text.partition(" ")
+        if head in names:
+            raise type(exc)(f"{names[head]} {rest}") from None
+        raise
+
+
+def _check_range(args, name: str, *, low, high=math.inf, integer=False, low_open=False, high_open=False,
+                 none_ok=False, note: str = "") -> None:
+    value = getattr(args, name)
+    if value is None and none_ok:
+        return
+    ok = (_is_int(value) if integer else _is_number(value) and not math.isnan(value))
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        kind = "an int" if integer else "a finite number" if high == math.inf and high_open else "a number"
+        top = high if integer else format(high, "g")
+        bounds = f"{'>' if low_open else '>='} {low:g}" if high == math.inf else (
+            f"in {'(' if low_open else '['}{low:g}, {top}{')' if high_open else ']'}")
+        also = " or None" if none_ok else ""
+        raise ValueError(f"{name} must be {kind} {bounds}{also}{note}, got {value!r}")
+
+
+def check_training_arguments(args) -> None:
+    """The TrainingArguments fields a distillation run reads, checked before transformers, accelerate or any
+    model sees them (transformers would fail later, in torch's words, or not at all: a ZeroDivisionError for
+    gradient_accumulation_steps=0, a silent NaN run for learning_rate=nan)."""
+    _check_range(args, "learning_rate", low=0, high=math.inf, high_open=True)
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        _check_range(args, name, low=1, integer=True)
+    _check_range(args, "max_grad_norm", low=0, high=math.inf, high_open=True, note=" (0 = no clipping)")
+    if not _is_int(args.max_steps) or (args.max_steps < 1 and args.max_steps != -1):
+        raise ValueError(
+            f"max_steps must be an int >= 1, or -1 (the default: train num_train_epochs), got {args.max_steps!r}"
+        )
+    if args.max_steps == -1:
+        _check_range(args, "num_train_epochs", low=0, low_open=True, high=math.inf, high_open=True)
+    for name in ("logging_steps", "save_steps", "eval_steps"):
+        _check_range(args, name, low=0, low_open=True, high=math.inf, high_open=True, none_ok=name == "eval_steps",
+                     note=" (< 1: a fraction of the run's steps)")
+        value = getattr(args, name)
+        if value is not None and value > 1 and value != int(value):
+            raise ValueError(f"{name} must be an int, or a fraction of the run's steps in (0, 1), got {value!r}")
+    _check_range(args, "save_total_limit", low=1, integer=True, none_ok=True, note=" (None = keep every checkpoint)")
+    _check_range(args, "seed", low=0, high=2**32 - 1, integer=True)
+    _check_range(args, "data_seed", low=0, high=2**32 - 1, integer=True, none_ok=True)
+    _check_range(args, "warmup_steps", low=0, high=math.inf, high_open=True)
+    _check_range(args, "weight_decay", low=0, high=math.inf, high_open=True)
+    for name in ("adam_beta1", "adam_beta2"):
+        _check_range(args, name, low=0, high=1, high_open=True)
+    _check_range(args, "adam_epsilon", low=0, high=math.inf, high_open=True)

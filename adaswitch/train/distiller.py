@@ -46,7 +46,8 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 from transformers.utils import logging
 
-from adaswitch.train.checkpoint import STAGING_PREFIX, publish, recover
+from adaswitch.train.atomic import disk_full, normalize_modes, publish_files, write_error, write_file
+from adaswitch.train.checkpoint import STAGING_PREFIX, fsync_tree, publish, recover
 from adaswitch.train.config import SWITCH_POLICIES, DistillConfig
 from adaswitch.train.data import (
     DistillCollator,
@@ -63,11 +64,16 @@ from adaswitch.train.distributed import (  # FSDP2 / DeepSpeed ZeRO plumbing
     gathered,
     zero3_full_weights,
 )
+from adaswitch.train.finite import check_logs, check_weights
+from adaswitch.train.resume import ResumeError, check_resume, save_run_settings
 
 IGNORE_INDEX = -100
 # Saved in every checkpoint beside trainer_state.json: `Distiller.switch_position_counts`, which Trainer's state
 # does not hold, so that a resumed run keeps counting where the checkpoint stopped.
 SWITCH_COUNTS_NAME = "switch_position_counts.json"
+# The final model is written here inside output_dir, then moved into place file by file (atomic.publish_files).
+MODEL_STAGING = STAGING_PREFIX + "model"
+_WEIGHT_FILES = ("model", "pytorch_model", "adapter_model")  # stems of weight files a new save makes stale
 
 logger = logging.get_logger(__name__)
 
@@ -390,6 +396,10 @@ class Distiller(Trainer):
         self.switch_position_counts = [0] * (args.max_new_tokens + 1)
         self._last_generation_seconds = 0.0
         self._last_tokens = 0.0
+        self._log_since = 0  # the step of the log before the current one (for NonFiniteError's message)
+        if not self.is_fsdp_enabled:  # FSDP ranks may hold uninitialised weights until rank 0's are broadcast
+            check_weights(model, what="the student", when="before training")
+            check_weights(teacher_model, what="the teacher", when="before training")
         self._check_fused_heads()
 
     @staticmethod
@@ -728,8 +738,15 @@ class Distiller(Trainer):
         if mode == "eval":
             metrics = {f"eval_{k}": v for k, v in metrics.items()}
         logs.update(metrics)  # in place: Trainer.evaluate returns the dict it logs, so it holds these too
-        super().log(logs, start_time)
         self._metrics[mode].clear()
+        super().log(logs, start_time)  # a NaN is logged as NaN (logging_nan_inf_filter=False), then stops the run
+        check_logs(logs, step=self.state.global_step, since=self._log_since)
+
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
+        """Trainer's log / evaluate / save point, remembering the step of the previous log (the steps a
+        logged loss covers)."""
+        self._log_since = self._globalstep_last_logged
+        return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------------------
     # atomic checkpoints
@@ -743,10 +760,58 @@ class Distiller(Trainer):
         if resume_from_checkpoint is True:  # as Trainer resolves it (it raises when there is none)
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True
         if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            check_resume(resume_from_checkpoint, self.args)  # same settings, steps left, whole files
             self.switch_position_counts = load_switch_counts(
                 resume_from_checkpoint, len(self.switch_position_counts)
             )
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        with _naming_checkpoint_file(resume_from_checkpoint, "the model weights (model.safetensors)"):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        with _naming_checkpoint_file(checkpoint, "the optimizer or scheduler state (optimizer.pt, scheduler.pt)"):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+
+    def _load_rng_state(self, checkpoint):
+        with _naming_checkpoint_file(checkpoint, "the random number generator state (rng_state.pth)"):
+            return super()._load_rng_state(checkpoint)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Trainer.save_model, but written under `output_dir/.staging-model/` and moved into place file by
+        file once complete (a full disk or a kill leaves the previous files as they were and no partial
+        ones), only when the weights are finite, with the modes open() gives (not 0600). Checkpoints
+        (`_internal_call`) are staged by `_save_checkpoint` instead."""
+        if _internal_call:
+            return super().save_model(output_dir, _internal_call=True)
+        output_dir = os.fspath(output_dir if output_dir is not None else self.args.output_dir)
+        if not self.is_fsdp_enabled:
+            check_weights(self.accelerator.unwrap_model(self.model), what="the student",
+                          when=f"before saving it to {output_dir!r}")
+        staging = os.path.join(output_dir, MODEL_STAGING)
+        if self.args.should_save and os.path.isdir(staging):
+            shutil.rmtree(staging)  # left by a run killed while saving
+        self.accelerator.wait_for_everyone()
+        try:
+            super().save_model(staging, _internal_call=True)
+            if self.args.should_save:
+                normalize_modes(staging)
+                fsync_tree(staging)
+        except Exception as exc:
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(exc, OSError) or disk_full(exc, output_dir):
+                kept = "nothing in it was replaced" + _last_checkpoint_note(self.args.output_dir)
+                raise write_error(exc, output_dir, kept=kept) from exc
+            raise
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            names = publish_files(staging, output_dir)
+            _remove_stale_weights(output_dir, names)
+        self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def _save_checkpoint(self, model, trial):
         """Trainer writes a checkpoint in place (a crash leaves a partial `checkpoint-N` that resume would
@@ -756,8 +821,10 @@ class Distiller(Trainer):
         if self.args.push_to_hub:
             super()._save_checkpoint(model, trial)  # the counts go up with the next push
             if self.args.should_save:
-                folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-                save_switch_counts(os.path.join(self._get_output_dir(trial=trial), folder), self.switch_position_counts)
+                step = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+                folder = os.path.join(self._get_output_dir(trial=trial), step)
+                save_switch_counts(folder, self.switch_position_counts)
+                save_run_settings(folder, self.args)
             return
         run_dir = self._get_output_dir(trial=trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
@@ -767,19 +834,32 @@ class Distiller(Trainer):
             recover(run_dir)  # a checkpoint moved aside by a save killed mid-replace is put back first
             if os.path.isdir(staging):
                 shutil.rmtree(staging)  # left by a run killed while saving
+        if not self.is_fsdp_enabled:  # a NaN run is stopped before it overwrites a good checkpoint
+            check_weights(self.accelerator.unwrap_model(self.model), what="the student", when=f"before saving {name}")
         self.accelerator.wait_for_everyone()
         self._get_output_dir = lambda trial=None: staging
         try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            del self._get_output_dir  # back to the class's method
-        best = self.state.best_model_checkpoint
-        if best and best.startswith(staging):  # Trainer recorded the staging path: point at the final one
-            self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                del self._get_output_dir  # back to the class's method
+            best = self.state.best_model_checkpoint
+            if best and best.startswith(staging):  # Trainer recorded the staging path: point at the final one
+                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+                if self.args.should_save:
+                    self.state.save_to_json(os.path.join(written, TRAINER_STATE_NAME))
             if self.args.should_save:
-                self.state.save_to_json(os.path.join(written, TRAINER_STATE_NAME))
-        if self.args.should_save:
-            save_switch_counts(written, self.switch_position_counts)
+                save_switch_counts(written, self.switch_position_counts)
+                save_run_settings(written, self.args)
+                normalize_modes(written)
+        except Exception as exc:  # a failed write (a full disk): no partial checkpoint is left behind
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(exc, OSError) or disk_full(exc, run_dir):
+                kept = "the partial checkpoint was removed" + _last_checkpoint_note(run_dir)
+                raise write_error(exc, final, kept=kept, fix="free space there, then resume the run from its last "
+                                  "checkpoint (--resume-from-checkpoint last)") from exc
+            raise
         self.accelerator.wait_for_everyone()  # every process has written its files (e.g. its RNG state)
         if self.args.should_save:
             # fsync, then one rename (or one atomic exchange when the step is saved again), see checkpoint.py
@@ -797,12 +877,7 @@ def save_switch_counts(checkpoint_dir: str, counts: list[int]) -> None:
     """Writes `counts` (rows per switch position + 1; index 0: no switch) as `SWITCH_COUNTS_NAME` in a
     checkpoint directory, through a temporary file and a rename, so the file is whole or absent."""
     path = os.path.join(checkpoint_dir, SWITCH_COUNTS_NAME)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"switch_position_counts": [int(c) for c in counts]}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_file(path, json.dumps({"switch_position_counts": [int(c) for c in counts]}))
 
 
 def load_switch_counts(checkpoint_dir, length: int) -> list[int]:
@@ -828,3 +903,35 @@ def load_switch_counts(checkpoint_dir, length: int) -> list[int]:
             f"run's max_new_tokens ({length - 1}) cannot reach; resume with max_new_tokens >= {last}"
         )
     return counts[:length] + [0] * (length - len(counts))
+
+
+@contextlib.contextmanager
+def _naming_checkpoint_file(checkpoint, what: str):
+    """Turns a failure to load part of a checkpoint (a truncated file, a pickle that is not weights-only) into a
+    ResumeError naming the checkpoint and the file, instead of an error from deep inside torch."""
+    try:
+        yield
+    except (ResumeError, MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as exc:
+        lines = str(exc).strip().splitlines()
+        why = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+        raise ResumeError(
+            f"resume_from_checkpoint: cannot load {what} of {os.fspath(checkpoint)!r} ({why}); the file is damaged or "
+            "was not written by a Trainer (only weights-only files are loaded): resume from another checkpoint-N"
+        ) from exc
+
+
+def _last_checkpoint_note(run_dir) -> str:
+    last = get_last_checkpoint(run_dir) if os.path.isdir(run_dir) else None
+    return f"; the last complete checkpoint is {last!r}" if last else ""
+
+
+def _remove_stale_weights(output_dir: str, kept: list[str]) -> None:
+    """Removes the weight files of an earlier save in `output_dir` that the new save did not write (e.g. the
+    shards of a model saved in more pieces), as save_pretrained does in the directory it writes."""
+    for name in os.listdir(output_dir):
+        stem = name.split(".", 1)[0].split("-0", 1)[0]
+        weights = name.endswith((".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json"))
+        if weights and stem in _WEIGHT_FILES and name not in kept and os.path.isfile(os.path.join(output_dir, name)):
+            os.remove(os.path.join(output_dir, name))

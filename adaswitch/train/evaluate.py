@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from adaswitch.train.atomic import write_file
 from adaswitch.train.data import (
     COMPLETION_IDS,
     PROMPT_IDS,
@@ -128,7 +129,8 @@ def evaluate(
         max_new_tokens: greedy decoding budget per prompt; None: 256, or less if the longest prompt plus
             256 would not fit in the models' context.
         batch_size: prompts per generation batch.
-        output_path: where to also write the results as JSON.
+        output_path: where to also write the results as JSON (atomically: a failed write, e.g. a full disk,
+            leaves the previous file unchanged and raises `adaswitch.train.atomic.WriteError` naming the path).
         progress: show a tqdm progress bar.
         teacher_tokenizer: the teacher's tokenizer, when loaded separately. It, and the tokenizers saved in
             the local directories the models were loaded from, must have `tokenizer`'s vocabulary
@@ -237,10 +239,8 @@ def evaluate(
     if teacher is not None:
         results["teacher_kl"] = kl_sum / kl_count if kl_count else math.nan
     results["examples"] = examples
-    if output_path is not None:
-        path = Path(output_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=2) + "\n")
+    if output_path is not None:  # whole or not at all: a full disk leaves the previous file as it was
+        write_file(output_path, json.dumps(results, indent=2) + "\n")
     return results
 
 
