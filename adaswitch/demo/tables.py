@@ -115,7 +115,9 @@ def render_rerun(committed_path: str | Path, rerun_path: str | Path) -> str:
         m = r["meta"]
         lines.append(f"* {label}: commit {m.get('commit', '?')}, {m.get('machine', '?')}, {m.get('date', '?')}, "
                      f"{m.get('preset', '?')} preset, seeds {m.get('seeds', '?')}, {_runs_at_a_time(m)}"
-                     f"{'; ' + _setup(m) if _setup(m) else ''}")
+                     f"{'; ' + _setup(m) if _setup(m) else ''}"
+                     + (f"; {m['total_seconds']:.0f} s in all, load average {m['load_average_1m_at_end']:.2f} at "
+                        "the end" if "total_seconds" in m and "load_average_1m_at_end" in m else ""))
     head = ("method", "accuracy % committed", "accuracy % rerun", "Δ accuracy",
             "step accuracy % committed", "step accuracy % rerun", "Δ step accuracy")
     lines += ["", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]

@@ -204,6 +204,9 @@ def _teacher_rank(teacher_logits, token, native=False):
 
 
 def _divergence(student_logits, teacher_logits, policy: AdaSwitch, native=False):
+    """The rule's divergence per row, >= 0 as token_divergence returns it (rounding leaves about -1e-7 for
+    equal inputs, which a floor F = 0 would treat unlike KL; NaN stays NaN): the native op and the Triton
+    kernel clamp it themselves (no PyTorch op around the native step), the reference here."""
     if native and _has_native("token_divergence"):
         # token_divergence(impl="native")'s call without its argument checks (the policy's fields and the
         # logits are already checked): the same op on the same arguments
@@ -217,7 +220,7 @@ def _divergence(student_logits, teacher_logits, policy: AdaSwitch, native=False)
         return native_ops().token_divergence(s.contiguous(), t.contiguous(), *_native_constants(policy).divergence)
     return reference.divergence_rows(student_logits, teacher_logits, policy.divergence, beta=policy.beta,
                                      alpha=policy.alpha, temperature=policy.divergence_temperature,
-                                     dtype=torch.float32)
+                                     dtype=torch.float32).clamp_(min=0.0)
 
 
 def schedule(policy, state: SwitchState, seed: int, keys: torch.Tensor) -> None:

@@ -225,9 +225,11 @@ at::Tensor token_divergence_cpu(const at::Tensor& student, const at::Tensor& tea
     // 12-24 ms on two under load), so small inputs run inline on the calling thread.
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / V);
     at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r)
-        o[r] = static_cast<float>(
+      for (int64_t r = begin; r < end; ++r) {
+        const float d = static_cast<float>(
             row_divergence<scalar_t, acc_t>(xp + r * V, yp + r * V, V, inv_t, mode, static_cast<acc_t>(w)));
+        o[r] = d < 0.0f ? 0.0f : d;  // every kind is >= 0: rounding of equal rows (about -1e-7) is 0; NaN stays
+      }
     });
   });
   return out;

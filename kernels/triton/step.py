@@ -240,6 +240,7 @@ def _row_stats(
         # NaN logits, all -inf rows (lse = -inf) and +inf logits (lse = +inf or NaN) give NaN
         ok = (bad == 0) & (tl.abs(lse_s) < float("inf")) & (tl.abs(lse_t) < float("inf"))
         d = tl.where(ok, d, float("nan"))
+        d = tl.where(d < 0.0, 0.0, d)  # rounding of equal inputs (about -1e-7) is 0, as token_divergence; NaN stays
     return ys, yt, d, rank
 
 
