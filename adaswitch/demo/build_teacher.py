@@ -88,6 +88,7 @@ def build_teacher(
     from adaswitch.demo.models import build_model, num_parameters, student_config, teacher_config
     from adaswitch.demo.sft import greedy_accuracy, sft
     from adaswitch.demo.tokenizer import build_tokenizer
+    from adaswitch.train.atomic import write_file
 
     if model not in ROLES:
         raise ValueError(f"model must be one of {ROLES}, got {model!r}")
@@ -149,7 +150,7 @@ def build_teacher(
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "built": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    (out / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_file(out / "build_info.json", json.dumps(info, indent=2) + "\n")
     if preset in ("demo", "quick") and size > MAX_CHECKPOINT_BYTES:
         raise ValueError(f"checkpoint is {size} bytes, over the {MAX_CHECKPOINT_BYTES}-byte budget")
     return info

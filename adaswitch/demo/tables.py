@@ -306,8 +306,10 @@ def main(argv=None) -> int:
             print(f"{doc.relative_to(ROOT)}: a demo block differs from the committed results; "
                   "run python -m adaswitch.demo.tables")
         return 1 if stale else 0
+    from adaswitch.train.atomic import write_file
+
     for doc in stale:
-        doc.write_text(updated(doc.read_text(), blocks))
+        write_file(doc, updated(doc.read_text(), blocks))
     return 0
 
 
