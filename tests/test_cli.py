@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from scripts.tiny_run import rows, write_jsonl, write_models
+from scripts.tiny_run import rows, write_inputs, write_jsonl
 
 from adaswitch import cli
 
@@ -32,15 +32,7 @@ FAST = [
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    teacher, student = write_models(root)
-    return {
-        "root": root,
-        "teacher": teacher,
-        "student": student,
-        "train": write_jsonl(root / "train.jsonl", rows(4)),
-        "test": write_jsonl(root / "test.jsonl", rows(3)),
-    }
+    return write_inputs(tmp_path_factory.mktemp("cli"))
 
 
 def run(argv, capsys):

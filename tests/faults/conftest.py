@@ -14,21 +14,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from scripts.tiny_run import rows, write_jsonl, write_models
+from scripts.tiny_run import write_inputs
 
 
 @pytest.fixture(scope="session")
 def files(tmp_path_factory):
     """Saved tiny teacher and student (with the tokenizer), 4 training rows, 3 test rows."""
-    root = tmp_path_factory.mktemp("fault_inputs")
-    teacher, student = write_models(root)
-    return {
-        "root": root,
-        "teacher": teacher,
-        "student": student,
-        "train": write_jsonl(root / "train.jsonl", rows(4)),
-        "test": write_jsonl(root / "test.jsonl", rows(3)),
-    }
+    return write_inputs(tmp_path_factory.mktemp("fault_inputs"))
 
 
 def _mount(directory: Path, size: str) -> bool:

@@ -52,6 +52,18 @@ def write_models(root) -> tuple[str, str]:
     return dirs[0], dirs[1]
 
 
+def write_inputs(root) -> dict:
+    """What a CLI test needs under root: the saved tiny teacher and student, 4 training rows, 3 test rows."""
+    teacher, student = write_models(root)
+    return {
+        "root": root,
+        "teacher": teacher,
+        "student": student,
+        "train": write_jsonl(Path(root) / "train.jsonl", rows(4)),
+        "test": write_jsonl(Path(root) / "test.jsonl", rows(3)),
+    }
+
+
 def state_dict_file(model, path) -> None:
     """Float64 copies of the weights, for exact comparisons across processes."""
     import torch
