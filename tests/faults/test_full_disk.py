@@ -1,4 +1,4 @@
-"""A full disk (issue cases 3 and 4) during a checkpoint, the final save and `evaluate --output`: one line that
+"""A full disk (docs/spec.md 5.1) during a checkpoint, the final save and `evaluate --output`: one line that
 names the path and says the disk is full, never "internal error"; nothing partial left (no staging directory,
 no temporary file), the previous files and checkpoints intact.
 

@@ -1,4 +1,4 @@
-"""Non-finite runs (issue case 2): a NaN loss or gradient norm stops the run at the next log with an error that
+"""Non-finite runs (spec 5.1): a NaN loss or gradient norm stops the run at the next log with an error that
 names the step and the quantity, logged as NaN (not as the running average); no checkpoint or final model
 is written from NaN weights, the checkpoints saved before stay intact; a NaN student is refused, and
 `generate` says when its divergences were all NaN."""

@@ -1,4 +1,4 @@
-"""Every option checked once, before any work (issue case 5): one line naming the option as the user wrote it
+"""Every option checked once, before any work (spec 5.1): one line naming the option as the user wrote it
 (`--gradient-accumulation-steps`, `--set max_grad_norm`, `seed (in run.yaml)`) and what was expected, before
 any model loads; options of a policy that does not take them are refused, not ignored; the lookahead is
 clamped to the budget by default and refused beyond it when given."""

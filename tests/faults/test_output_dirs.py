@@ -1,4 +1,4 @@
-"""Output directories and resume (issue case 1, and resume's half of case 4 and 6): a non-empty --output-dir is
+"""Output directories and resume (docs/spec.md 5.1): a non-empty --output-dir is
 refused unless the run resumes from it or --overwrite-output-dir says so; --output-dir may not be or lie inside
 --student / --teacher; a checkpoint is resumed only by a run with its settings, with steps left, with its
 optimizer state and whole files. Every refusal is one line, before any model loads, with nothing on disk

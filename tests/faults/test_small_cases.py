@@ -1,4 +1,4 @@
-"""The smaller cases of the issue (case 6): the switch controls take their own arguments positionally, as the
+"""docs/spec.md section 5.1, the smaller cases: the switch controls take their own arguments positionally, as the
 README and docs/spec.md write them; a divergence is never negative; every file a run writes has the mode
 open() gives. (Resuming a checkpoint without optimizer.pt: tests/faults/test_output_dirs.py.)"""
 
