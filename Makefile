@@ -5,7 +5,7 @@
 # in .venv-latest on the newest releases setup.py allows (run it whenever the lock is refreshed).
 PY ?= python3
 TORCH_PIN ?= torch==2.13.0
-EXTRAS := dev,compare,deepspeed
+EXTRAS := dev,compare,deepspeed,real
 LOCK := requirements/lock.txt
 VENV := .venv
 BIN := $(VENV)/bin

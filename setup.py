@@ -154,6 +154,8 @@ setup(
         "compare": ["liger-kernel", "trl"],
         "flash": ["flash-attn"],
         "deepspeed": ["deepspeed>=0.19"],
+        # the real pair (adaswitch.demo.build_real): transformers' GGUF loader reads the teacher with it
+        "real": ["gguf>=0.10"],
     },
     entry_points={"console_scripts": ["adaswitch=adaswitch.cli:main"]},
 )

@@ -5,13 +5,16 @@ CPU, no vLLM) as the peer, and a measured floor: the same work as raw model forw
 in the same run, configurations interleaved over rounds; ratios are what to read (the machine is shared and
 noisy). Writes benchmarks/results/distill_step_cpu.{csv,md} (or --out).
 
-    python benchmarks/bench_distill_step.py [--rounds 2] [--steps 3] [--batch 32] [--max-new-tokens 40]
-                                            [--only "On-policy;SKD, step + reuse"] [--no-trl] [--out PATH]
+    python benchmarks/bench_distill_step.py [--pair demo|real] [--rounds 2] [--steps 3] [--batch B]
+                                            [--max-new-tokens N] [--only "On-policy;SKD, step + reuse"] [--no-trl]
+                                            [--out PATH]
 
-Models: the demo's shipped teacher (Qwen2-style) and the quick preset's shipped start student
-(Llama-style, assets/student_quick); prompts: the demo
-task's training prompts (the same ones for every configuration); budget: the demo's quick preset (batch
-32, 40 new tokens, forward KL, SKD top-k 2). Per configuration and round: a fresh copy of the student,
+Pairs: "demo" (default): the demo's shipped teacher (Qwen2-style) and the quick preset's shipped start student
+(Llama-style, assets/student_quick), the demo task's training prompts, the quick preset's budget (batch 32,
+40 new tokens, forward KL, SKD top-k 2); writes distill_step_cpu. "real": SmolLM2-135M-Instruct and its
+pruned, healed 12-layer student (adaswitch.demo.build_real, built once), the real task's chat training
+prompts, batch 8, 16 new tokens, SKD top-k 25; writes distill_step_real_cpu. The prompts are the same for
+every configuration. Per configuration and round: a fresh copy of the student,
 one warm-up step, then --steps timed steps; the table holds medians over all timed steps. Columns:
 
 - generation: `adaswitch.generate` inside the step (Distiller's own timer);
@@ -66,6 +69,10 @@ from transformers import TrainerCallback
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SKD_TOP_K = 2  # the demo's
+PAIRS = {  # name: (SKD top-k, batch, max new tokens, output name, title)
+    "demo": (SKD_TOP_K, 32, 40, "distill_step_cpu", "demo models, quick-preset budget"),
+    "real": (25, 8, 16, "distill_step_real_cpu", "SmolLM2-135M-Instruct and its 12-layer student, chat prompts"),
+}
 
 # name -> DistillConfig overrides ("before": the settings before teacher-state reuse and guidance)
 CONFIGS = {
@@ -379,15 +386,22 @@ def _fmt(value: float, spec: str, suffix: str = "") -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pair", choices=sorted(PAIRS), default="demo")
     parser.add_argument("--rounds", type=_positive("--rounds"), default=2)
     parser.add_argument("--steps", type=_positive("--steps"), default=3)
-    parser.add_argument("--batch", type=_positive("--batch"), default=32)
-    parser.add_argument("--max-new-tokens", type=_positive("--max-new-tokens"), default=40)
+    parser.add_argument("--batch", type=_positive("--batch"), default=None, help="default: the pair's (32; real 8)")
+    parser.add_argument("--max-new-tokens", type=_positive("--max-new-tokens"), default=None,
+                        help="default: the pair's (40; real 16)")
     parser.add_argument("--only", default=None, help="semicolon-separated configuration names (default: all)")
     parser.add_argument("--no-trl", action="store_true")
-    parser.add_argument("--out", default=str(RESULTS / "distill_step_cpu"),
-                        help="output path without suffix: writes PATH.csv and PATH.md")
+    parser.add_argument("--out", default=None, help="output path without suffix: writes PATH.csv and PATH.md "
+                        "(default: benchmarks/results/distill_step_cpu, or distill_step_real_cpu for --pair real)")
     args = parser.parse_args(argv)
+    top_k, batch, new_tokens, out_name, title = PAIRS[args.pair]
+    args.batch = batch if args.batch is None else args.batch
+    args.max_new_tokens = new_tokens if args.max_new_tokens is None else args.max_new_tokens
+    args.out = str(RESULTS / out_name) if args.out is None else args.out
+    configs = {n: {**c, "skd_top_k": top_k} if "skd_top_k" in c else c for n, c in CONFIGS.items()}
     names = list(CONFIGS) if args.only is None else [n.strip() for n in args.only.split(";")]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
@@ -400,11 +414,21 @@ def main(argv=None):
     hf_logging.set_verbosity_error()
     logging.getLogger("adaswitch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    teacher, tokenizer = load_teacher(TEACHER_DIR)
+    if args.pair == "real":
+        from adaswitch.demo.build_real import ensure_pair, load_model, read_split
+
+        built = ensure_pair()
+        teacher, tokenizer = load_model(built.teacher)
+        student, _ = load_model(built.student)
+        train = read_split(built.data, "train").select_columns(["prompt", "completion"])
+    else:
+        teacher, tokenizer = load_teacher(TEACHER_DIR)
+        student, _ = load_teacher(QUICK_STUDENT_DIR)  # the quick preset's start: what `make demo` distils
+        train = DataSpec().build()["train"]
     teacher.requires_grad_(False)
-    student, _ = load_teacher(QUICK_STUDENT_DIR)  # the quick preset's start: what `make demo` distils
     student.train()
-    train = DataSpec().build()["train"]
+    if (args.steps + 2) * args.batch > len(train):
+        parser.error(f"--steps / --batch: {(args.steps + 2) * args.batch} prompts needed, the pair has {len(train)}")
     pool = train.select(range((args.steps + 2) * args.batch))
     if not args.no_trl:
         names.append(TRL)
@@ -428,7 +452,7 @@ def main(argv=None):
                 if name == TRL:
                     rows, extra = run_trl(teacher, student, tokenizer, pool, args, tmp)
                 else:
-                    rows, extra = run_adaswitch(name, CONFIGS[name], teacher, student, tokenizer, pool, args, tmp)
+                    rows, extra = run_adaswitch(name, configs[name], teacher, student, tokenizer, pool, args, tmp)
             results[name] += rows
             this_round[name] = rows
             extras[name] = extra
@@ -474,15 +498,16 @@ def main(argv=None):
             f"{git_commit()}; {utc_now()}; load average before {load_before}, after {load_after}. "
             f"Batch {args.batch}, max_new_tokens {args.max_new_tokens}, {args.rounds} rounds x {args.steps} timed "
             f"steps per configuration (medians). Packages: {versions_text()}.")
-    out.with_suffix(".md").write_text(markdown(table, meta))
-    print(markdown(table, meta))
+    meta += f" SKD top-k {top_k}."
+    out.with_suffix(".md").write_text(markdown(table, meta, title))
+    print(markdown(table, meta, title))
 
 
-def markdown(table: list, meta: str) -> str:
+def markdown(table: list, meta: str, title: str = PAIRS["demo"][4]) -> str:
     """The report: every configuration's step, then the floor section (ratios first)."""
     rows = {t["config"]: t for t in table}
     lines = [
-        "# Distillation step cost on CPU (demo models, quick-preset budget)", "", meta, "",
+        f"# Distillation step cost on CPU ({title})", "", meta, "",
         "Generated by `benchmarks/bench_distill_step.py`. Seconds are medians; ratios divide medians of the "
         "same run. TRL's row times its whole step (generation by `model.generate`; its other columns are "
         "not split). Teacher forwards per token count the teacher decoder's batched calls (prefill, decode, "

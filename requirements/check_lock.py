@@ -20,7 +20,7 @@ from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements" / "lock.txt"
-EXTRAS = ("dev", "compare", "deepspeed")  # the Makefile's EXTRAS
+EXTRAS = ("dev", "compare", "deepspeed", "real")  # the Makefile's EXTRAS
 
 
 def locked(path: Path = LOCK) -> dict[str, str]:

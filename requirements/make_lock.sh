@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 TORCH_PIN=${TORCH_PIN:-torch==2.13.0}
-EXTRAS=${EXTRAS:-dev,compare,deepspeed}
+EXTRAS=${EXTRAS:-dev,compare,deepspeed,real}
 OUT=requirements/lock.txt
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

@@ -10,9 +10,12 @@ from adaswitch.demo import tables
 
 def test_demo_tables_match_committed_results():
     assert tables.main(["--check"]) == 0
-    readme, demo, ablation = (doc.read_text() for doc in tables.DOCUMENTS)
+    readme, demo, ablation, real = (doc.read_text() for doc in tables.DOCUMENTS)
     for text in (readme, demo):
         assert "<!-- demo-quick:begin -->" in text and "<!-- demo-rerun:begin -->" in text
+    for text in (readme, real):
+        assert "<!-- real-pair:begin -->" in text
+    assert "<!-- demo-real:begin -->" in real and "<!-- demo-real-summary:begin -->" in readme
     for name in ("window-ablation", "switch-ablation-setting", "switch-ablation", "switch-summary"):
         assert f"<!-- {name}:begin -->" in ablation
     assert "<!-- demo-checkpoints:begin -->" in demo

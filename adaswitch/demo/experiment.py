@@ -29,6 +29,10 @@ METHOD_NAMES = ("SFT only", "Supervised KD", "SeqKD", "On-policy (GKD)", "Mixed(
                 "Fixed switch", "Random switch")
 ON_POLICY = "On-policy (GKD)"
 SKD_NAME = "SKD"
+# AdaSwitch with its absolute trigger as well (`max_divergence`): for a student far from the teacher from the
+# first token, whose divergence never spikes against its own mean (presets that set max_divergence run it)
+MAX_DIVERGENCE_NAME = "AdaSwitch + max divergence"
+ALL_METHODS = (*METHOD_NAMES, MAX_DIVERGENCE_NAME)
 
 
 def random_switch_overrides(counts: list[int]) -> dict:
@@ -40,9 +44,10 @@ def random_switch_overrides(counts: list[int]) -> dict:
     return {"switch_positions": [p for p, _ in pairs], "switch_weights": [float(c) for _, c in pairs]}
 
 
-def method_overrides(name: str, *, window: int, k: float, skd_top_k: int, switch_counts=None) -> dict | None:
+def method_overrides(name: str, *, window: int, k: float, skd_top_k: int, switch_counts=None,
+                     max_divergence: float | None = None) -> dict | None:
     """`switch_counts`: AdaSwitch's observed switch positions (Distiller.switch_position_counts), which
-    "Random switch" draws from."""
+    "Random switch" draws from; `max_divergence`: the absolute trigger of MAX_DIVERGENCE_NAME."""
     if name == "Random switch":
         if switch_counts is None:
             raise ValueError("Random switch needs AdaSwitch's switch_position_counts (run AdaSwitch first)")
@@ -57,8 +62,12 @@ def method_overrides(name: str, *, window: int, k: float, skd_top_k: int, switch
         "AdaSwitch": {"policy": "adaswitch", "window": window, "k": k},
         "Fixed switch": {"policy": "fixed_switch", "window": window, "k": k},
     }
+    if name == MAX_DIVERGENCE_NAME:
+        if max_divergence is None:
+            raise ValueError(f"{MAX_DIVERGENCE_NAME!r} needs max_divergence (a number >= 0)")
+        return {"policy": "adaswitch", "window": window, "k": k, "max_divergence": max_divergence}
     if name not in table:
-        raise ValueError(f"method must be one of {METHOD_NAMES}, got {name!r}")
+        raise ValueError(f"method must be one of {ALL_METHODS}, got {name!r}")
     return table[name]
 
 
@@ -115,6 +124,13 @@ class Context:
     student_teacher_kl: float = math.nan
     student_step_accuracy: float = math.nan
     info: dict = field(default_factory=dict)
+    # measure(ctx, model, max_new_tokens=, with_kl=) -> {"accuracy", "step_accuracy", "teacher_kl", ...}: the
+    # task's evaluation (None: `accuracy`, the arithmetic task's); keys beyond those three land in each run's record
+    measure: object = None
+    student_teacher_nll: float = math.nan
+
+    def evaluate(self, model, *, max_new_tokens: int, with_kl: bool = False) -> dict:
+        return (self.measure or accuracy)(self, model, max_new_tokens=max_new_tokens, with_kl=with_kl)
 
 
 def prepare(
@@ -180,8 +196,8 @@ def prepare(
         sft_seconds=sft_seconds,
     )
     if measure:
-        ctx.teacher_accuracy = accuracy(ctx, teacher, max_new_tokens=max_new_tokens)["accuracy"]
-        start = accuracy(ctx, model, max_new_tokens=max_new_tokens, with_kl=True)
+        ctx.teacher_accuracy = ctx.evaluate(teacher, max_new_tokens=max_new_tokens)["accuracy"]
+        start = ctx.evaluate(model, max_new_tokens=max_new_tokens, with_kl=True)
         ctx.student_accuracy, ctx.student_teacher_kl = start["accuracy"], start["teacher_kl"]
         ctx.student_step_accuracy = start["step_accuracy"]
     ctx.info = {
@@ -245,7 +261,8 @@ def run_method(ctx: Context, name: str, overrides: dict | None, *, seed: int, bu
     else:
         seconds, history, counts, decoding = _distill(ctx, student, pool, overrides, seed=seed, budget=budget)
     trained = time.perf_counter()
-    metrics = accuracy(ctx, student, max_new_tokens=budget.max_new_tokens, with_kl=True)
+    metrics = ctx.evaluate(student, max_new_tokens=budget.max_new_tokens, with_kl=True)
+    extra = {k: v for k, v in metrics.items() if k not in ("accuracy", "step_accuracy", "teacher_kl")}
     return {
         "method": name,
         "seed": seed,
@@ -262,6 +279,7 @@ def run_method(ctx: Context, name: str, overrides: dict | None, *, seed: int, bu
         # where a run's wall time goes: set-up + training (Trainer included), then the eval generations
         "train_wall_seconds": round(trained - started, 2),
         "eval_seconds": round(time.perf_counter() - trained, 2),
+        **extra,
         "model": student,
     }
 
@@ -339,12 +357,18 @@ def switch_trace(
     from adaswitch.policies import AdaSwitch
 
     prompts = ctx.eval["prompt"][:num_prompts]
-    batch = ctx.tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+    if all(isinstance(p, str) for p in prompts):
+        batch = ctx.tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+    else:  # chat prompts: the chat template, left-padded as the Distiller batches them
+        from adaswitch.train.data import prompt_batch
+
+        ids, mask = prompt_batch(ctx.tokenizer, prompts)
     out = generate(
         student,
         ctx.teacher,
-        batch["input_ids"],
-        batch["attention_mask"],
+        ids,
+        mask,
         policy=AdaSwitch(window=window, k=k),
         max_new_tokens=max_new_tokens,
         eos_token_id=ctx.tokenizer.eos_token_id,

@@ -29,9 +29,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from adaswitch.demo.build_teacher import STUDENT_DIR, TEACHER_DIR
-from adaswitch.demo.experiment import METHOD_NAMES, ON_POLICY, SKD_NAME
+from adaswitch.demo.experiment import ALL_METHODS, METHOD_NAMES, ON_POLICY, SKD_NAME
 from adaswitch.demo.presets import (
-    SKD_TOP_K,
     adaswitch_defaults,
     check_workers,
     default_workers,
@@ -41,19 +40,25 @@ from adaswitch.demo.presets import (
 )
 
 PAIRED_BASELINES = (ON_POLICY, SKD_NAME, "AdaSwitch")  # AdaSwitch: what its controls are measured against
-PAIRED_KEYS = ("accuracy", "step_accuracy")
+PAIRED_KEYS = ("accuracy", "step_accuracy", "teacher_nll")
+LOWER_IS_BETTER = ("teacher_nll",)  # paired as baseline - method, so that + is better for every key
 
 
 def summarise(runs: list[dict]) -> list[dict]:
     """One row per method (in METHOD_NAMES order): means over seeds, accuracy std, overhead vs on-policy,
-    and paired per-seed differences against on-policy, SKD and AdaSwitch (`paired[baseline][metric]`)."""
+    and paired per-seed differences against on-policy, SKD and AdaSwitch (`paired[baseline][metric]`; for a
+    metric where lower is better, baseline - method)."""
     from adaswitch.demo.stats import paired
 
     def by_seed(name, key):
         return {r["seed"]: r.get(key, math.nan) for r in runs if r["method"] == name}
 
+    def difference(name, baseline, key):
+        a, b = by_seed(name, key), by_seed(baseline, key)
+        return paired(b, a) if key in LOWER_IS_BETTER else paired(a, b)
+
     rows = []
-    for name in METHOD_NAMES:
+    for name in ALL_METHODS:
         mine = [r for r in runs if r["method"] == name]
         if not mine:
             continue
@@ -61,7 +66,7 @@ def summarise(runs: list[dict]) -> list[dict]:
         step = [r["step_accuracy"] for r in mine if not math.isnan(r.get("step_accuracy", math.nan))]
 
         def mean(key, mine=mine):
-            values = [r[key] for r in mine if not math.isnan(r[key])]
+            values = [r[key] for r in mine if key in r and not math.isnan(r[key])]
             return statistics.fmean(values) if values else math.nan
 
         rows.append(
@@ -74,6 +79,7 @@ def summarise(runs: list[dict]) -> list[dict]:
                 "step_accuracy_std": statistics.stdev(step) if len(step) > 1 else 0.0,
                 "step_accuracies": step,
                 "teacher_kl": mean("teacher_kl"),
+                "teacher_nll": mean("teacher_nll"),
                 "switch_rate": mean("switch_rate"),
                 "mean_switch_position": mean("mean_switch_position"),
                 "teacher_token_fraction": mean("teacher_token_fraction"),
@@ -81,7 +87,7 @@ def summarise(runs: list[dict]) -> list[dict]:
                 "seconds_per_step": mean("seconds_per_step"),
                 "seeds": [r["seed"] for r in mine],
                 "paired": {
-                    b: {key: paired(by_seed(name, key), by_seed(b, key)) for key in PAIRED_KEYS}
+                    b: {key: difference(name, b, key) for key in PAIRED_KEYS}
                     for b in PAIRED_BASELINES
                     if b != name and any(r["method"] == b for r in runs)
                 },
@@ -97,6 +103,15 @@ def _fmt(value, spec: str, scale: float = 1.0) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value * scale, spec)
 
 
+def _has(rows: list[dict], key: str) -> bool:
+    return any(not math.isnan(r.get(key, math.nan)) for r in rows)
+
+
+def is_chat_task(rows: list[dict]) -> bool:
+    """Rows of the real pair (teacher NLL of the student's own answers, no per-step accuracy)."""
+    return _has(rows, "teacher_nll") and not _has(rows, "step_accuracy")
+
+
 TABLE_COLUMNS = (
     "method",
     "accuracy % (mean ± std)",
@@ -108,18 +123,31 @@ TABLE_COLUMNS = (
     "s / step",
     "vs on-policy",
 )
+# the real pair: accuracy on the checkable prompts; KL on the teacher's answers; teacher NLL of the student's own
+CHAT_TABLE_COLUMNS = (
+    "method",
+    "checkable accuracy % (mean ± std)",
+    "teacher-forced KL",
+    "teacher NLL of own answers",
+    *TABLE_COLUMNS[4:],
+)
 
 
 def format_table(rows: list[dict]) -> str:
     """A Markdown table (so it pastes into the README as it is)."""
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"]
+    chat = is_chat_task(rows)
+    columns = CHAT_TABLE_COLUMNS if chat else TABLE_COLUMNS
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for r in rows:
-        cells = [
-            r["method"],
-            f"{100 * r['accuracy']:.1f} ± {100 * r['accuracy_std']:.1f}",
+        quality = [_fmt(r["teacher_kl"], ".4f"), _fmt(r.get("teacher_nll"), ".3f")] if chat else [
             "-" if math.isnan(r.get("step_accuracy", math.nan))
             else f"{100 * r['step_accuracy']:.1f} ± {100 * r['step_accuracy_std']:.1f}",
             _fmt(r["teacher_kl"], ".4f"),
+        ]
+        cells = [
+            r["method"],
+            f"{100 * r['accuracy']:.1f} ± {100 * r['accuracy_std']:.1f}",
+            *quality,
             _fmt(r["switch_rate"], ".2f"),
             _fmt(r["mean_switch_position"], ".1f"),
             _fmt(r["teacher_token_fraction"], ".1f", 100),
@@ -130,28 +158,35 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-PAIRED_COLUMNS = (
-    "method",
-    "Δ accuracy vs on-policy",
-    "Δ step acc. vs on-policy",
-    "Δ accuracy vs SKD",
-    "Δ step acc. vs SKD",
-    "Δ accuracy vs AdaSwitch",
-    "Δ step acc. vs AdaSwitch",
-)
+# per paired metric: its column label and how format_paired shows it (scale to points / nats, digits)
+PAIRED_LABELS = {"accuracy": ("Δ accuracy", 100.0, 1), "step_accuracy": ("Δ step acc.", 100.0, 1),
+                 "teacher_nll": ("teacher NLL gain", 1.0, 3)}
+
+
+PAIRED_COLUMNS = ("method", *(f"{PAIRED_LABELS[k][0]} vs {label}" for label in ("on-policy", "SKD", "AdaSwitch")
+                               for k in ("accuracy", "step_accuracy")))  # the arithmetic demo's
+BASELINE_LABELS = {ON_POLICY: "on-policy", SKD_NAME: "SKD", "AdaSwitch": "AdaSwitch"}
+
+
+def paired_keys(rows: list[dict]) -> tuple[str, str]:
+    return ("accuracy", "teacher_nll") if is_chat_task(rows) else ("accuracy", "step_accuracy")
 
 
 def format_paired_table(rows: list[dict]) -> str:
-    """Markdown: per method, the mean ± std over seeds of its per-seed difference (points) from on-policy
-    and from SKD, the seeds it wins, and * where a 95% paired t-test says the difference is not noise."""
+    """Markdown: per method, the mean ± std over seeds of its per-seed difference (points; nats for the
+    teacher NLL, as baseline - method so that + is better) from on-policy, SKD and AdaSwitch, the seeds it
+    wins, and * where a 95% paired t-test says the difference is not noise."""
     from adaswitch.demo.stats import format_paired
 
-    lines = ["| " + " | ".join(PAIRED_COLUMNS) + " |", "|" + "|".join("---" for _ in PAIRED_COLUMNS) + "|"]
+    keys = paired_keys(rows)
+    columns = ["method"] + [f"{PAIRED_LABELS[k][0]} vs {BASELINE_LABELS[b]}" for b in PAIRED_BASELINES for k in keys]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for r in rows:
         cells = [r["method"]]
         for b in PAIRED_BASELINES:
-            for key in PAIRED_KEYS:
-                cells.append(format_paired(r.get("paired", {}).get(b, {}).get(key)))
+            for key in keys:
+                _, scale, digits = PAIRED_LABELS[key]
+                cells.append(format_paired(r.get("paired", {}).get(b, {}).get(key), scale=scale, digits=digits))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -174,7 +209,7 @@ def run_demo(
     student_dir=None,
     window: int | None = None,
     k: float | None = None,
-    methods: tuple[str, ...] = METHOD_NAMES,
+    methods: tuple[str, ...] | None = None,
     seeds: tuple[int, ...] | None = None,
     workers: int | None = None,
     progress: bool = True,
@@ -190,16 +225,17 @@ def run_demo(
     from adaswitch.train.atomic import write_file
 
     spec = get_preset(preset)
-    unknown = [m for m in methods if m not in METHOD_NAMES]
+    methods = spec.methods if methods is None else tuple(methods)
+    unknown = [m for m in methods if m not in spec.methods]
     if not methods or unknown:
-        raise ValueError(f"methods must be a non-empty subset of {METHOD_NAMES}, got {methods!r}")
+        raise ValueError(f"methods must be a non-empty subset of {spec.methods}, got {methods!r}")
     seeds = spec.seeds if seeds is None else tuple(seeds)
     if not seeds or any(not isinstance(s, int) or s < 0 for s in seeds):
         raise ValueError(f"seeds must be non-negative ints, got {seeds!r}")
     if "Random switch" in methods and "AdaSwitch" not in methods:
         raise ValueError("methods: 'Random switch' draws from AdaSwitch's switch positions; include 'AdaSwitch'")
     workers = check_workers(default_workers() if workers is None else workers)
-    methods = tuple(m for m in METHOD_NAMES if m in methods)  # AdaSwitch before its random control
+    methods = tuple(m for m in ALL_METHODS if m in methods)  # AdaSwitch before its random control
     default_window, default_k = adaswitch_defaults()
     window = default_window if window is None else window
     k = default_k if k is None else k
@@ -209,6 +245,10 @@ def run_demo(
 
     started = time.perf_counter()
     say = tqdm.write if progress else print
+    if spec.pair == "real":  # built here, once, before the workers load it
+        from adaswitch.demo.build_real import ensure_pair
+
+        ensure_pair(progress=progress, log=say)
     with single_threaded(), quiet_library_bars(), \
             RunPool(spec, workers=workers, teacher_dir=teacher_dir, student=student_dir) as pool:
         say(f"[adaswitch demo] preset={preset}: loading the teacher and the student "
@@ -235,7 +275,7 @@ def time_split(runs: list[dict], total_seconds: float, workers: int) -> dict:
             "other_wall_seconds": round(total_seconds - (train + evals) / workers, 1)}
 
 
-def demo_jobs(methods, seeds, *, window: int, k: float) -> list:
+def demo_jobs(methods, seeds, *, window: int, k: float, skd_top_k: int, max_divergence: float | None = None) -> list:
     """One job per (method, seed), method by method; each "Random switch" run draws from the AdaSwitch
     run of its seed, and the first seed's AdaSwitch student comes back for the switch trace."""
     from adaswitch.demo.experiment import method_overrides
@@ -248,7 +288,9 @@ def demo_jobs(methods, seeds, *, window: int, k: float) -> list:
             if name == "Random switch":  # its switch positions are added once AdaSwitch's run is done
                 overrides, after = {"policy": "random_switch", "window": window, "k": k}, index[("AdaSwitch", seed)]
             else:
-                overrides, after = method_overrides(name, window=window, k=k, skd_top_k=SKD_TOP_K), None
+                overrides = method_overrides(name, window=window, k=k, skd_top_k=skd_top_k,
+                                             max_divergence=max_divergence)
+                after = None
             jobs.append(Job(name=f"{name}, seed {seed}", method=name, seed=seed, overrides=overrides, after=after,
                             keep_model=name == "AdaSwitch" and seed == seeds[0]))
     return jobs
@@ -259,10 +301,12 @@ def _run(spec, ctx, pool, methods, seeds, window, k, out, progress, say) -> dict
     from adaswitch.demo.stats import binomial_std
 
     say(
-        f"[adaswitch demo] teacher {100 * ctx.teacher_accuracy:.1f}%, student after SFT "
-        f"{100 * ctx.student_accuracy:.1f}% on {len(ctx.eval)} eval problems"
+        f"[adaswitch demo] teacher {100 * ctx.teacher_accuracy:.1f}%, student at start "
+        f"{100 * ctx.student_accuracy:.1f}% on {ctx.info.get('num_eval_checkable', len(ctx.eval))} checked eval "
+        "problems"
     )
-    runs = pool.run(ctx, demo_jobs(methods, seeds, window=window, k=k), progress=progress, desc="distilling")
+    jobs = demo_jobs(methods, seeds, window=window, k=k, skd_top_k=spec.skd_top_k, max_divergence=spec.max_divergence)
+    runs = pool.run(ctx, jobs, progress=progress, desc="distilling")
     adaswitch_model = None
     for run in runs:
         if "state_dict" in run:
@@ -288,14 +332,16 @@ def _run(spec, ctx, pool, methods, seeds, window, k, out, progress, say) -> dict
             "load_average_1m_at_end": round(os.getloadavg()[0], 2),  # other work sharing the cores
             "seeds": list(seeds),
             "budget": asdict(spec.budget),
-            "adaswitch": {"window": window, "k": k},
-            "skd_top_k": SKD_TOP_K,
+            "adaswitch": {"window": window, "k": k, "max_divergence": spec.max_divergence},
+            "skd_top_k": spec.skd_top_k,
             "teacher_accuracy": ctx.teacher_accuracy,
             "student_after_sft_accuracy": ctx.student_accuracy,
             "student_start_teacher_kl": ctx.student_teacher_kl,
             "student_after_sft_step_accuracy": ctx.student_step_accuracy,
+            "student_start_teacher_nll": ctx.student_teacher_nll,
             # the sampling noise of one accuracy on this eval set (binomial std at the starting student's level)
-            "eval_binomial_std": binomial_std(ctx.student_accuracy, len(ctx.eval)),
+            "eval_binomial_std": binomial_std(ctx.student_accuracy,
+                                              ctx.info.get("num_eval_checkable", len(ctx.eval))),
             **ctx.info,
             "plots": [p.name for p in plots],
         },
@@ -353,6 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument(
         "--full", action="store_true", help="the shipped stronger student, 120 steps, all eval problems (docs/demo.md)"
     )
+    size.add_argument(
+        "--real", action="store_true", help="the real pair: SmolLM2-135M-Instruct and its pruned, healed student on "
+        "chat prompts (built once by python -m adaswitch.demo.build_real; docs/demo_real.md)"
+    )
     parser.add_argument(
         "--ablation",
         action="store_true",
@@ -373,9 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         nargs="+",
         default=None,
-        choices=METHOD_NAMES,
+        choices=ALL_METHODS,
         metavar="METHOD",
-        help=f"subset of {', '.join(METHOD_NAMES)}",
+        help=f"subset of {', '.join(METHOD_NAMES)} (--real also: {ALL_METHODS[-1]})",
     )
     parser.add_argument(
         "--workers",
@@ -401,7 +451,7 @@ def _main(argv) -> int:
     if args.ablation:
         from adaswitch.demo import ablation
 
-        if args.full or args.window is not None or args.k is not None or args.methods or args.student:
+        if args.full or args.real or args.window is not None or args.k is not None or args.methods or args.student:
             parser.error("--ablation takes --tiny, --seeds, --output-dir, --teacher, --workers and the sweep's "
                          "options (python -m adaswitch.demo.ablation --help)")
         forwarded = ["--output-dir", args.output_dir, "--teacher", args.teacher, *rest]
@@ -412,7 +462,9 @@ def _main(argv) -> int:
         return ablation.main(forwarded)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    preset = "tiny" if args.tiny else "full" if args.full else "quick"
+    preset = "tiny" if args.tiny else "full" if args.full else "real" if args.real else "quick"
+    if args.real and (args.student or args.teacher != str(TEACHER_DIR)):
+        parser.error("--real takes its pair from python -m adaswitch.demo.build_real (no --teacher / --student)")
     results = run_demo(
         preset,
         args.output_dir,
@@ -420,14 +472,25 @@ def _main(argv) -> int:
         student_dir=args.student,
         window=args.window,
         k=args.k,
-        methods=tuple(args.methods) if args.methods else METHOD_NAMES,
+        methods=tuple(args.methods) if args.methods else None,
         seeds=tuple(args.seeds) if args.seeds else None,
         workers=args.workers,
         progress=not args.no_progress,
     )
     meta = results["meta"]
     print()
-    print(
+    if args.real:
+        print(
+            f"adaswitch demo (real): teacher {meta['teacher_architecture']} {meta['teacher_parameters']:,} params "
+            f"{100 * meta['teacher_accuracy']:.1f}% checkable, student {meta['student_parameters']:,} params "
+            f"{100 * meta['student_after_sft_accuracy']:.1f}% (teacher-forced KL "
+            f"{meta['student_start_teacher_kl']:.4f}, "
+            f"teacher NLL of its answers {meta['student_start_teacher_nll']:.3f}) at start; "
+            f"{meta['budget']['steps']} steps x {meta['budget']['batch_size']} prompts per method, seeds "
+            f"{meta['seeds']}, {meta['num_eval']} eval prompts ({meta['num_eval_checkable']} checkable)"
+        )
+    else:
+        print(
         f"adaswitch demo ({meta['preset']}): teacher {meta['teacher_architecture']} "
         f"{meta['teacher_parameters']:,} params {100 * meta['teacher_accuracy']:.1f}%, student "
         f"{meta['student_architecture']} {meta['student_parameters']:,} params "
@@ -436,7 +499,7 @@ def _main(argv) -> int:
         f"{meta['student_start_teacher_kl']:.4f}) at start; {meta['budget']['steps']} steps x "
         f"{meta['budget']['batch_size']} prompts per method, seeds {meta['seeds']}, "
         f"{meta['num_eval']} eval problems"
-    )
+        )
     print(results["table"])
     print(
         "\npaired per-seed differences (points; mean ± std over seeds, seeds won, * = 95% paired t-test; "

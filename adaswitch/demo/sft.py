@@ -9,21 +9,29 @@ import time
 import torch
 
 
-def encode(tokenizer, prompts: list[str], completions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded `prompt + completion + EOS` ids and labels (-100 on prompt and padding)."""
+def encode(tokenizer, prompts: list, completions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded `prompt + completion + EOS` ids, labels (-100 on prompt and padding) and attention mask.
+    Chat rows (message-list prompts) go through the chat template, as the Distiller tokenizes them."""
+    from adaswitch.train.data import encode_example
+
     rows, labels = [], []
-    for prompt, completion in zip(prompts, completions):
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+        if isinstance(prompt, str):
+            p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        else:
+            p, c = encode_example(tokenizer, prompt, completion, row=i)
         rows.append(p + c)
         labels.append([-100] * len(p) + c)
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     lab = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, (r, l) in enumerate(zip(rows, labels)):
         ids[i, : len(r)] = torch.tensor(r)
         lab[i, : len(l)] = torch.tensor(l)
-    return ids, lab
+        mask[i, : len(r)] = 1
+    return ids, lab, mask
 
 
 def make_optimizer(model, *, steps: int, lr: float, warmup: int | None = None, weight_decay: float = 0.01):
@@ -77,8 +85,8 @@ def sft(
             order, cursor = torch.randperm(len(prompts), generator=gen), 0
         idx = order[cursor : cursor + batch_size].tolist()
         cursor += batch_size
-        ids, labels = encode(tokenizer, [prompts[i] for i in idx], [completions[i] for i in idx])
-        loss = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(), labels=labels).loss
+        ids, labels, mask = encode(tokenizer, [prompts[i] for i in idx], [completions[i] for i in idx])
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -31,13 +31,13 @@ def paired(a: dict[int, float], b: dict[int, float]) -> dict:
             "diffs": diffs}
 
 
-def format_paired(p: dict, scale: float = 100.0) -> str:
+def format_paired(p: dict, scale: float = 100.0, digits: int = 1) -> str:
     """"+1.2 ± 0.8 (3/3)*": mean and std of the per-seed differences (points), seeds won, * = significant."""
     if not p or p["n"] == 0:
         return "-"
-    std = "" if math.isnan(p["std"]) else f" ± {scale * p['std']:.1f}"
+    std = "" if math.isnan(p["std"]) else f" ± {scale * p['std']:.{digits}f}"
     star = "*" if p["significant"] else ""
-    return f"{scale * p['mean']:+.1f}{std} ({p['wins']}/{p['n']}){star}"
+    return f"{scale * p['mean']:+.{digits}f}{std} ({p['wins']}/{p['n']}){star}"
 
 
 def binomial_std(p: float, n: int) -> float:

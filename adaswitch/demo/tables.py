@@ -12,7 +12,10 @@ Blocks sit between `<!-- NAME:begin -->` and `<!-- NAME:end -->` markers:
 * `switch-ablation`, `switch-ablation-setting`, `switch-summary`: the switching-rule sweep's table, its
   set-up and the facts the prose discusses (docs/demo_results/ablation_switch.json);
 * `window-ablation`: the window x K sweep's set-up and table (docs/demo_results/ablation.json);
-* `demo-checkpoints`: the shipped checkpoints (their build_info.json).
+* `demo-checkpoints`: the shipped checkpoints (their build_info.json);
+* `demo-real`: `adaswitch demo --real`'s table, paired differences and sample answers
+  (docs/demo_results/real/results.json), and `real-pair`: how its pair was built (the build_info.json files
+  copied beside it, docs/demo_results/real/build_info_*.json).
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "docs" / "demo_results"
 QUICK = RESULTS / "quick" / "results.json"
 RERUN = RESULTS / "quick" / "rerun.json"
+REAL = RESULTS / "real" / "results.json"
+REAL_BUILD = {part: RESULTS / "real" / f"build_info_{part}.json" for part in ("teacher", "data", "student")}
 SWITCH = RESULTS / "ablation_switch.json"
 WINDOW = RESULTS / "ablation.json"
 ASSETS = Path(__file__).resolve().parent / "assets"
 CHECKPOINTS = ("teacher", "student", "student_quick")
-DOCUMENTS = (ROOT / "README.md", ROOT / "docs" / "demo.md", ROOT / "docs" / "ablation.md")
+DOCUMENTS = tuple(ROOT / p for p in ("README.md", "docs/demo.md", "docs/ablation.md", "docs/demo_real.md"))
 
 
 def _shown(path: Path) -> str:
@@ -91,13 +96,86 @@ def render_quick(results: dict) -> str:
             f"{_pct(meta['student_after_sft_step_accuracy'])}% per-step accuracy on {meta['num_eval']:,} eval "
             f"problems, teacher {_pct(meta['teacher_accuracy'])}%; one accuracy's sampling noise (binomial std) "
             f"{_pct(meta['eval_binomial_std'])} points.")
-    # From the per-run records (so every summary is the current code's); JSON keeps NaN as null.
-    runs = [{k: math.nan if v is None and k != "switch_position_counts" else v for k, v in r.items()}
-            for r in results["runs"]]
-    rows = summarise(runs)
+    rows = summarise(_runs_of(results))
     return "\n\n".join([head, format_table(rows),
                         "Per-seed differences (points; mean ± std, seeds won, * = 95% paired t-test):",
                         format_paired_table(rows)])
+
+
+def _runs_of(results: dict) -> list[dict]:
+    """The per-run records (so every summary is the current code's); JSON keeps NaN as null."""
+    return [{k: math.nan if v is None and k not in ("switch_position_counts", "samples") else v for k, v in r.items()}
+            for r in results["runs"]]
+
+
+def render_real(results: dict, *, samples: bool = True) -> str:
+    """`adaswitch demo --real`: set-up line, table, paired differences, and (with `samples`) the answers of the
+    first seed's runs to the same eval prompts."""
+    from adaswitch.demo.run import format_paired_table, format_table, summarise
+
+    meta = results["meta"]
+    budget = meta["budget"]
+    head = (f"Written by `python -m adaswitch.demo.tables` from `docs/demo_results/real/results.json`: "
+            f"`adaswitch demo --real` on {meta['date']}, commit {meta['commit']}, {meta['machine']}, "
+            f"{_runs_at_a_time(meta)}{'; ' + _setup(meta) if _setup(meta) else ''}, {meta['total_seconds']:.0f} s in "
+            f"all{_time_split(meta)}; {len(meta['seeds'])} seeds, {budget['steps']} steps x batch "
+            f"{budget['batch_size']} at lr {budget['lr']:g}, {budget['max_new_tokens']} new tokens; AdaSwitch window "
+            f"{meta['adaswitch']['window']}, K {meta['adaswitch']['k']:g} (max divergence "
+            f"{meta['adaswitch']['max_divergence']:g} nats in its second row), SKD top-{meta['skd_top_k']}. "
+            f"{meta['num_eval']} eval prompts ({meta['num_eval_checkable']} checkable); teacher "
+            f"{_pct(meta['teacher_accuracy'])}% checkable accuracy, NLL of its own answers "
+            f"{meta['teacher_own_nll']:.3f}; starting student {_pct(meta['student_after_sft_accuracy'])}%, "
+            f"teacher-forced KL {meta['student_start_teacher_kl']:.4f}, teacher NLL of its answers "
+            f"{meta['student_start_teacher_nll']:.3f}; one accuracy's sampling noise (binomial std) "
+            f"{_pct(meta['eval_binomial_std'])} points.")
+    runs = _runs_of(results)
+    rows = summarise(runs)
+    parts = [head, format_table(rows),
+             "Per-seed differences (accuracy in points; teacher NLL gain in nats per token, baseline − method, so + "
+             "is better; mean ± std, seeds won, * = 95% paired t-test):",
+             format_paired_table(rows)]
+    if not samples:
+        return "\n\n".join(parts)
+    first = min(meta["seeds"])
+    answers = ["| method | " + " | ".join(f"“{s['prompt']}”" for s in meta["start_samples"]) + " |",
+               "|" + "|".join("---" for _ in range(len(meta["start_samples"]) + 1)) + "|",
+               "| starting student | " + " | ".join(_cell(s["answer"]) for s in meta["start_samples"]) + " |"]
+    for r in rows:
+        run = next(x for x in runs if x["method"] == r["method"] and x["seed"] == first)
+        if run.get("samples"):
+            answers.append(f"| {r['method']} | " + " | ".join(_cell(s["answer"]) for s in run["samples"]) + " |")
+    return "\n\n".join([*parts, f"Greedy answers to the same eval prompts after distillation (seed {first}):",
+                        "\n".join(answers)])
+
+
+def _cell(text: str, limit: int = 90) -> str:
+    text = " ".join(text.split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def render_real_pair(infos: dict[str, Path]) -> str:
+    """How the real pair was built, from the build_info.json files of its parts."""
+    teacher, data, student = (json.loads(Path(infos[p]).read_text()) for p in ("teacher", "data", "student"))
+    heal = student["healing"]
+    rows = data["rows"]
+    return "\n".join([
+        "Written by `python -m adaswitch.demo.tables` from `docs/demo_results/real/build_info_*.json` (copies of "
+        "the build_info.json files `python -m adaswitch.demo.build_real` writes beside each part).", "",
+        "| part | what | time |", "|---|---|---|",
+        f"| teacher | {teacher['architecture']}, {teacher['parameters']:,} parameters, {teacher['layers']} layers; "
+        f"{teacher['source']}; GGUF sha256 `{teacher['gguf_sha256'][:16]}…`; {teacher['quantization']} | "
+        f"{teacher['convert_seconds']:.0f} s |",
+        f"| data | {rows['heal']} heal / {rows['train']} train / {rows['eval']} eval prompts; {data['reference']}; "
+        f"answers that end with EOS: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in
+                                                   data["answers_finished_with_eos"].items())
+        + f" | {data['seconds']:.0f} s |",
+        f"| student | {len(student['layers_kept'])} of {len(student['block_influence'])} layers kept by block "
+        f"influence: {student['layers_kept']}; {student['parameters']:,} parameters; healed {heal['steps']} steps x "
+        f"{heal['batch_size']} at lr {heal['lr']:g} (supervised KD on the heal answers), loss "
+        f"{heal['loss_first']:.3f} → {heal['loss_last']:.3f} | {student['seconds']:.0f} s |",
+        "", f"Built {student['built']} with " + ", ".join(
+            f"{k} {v}" for k, v in student["versions"].items() if k in ("torch", "transformers", "gguf") and v) + ".",
+    ])
 
 
 def render_rerun(committed_path: str | Path, rerun_path: str | Path) -> str:
@@ -270,7 +348,13 @@ def render_checkpoints(asset_dirs: dict[str, Path]) -> str:
 
 def _blocks() -> dict:
     quick, switch, window = (json.loads(p.read_text()) for p in (QUICK, SWITCH, WINDOW))
+    real = {}
+    if REAL.exists() and all(p.exists() for p in REAL_BUILD.values()):
+        results = json.loads(REAL.read_text())
+        real = {"demo-real": render_real(results), "demo-real-summary": render_real(results, samples=False),
+                "real-pair": render_real_pair(REAL_BUILD)}
     return {
+        **real,
         "demo-quick": render_quick(quick),
         "demo-rerun": render_rerun(QUICK, RERUN),
         "switch-ablation": render_switch(switch),

@@ -362,6 +362,15 @@ class DistillCollator:
         return batch
 
 
+def prompt_batch(tokenizer, prompts: Sequence, *, name: str = "prompts") -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded (input_ids, attention_mask) of `prompts` (text or chat message lists), each tokenized as
+    `encode_example` does for the Distiller (chat template with the generation prompt)."""
+    rows = [{PROMPT_IDS: encode_example(tokenizer, p, row=i, name=name)[0], EXAMPLE_KEY: i}
+            for i, p in enumerate(prompts)]
+    batch = DistillCollator(tokenizer.pad_token_id)(rows)
+    return batch["prompt_input_ids"], batch["prompt_attention_mask"]
+
+
 def context_length(*models) -> int | None:
     """The shortest `max_position_embeddings` of the given models or model configs (None when none declares
     one): a config read from config.json gives the limit before any weights load."""

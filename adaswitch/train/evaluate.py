@@ -94,6 +94,28 @@ def _teacher_forced_kl(model, teacher, batch, device, vocab: int) -> tuple[float
     return float(kl[valid].sum()), int(valid.sum())
 
 
+@torch.no_grad()
+def _teacher_nll(teacher, sequences, prompt_mask, eos: int | None, vocab: int) -> tuple[float, int]:
+    """Sum over the generated tokens (up to and including the first EOS) of -log p_T(token | prefix), and the
+    number of those tokens: how likely the teacher finds what the model wrote on its own."""
+    device = _device_of(teacher)
+    sequences, prompt_mask = sequences.to(device), prompt_mask.to(device)
+    width = prompt_mask.shape[1]
+    response = sequences[:, width:]
+    if response.shape[1] == 0:
+        return 0.0, 0
+    if eos is None:
+        valid = torch.ones_like(response, dtype=torch.bool)
+    else:
+        is_eos = (response == eos).long()
+        valid = (torch.cumsum(is_eos, 1) - is_eos) == 0  # no EOS strictly before the token
+    mask = torch.cat([prompt_mask, valid.long()], 1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = teacher(input_ids=sequences, attention_mask=mask, position_ids=positions).logits[:, width - 1 : -1]
+    logp = torch.log_softmax(logits[..., :vocab].float(), -1).gather(-1, response[..., None])[..., 0]
+    return float(-logp[valid].sum()), int(valid.sum())
+
+
 def evaluate(
     model,
     tokenizer,
@@ -108,6 +130,7 @@ def evaluate(
     output_path: str | Path | None = None,
     progress: bool = True,
     teacher_tokenizer=None,
+    teacher_nll: bool = False,
 ) -> dict:
     """Greedy-decode every prompt, check the answers and (with `teacher`) measure the teacher-forced KL.
 
@@ -135,9 +158,13 @@ def evaluate(
         teacher_tokenizer: the teacher's tokenizer, when loaded separately. It, and the tokenizers saved in
             the local directories the models were loaded from, must have `tokenizer`'s vocabulary
             (token -> id map): the KL compares distributions id by id (an error otherwise).
+        teacher_nll: with `teacher`, also report `teacher_nll`, the teacher's mean negative log-likelihood
+            (nats per token) of the model's own greedy answers, EOS included: how much the teacher agrees
+            with what the model writes on its own, where `teacher_kl` scores it on the reference's tokens.
 
     Returns:
-        {"accuracy", "correct", "num_examples", "teacher_kl" (when a teacher is given), "step_accuracy" and
+        {"accuracy", "correct", "num_examples", "teacher_kl" (when a teacher is given), "teacher_nll" (with
+        teacher_nll=True), "step_accuracy" and
         "steps_total" (with a step_checker), "examples": [{"index", "prediction", "reference", "correct"},
         ...]}.
     """
@@ -160,6 +187,10 @@ def evaluate(
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if tokenizer.pad_token_id is None:
         raise ValueError("tokenizer must define a pad token (tokenizer.pad_token_id is None)")
+    if not isinstance(teacher_nll, bool):
+        raise TypeError(f"teacher_nll must be a bool, got {type(teacher_nll).__name__}")
+    if teacher_nll and teacher is None:
+        raise ValueError("teacher_nll=True needs a teacher (teacher is None)")
     if output_path is not None:  # a path that cannot be written fails now, not after the whole evaluation
         output_path = check_output_file(output_path, name="output_path")
     named = [("tokenizer", tokenizer)]
@@ -191,7 +222,7 @@ def evaluate(
     if teacher is not None:
         teacher.eval()
 
-    examples, kl_sum, kl_count = [], 0.0, 0
+    examples, kl_sum, kl_count, nll_sum, nll_count = [], 0.0, 0, 0.0, 0
     bar = tqdm(total=len(tokens), desc="Evaluating", disable=not progress, unit="ex")
     try:
         for start in range(0, len(tokens), batch_size):
@@ -225,6 +256,9 @@ def evaluate(
             if teacher is not None:
                 s, n = _teacher_forced_kl(model, teacher, batch, device, vocab)
                 kl_sum, kl_count = kl_sum + s, kl_count + n
+            if teacher_nll:
+                s, n = _teacher_nll(teacher, out, batch["prompt_attention_mask"], tokenizer.eos_token_id, vocab)
+                nll_sum, nll_count = nll_sum + s, nll_count + n
             bar.update(len(rows))
     finally:
         bar.close()
@@ -238,6 +272,8 @@ def evaluate(
         results["steps_total"] = total
     if teacher is not None:
         results["teacher_kl"] = kl_sum / kl_count if kl_count else math.nan
+    if teacher_nll:
+        results["teacher_nll"] = nll_sum / nll_count if nll_count else math.nan
     results["examples"] = examples
     if output_path is not None:  # whole or not at all: a full disk leaves the previous file as it was
         write_file(output_path, json.dumps(results, indent=2) + "\n")
