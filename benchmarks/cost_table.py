@@ -1,7 +1,10 @@
 """Writes the README's step-cost table from the committed step-cost benchmark (never typed).
 
-    python benchmarks/cost_table.py          # rewrite the README block from results/distill_step_cpu.{csv,md}
-    python benchmarks/cost_table.py --check  # exit 1 when the README block differs
+    python benchmarks/cost_table.py          # rewrite the README blocks from results/distill_step_cpu.{csv,md}
+    python benchmarks/cost_table.py --check  # exit 1 when a README block differs
+
+Two blocks: the demo pair's (distill_step_cpu) and the real pair's (distill_step_real_cpu, bench_distill_step.py
+--pair real), each between its own markers.
 
 With floor rows in the CSV (bench_distill_step.py writes them) the table adds the floor's ratio to the
 on-policy floor and ours / floor for the configurations that have one.
@@ -18,8 +21,10 @@ from readme_block import replace_block
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "distill_step_cpu"
+REAL_RESULTS = ROOT / "benchmarks" / "results" / "distill_step_real_cpu"
 README = ROOT / "README.md"
 BEGIN, END = "<!-- distill-step-cost:begin -->", "<!-- distill-step-cost:end -->"
+REAL_BEGIN, REAL_END = "<!-- distill-step-cost-real:begin -->", "<!-- distill-step-cost-real:end -->"
 ROWS = (  # the benchmark's configurations the README shows, in order
     "On-policy",
     "AdaSwitch, step (before)",
@@ -78,12 +83,15 @@ def render(results: Path = RESULTS) -> str:
 
 
 def updated(text: str) -> str:
-    return replace_block(text, BEGIN, END, render())
+    text = replace_block(text, BEGIN, END, render())
+    if REAL_RESULTS.with_suffix(".csv").exists():
+        text = replace_block(text, REAL_BEGIN, REAL_END, render(REAL_RESULTS))
+    return text
 
 
 def main(argv=None) -> int:
     return _main(argv, __doc__.splitlines()[0], README, updated,
-                 "README's step-cost table differs from benchmarks/results/distill_step_cpu.csv; "
+                 "README's step-cost tables differ from benchmarks/results/distill_step*_cpu.csv; "
                  "run python benchmarks/cost_table.py")
 
 

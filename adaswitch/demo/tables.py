@@ -137,18 +137,23 @@ def render_real(results: dict, *, samples: bool = True) -> str:
     if not samples:
         return "\n\n".join(parts)
     first = min(meta["seeds"])
-    answers = ["| method | " + " | ".join(f"“{s['prompt']}”" for s in meta["start_samples"]) + " |",
-               "|" + "|".join("---" for _ in range(len(meta["start_samples"]) + 1)) + "|",
-               "| starting student | " + " | ".join(_cell(s["answer"]) for s in meta["start_samples"]) + " |"]
-    for r in rows:
-        run = next(x for x in runs if x["method"] == r["method"] and x["seed"] == first)
-        if run.get("samples"):
-            answers.append(f"| {r['method']} | " + " | ".join(_cell(s["answer"]) for s in run["samples"]) + " |")
-    return "\n\n".join([*parts, f"Greedy answers to the same eval prompts after distillation (seed {first}):",
-                        "\n".join(answers)])
+    by_method = {r["method"]: next(x for x in runs if x["method"] == r["method"] and x["seed"] == first)
+                 for r in rows}
+    shown = [m for m in SAMPLE_METHODS if by_method.get(m, {}).get("samples")]
+    columns = ["prompt", "teacher (reference)", "starting student", *shown]
+    answers = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for i, start in enumerate(meta["start_samples"]):
+        cells = [start["prompt"], start.get("reference", "-"), start["answer"]]
+        cells += [by_method[m]["samples"][i]["answer"] for m in shown]
+        answers.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return "\n\n".join([*parts, f"Greedy answers (at most {budget['max_new_tokens']} new tokens) to the same eval "
+                        f"prompts after distillation, seed {first}:", "\n".join(answers)])
 
 
-def _cell(text: str, limit: int = 90) -> str:
+SAMPLE_METHODS = ("On-policy (GKD)", "SKD", "AdaSwitch", "AdaSwitch + max divergence")
+
+
+def _cell(text: str, limit: int = 120) -> str:
     text = " ".join(text.split()).replace("|", "\\|")
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
