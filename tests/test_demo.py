@@ -3,11 +3,14 @@ teacher checkpoint, and the demo runner and ablation end to end (tiny presets, s
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from adaswitch.demo.build_teacher import TEACHER_DIR
+from adaswitch.demo.numerics import _has_avx2
 from adaswitch.demo.task import TaskConfig, build_dataset, extract_answer, is_correct, make_example, solve
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -488,6 +491,7 @@ def test_demo_pins_cpu_code_paths_only_where_unset(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")  # the user's own choice stays
     monkeypatch.setattr(numerics, "_has_avx2", lambda: True)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")  # as in a fresh process
     with numerics.pinned_cpu_numerics():
         assert os.environ["MKL_CBWR"] == "COMPATIBLE"
         assert os.environ["ATEN_CPU_CAPABILITY"] == "avx2" and os.environ["DNNL_MAX_CPU_ISA"] == "AVX2"
@@ -500,3 +504,27 @@ def test_demo_pins_cpu_code_paths_only_where_unset(monkeypatch):
     monkeypatch.setattr(numerics, "_has_avx2", lambda: False)  # no AVX2: nothing to pin to
     with numerics.pinned_cpu_numerics():
         assert not any(name in os.environ for name in numerics.AVX2_PATHS)
+    # torch already on a wider path (it ran CPU kernels before): the workers are not pinned either
+    monkeypatch.setattr(numerics, "_has_avx2", lambda: True)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    with numerics.pinned_cpu_numerics():
+        assert not any(name in os.environ for name in numerics.AVX2_PATHS)
+
+
+@pytest.mark.skipif(not _has_avx2(), reason="no AVX2")
+def test_the_pin_takes_in_a_fresh_process_and_is_dropped_after_cpu_work():
+    """In a fresh process torch runs the pinned AVX2 path (on an AVX-512 host too); in one whose torch ran CPU
+    kernels first, the switches are not set, so its runs and its workers' compute alike."""
+    import subprocess
+    import sys
+
+    code = ("import os, torch\n{before}\nfrom adaswitch.demo.numerics import pinned_cpu_numerics\n"
+            "with pinned_cpu_numerics():\n"
+            "    print(torch.backends.cpu.get_cpu_capability(), os.environ.get('ATEN_CPU_CAPABILITY'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ADASWITCH_DEMO_PIN_CPU")}
+    fresh = subprocess.run([sys.executable, "-c", code.format(before="")], capture_output=True, text=True, env=env)
+    assert fresh.stdout.split() == ["AVX2", "avx2"], fresh.stderr
+    busy = subprocess.run([sys.executable, "-c", code.format(before="torch.ones(4) + 1")], capture_output=True,
+                          text=True, env=env)
+    capability, pinned = busy.stdout.split()
+    assert pinned == ("avx2" if capability == "AVX2" else "None"), busy.stdout

@@ -33,6 +33,7 @@ SKD_NAME = "SKD"
 # first token, whose divergence never spikes against its own mean (presets that set max_divergence run it)
 MAX_DIVERGENCE_NAME = "AdaSwitch + max divergence"
 ALL_METHODS = (*METHOD_NAMES, MAX_DIVERGENCE_NAME)
+EXTRA_METRICS = ("teacher_nll", "samples")  # what a task's measure may add to a run's record (the real pair's)
 
 
 def random_switch_overrides(counts: list[int]) -> dict:
@@ -125,7 +126,7 @@ class Context:
     student_step_accuracy: float = math.nan
     info: dict = field(default_factory=dict)
     # measure(ctx, model, max_new_tokens=, with_kl=) -> {"accuracy", "step_accuracy", "teacher_kl", ...}: the
-    # task's evaluation (None: `accuracy`, the arithmetic task's); keys beyond those three land in each run's record
+    # task's evaluation (None: `accuracy`, the arithmetic task's); its EXTRA_METRICS land in each run's record
     measure: object = None
     student_teacher_nll: float = math.nan
 
@@ -262,7 +263,7 @@ def run_method(ctx: Context, name: str, overrides: dict | None, *, seed: int, bu
         seconds, history, counts, decoding = _distill(ctx, student, pool, overrides, seed=seed, budget=budget)
     trained = time.perf_counter()
     metrics = ctx.evaluate(student, max_new_tokens=budget.max_new_tokens, with_kl=True)
-    extra = {k: v for k, v in metrics.items() if k not in ("accuracy", "step_accuracy", "teacher_kl")}
+    extra = {k: metrics[k] for k in EXTRA_METRICS if k in metrics}
     return {
         "method": name,
         "seed": seed,

@@ -6,7 +6,9 @@ accuracies differ. Pinning all three to their AVX2 path (each library's document
 arithmetic the same on both; the demo's models are so small that the wider vectors buy nothing. Set before the
 first CPU computation of the process (each library reads its switch then) and inherited by the worker
 processes. A variable the user has set already is left as it is; ADASWITCH_DEMO_PIN_CPU=0 leaves all three
-alone."""
+alone. In a process whose torch has already chosen a wider path (the demo called from a program, or a test,
+after other CPU work) the switches cannot take effect any more; they are then not set for the workers either,
+so that the runs in this process and in the workers compute alike (the results must not depend on --workers)."""
 
 from __future__ import annotations
 
@@ -35,14 +37,23 @@ def pinned_cpu_numerics():
     if os.environ.get("ADASWITCH_DEMO_PIN_CPU", "1") != "0" and _has_avx2():
         for name, value in AVX2_PATHS.items():
             os.environ.setdefault(name, value)
+        import torch
+
+        # torch reads ATEN_CPU_CAPABILITY once, at its first CPU kernel: here, unless it ran one before
+        if torch.backends.cpu.get_cpu_capability().lower() != os.environ["ATEN_CPU_CAPABILITY"].lower():
+            _restore(before)
     try:
         yield
     finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        _restore(before)
+
+
+def _restore(values: dict) -> None:
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def cpu_numerics() -> dict:

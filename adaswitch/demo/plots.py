@@ -26,7 +26,8 @@ def _save(fig, path) -> None:
     write_file(path, buffer.getvalue())
 
 
-def plot_accuracy(rows: list[dict], path: str | Path, *, teacher_accuracy: float, start_accuracy: float) -> Path:
+def plot_accuracy(rows: list[dict], path: str | Path, *, teacher_accuracy: float, start_accuracy: float,
+                  start_label: str = "student after SFT", ylabel: str = "eval accuracy") -> Path:
     """One point per method: mean accuracy over seeds with a std error bar; teacher and the starting
     student as lines."""
     plt = _pyplot()
@@ -43,10 +44,10 @@ def plot_accuracy(rows: list[dict], path: str | Path, *, teacher_accuracy: float
         color="gray",
         ls=":",
         lw=1,
-        label=f"student after SFT {100 * start_accuracy:.1f}%",
+        label=f"{start_label} {100 * start_accuracy:.1f}%",
     )
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
-    ax.set_ylabel("eval accuracy (%), mean ± std over seeds")
+    ax.set_ylabel(f"{ylabel} (%), mean ± std over seeds")
     # Zoom on the range that holds the points and the two reference lines (differences are small).
     low = min([m - e for m, e in zip(means, stds)] + [100 * start_accuracy])
     ax.set_ylim(max(0.0, 10 * math.floor((low - 5) / 10)), 100)

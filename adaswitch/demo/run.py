@@ -31,6 +31,7 @@ from pathlib import Path
 from adaswitch.demo.build_teacher import STUDENT_DIR, TEACHER_DIR
 from adaswitch.demo.experiment import ALL_METHODS, METHOD_NAMES, ON_POLICY, SKD_NAME
 from adaswitch.demo.presets import (
+    SKD_TOP_K,
     adaswitch_defaults,
     check_workers,
     default_workers,
@@ -275,7 +276,8 @@ def time_split(runs: list[dict], total_seconds: float, workers: int) -> dict:
             "other_wall_seconds": round(total_seconds - (train + evals) / workers, 1)}
 
 
-def demo_jobs(methods, seeds, *, window: int, k: float, skd_top_k: int, max_divergence: float | None = None) -> list:
+def demo_jobs(methods, seeds, *, window: int, k: float, skd_top_k: int = SKD_TOP_K,
+              max_divergence: float | None = None) -> list:
     """One job per (method, seed), method by method; each "Random switch" run draws from the AdaSwitch
     run of its seed, and the first seed's AdaSwitch student comes back for the switch trace."""
     from adaswitch.demo.experiment import method_overrides
@@ -321,7 +323,8 @@ def _run(spec, ctx, pool, methods, seeds, window, k, out, progress, say) -> dict
         num_prompts=min(spec.trace_prompts, len(ctx.eval)),
         max_new_tokens=spec.budget.max_new_tokens,
     )
-    traces = {"student after SFT": switch_trace(ctx, ctx.student, **trace_kw)}
+    start = REAL_PLOT_LABELS["start_label"] if spec.pair == "real" else "student after SFT"
+    traces = {start: switch_trace(ctx, ctx.student, **trace_kw)}
     if adaswitch_model is not None:
         traces[f"after AdaSwitch distillation (seed {seeds[0]})"] = switch_trace(ctx, adaswitch_model, **trace_kw)
     plots = _write_plots(out, rows, ctx, traces, window=window, k=k, max_position=spec.budget.max_new_tokens)
@@ -350,6 +353,9 @@ def _run(spec, ctx, pool, methods, seeds, window, k, out, progress, say) -> dict
     }
 
 
+REAL_PLOT_LABELS = {"start_label": "student at start (pruned + healed)", "ylabel": "checkable accuracy"}
+
+
 def _write_plots(out, rows, ctx, traces, *, window, k, max_position) -> list[Path]:
     from adaswitch.demo.plots import plot_accuracy, plot_divergence_trace, plot_switch_histogram
 
@@ -359,6 +365,7 @@ def _write_plots(out, rows, ctx, traces, *, window, k, max_position) -> list[Pat
             out / "accuracy.png",
             teacher_accuracy=ctx.teacher_accuracy,
             start_accuracy=ctx.student_accuracy,
+            **(REAL_PLOT_LABELS if is_chat_task(rows) else {}),
         )
     ]
     paths.append(
@@ -368,7 +375,7 @@ def _write_plots(out, rows, ctx, traces, *, window, k, max_position) -> list[Pat
             max_position=max_position,
         )
     )
-    trace = traces["student after SFT"]
+    trace = next(iter(traces.values()))  # the starting student's
     # The clearest example: a row that switched late enough to show the window filling up.
     candidates = [i for i, p in enumerate(trace["switch_position"]) if p >= window + 2]
     candidates = candidates or [i for i, p in enumerate(trace["switch_position"]) if p >= 0] or [0]
