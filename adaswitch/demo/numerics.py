@@ -1,9 +1,12 @@
-"""The demo's numbers reproduce to the digit on every x86-64 CPU with AVX2, AVX-512 ones included.
+"""The demo pins the CPU code paths of torch, MKL and oneDNN to AVX2, so an AVX-512 host takes the same paths.
+
+Measured (docs/demo.md): the digits repeat run to run on one CPU, but an Intel AVX-512 host pinned so does not
+reproduce an AMD AVX2 host's run to the digit; the pin narrows the differences, it does not remove them.
 
 torch's own CPU kernels (ATen), its BLAS (MKL) and oneDNN pick their code path from the CPU: an AVX-512 host
 sums a matrix product in another order than an AVX2 one, a sampled token flips, and after 150 steps the
-accuracies differ. Pinning all three to their AVX2 path (each library's documented switch) makes the
-arithmetic the same on both; the demo's models are so small that the wider vectors buy nothing. Set before the
+accuracies differ. Pinning all three to their AVX2 path (each library's documented switch) is meant to make
+the arithmetic the same on both; the demo's models are so small that the wider vectors buy nothing. Set before the
 first CPU computation of the process (each library reads its switch then) and inherited by the worker
 processes. A variable the user has set already is left as it is; ADASWITCH_DEMO_PIN_CPU=0 leaves all three
 alone. In a process whose torch has already chosen a wider path (the demo called from a program, or a test,
