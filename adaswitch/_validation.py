@@ -9,6 +9,11 @@ import torch
 
 KINDS = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
 KIND_CODES = {k: i for i, k in enumerate(KINDS)}
+# The loss kinds: the divergences, and the sampled-token policy-gradient form (adaswitch/ops/sampled.py),
+# which is a loss only (it needs the sampled token, so no switching rule compares by it)
+SAMPLED_KIND = "sampled_reverse_kl"
+LOSS_KINDS = (*KINDS, SAMPLED_KIND)
+SAMPLED_CODE = len(KINDS)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -65,3 +70,37 @@ def check_logits_pair(student_logits, teacher_logits) -> None:
 def check_divergence_args(kind, beta, alpha, temperature) -> tuple[int, float, float, float]:
     return check_kind(kind), check_unit_interval("beta", beta), check_unit_interval("alpha", alpha), \
         check_temperature(temperature)
+
+
+def check_loss_args(kind, beta, alpha, temperature) -> tuple[int, float, float, float]:
+    """As `check_divergence_args`, for the loss kinds: the sampled-token form's code is SAMPLED_CODE."""
+    if kind == SAMPLED_KIND:
+        return SAMPLED_CODE, check_unit_interval("beta", beta), check_unit_interval("alpha", alpha), \
+            check_temperature(temperature)
+    if kind not in KIND_CODES:
+        raise ValueError(f"kind must be one of {LOSS_KINDS}, got {kind!r}")
+    return check_divergence_args(kind, beta, alpha, temperature)
+
+
+def check_nonnegative(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_loss_weights(weight_hard_loss, weight_soft_loss) -> tuple[float, float]:
+    """Liger's weights of the hard-label (cross-entropy) and soft (distillation) terms, not both 0."""
+    hard = check_nonnegative("weight_hard_loss", weight_hard_loss)
+    soft = check_nonnegative("weight_soft_loss", weight_soft_loss)
+    if hard == 0.0 and soft == 0.0:
+        raise ValueError("weight_hard_loss and weight_soft_loss are both 0: the loss would be 0; set one > 0")
+    return hard, soft
+
+
+def check_sampled_args(discount, importance_cap) -> tuple[float, float]:
+    """The sampled-token form's discount over later tokens (in [0, 1]) and importance-weight cap (> 0)."""
+    discount = check_unit_interval("discount", discount)
+    if isinstance(importance_cap, bool) or not isinstance(importance_cap, (int, float)) \
+            or not math.isfinite(importance_cap) or importance_cap <= 0:
+        raise ValueError(f"importance_cap must be a finite number > 0, got {importance_cap!r}")
+    return discount, float(importance_cap)

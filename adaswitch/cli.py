@@ -55,7 +55,20 @@ SAMPLING_FIELDS = (
     "guidance",
     "reuse_teacher_states",
 )
-LOSS_FIELDS = ("loss_kind", "beta", "alpha", "loss_temperature", "token_mask", "max_prompt_length")
+LOSS_FIELDS = (
+    "loss_kind",
+    "beta",
+    "alpha",
+    "loss_temperature",
+    "token_mask",
+    "loss_reduction",
+    "weight_hard_loss",
+    "weight_soft_loss",
+    "hard_label_mask",
+    "sampled_discount",
+    "sampled_importance_cap",
+    "max_prompt_length",
+)
 TRAINING_FIELDS = (
     "learning_rate",
     "num_train_epochs",

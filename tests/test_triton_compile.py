@@ -111,11 +111,11 @@ def _cases():
         torch.zeros(4, big + 1, dtype=bf16)[:, 1:], torch.zeros(4, big + 1, dtype=bf16)[:, 1:], impl="triton"))
 
     # distill_loss: every kind x dtype with labels and a gradient; inference (no labels, no gradient)
-    def loss(kind, ds, dt, grad=True, labels=True, reduction="mean", vocab=big):
+    def loss(kind, ds, dt, grad=True, labels=True, reduction="mean", vocab=big, **kw):
         s = torch.zeros(2, 3, vocab, dtype=ds, requires_grad=grad)
         lab = torch.zeros(2, 3, dtype=torch.long) if labels else None
         out = distill_loss(s, torch.zeros(2, 3, vocab, dtype=dt), kind, labels=lab, reduction=reduction,
-                           impl="triton")
+                           impl="triton", **kw)
         if grad:
             out.sum().backward()
 
@@ -125,6 +125,19 @@ def _cases():
         add(f"distill_loss {kind} bf16 no grad", lambda kind=kind: loss(kind, bf16, bf16, False, False))
         add(f"distill_loss {kind} bf16/fp32 none", lambda kind=kind: loss(kind, bf16, f32, reduction="none"))
         add(f"distill_loss {kind} bf16 V={odd}", lambda kind=kind: loss(kind, bf16, bf16, vocab=odd))
+        # the hard-label term at the loss temperature (one log-sum-exp) and at another (a second one)
+        for temperature in (1.0, 2.0):
+            add(f"distill_loss {kind} bf16 hard T={temperature}", lambda kind=kind, temperature=temperature: loss(
+                kind, bf16, bf16, weight_hard_loss=0.5, temperature=temperature))
+            add(f"distill_loss {kind} fp32 hard T={temperature} no grad", lambda kind=kind, temperature=temperature:
+                loss(kind, f32, f32, False, weight_hard_loss=0.5, temperature=temperature))
+    # the hard-label term alone (no soft term: the teacher is not read) and the sampled-token form
+    for dtype in (f32, bf16, f16, f64):
+        add(f"distill_loss hard only {dtype}", lambda dtype=dtype: loss(
+            "forward_kl", dtype, dtype, weight_hard_loss=1.0, weight_soft_loss=0.0))
+        add(f"distill_loss sampled {dtype}", lambda dtype=dtype: loss("sampled_reverse_kl", dtype, dtype, discount=0.5))
+        add(f"distill_loss sampled {dtype} V={odd} hard", lambda dtype=dtype: loss(
+            "sampled_reverse_kl", dtype, dtype, vocab=odd, weight_hard_loss=0.5, temperature=2.0))
 
     # the fused-linear loss's chunks (fp32 logits; fp64 for fp64 inputs), per-row scale for reduction="none"
     def fused(kind, dtype, reduction="mean", labels=True):
@@ -139,6 +152,7 @@ def _cases():
         add(f"fused_linear {kind} bf16", lambda kind=kind: fused(kind, bf16))
         add(f"fused_linear {kind} fp32 none", lambda kind=kind: fused(kind, f32, "none", False))
         add(f"fused_linear {kind} fp64", lambda kind=kind: fused(kind, f64))
+    add("fused_linear sampled bf16 none", lambda: fused("sampled_reverse_kl", bf16, "none"))
 
     # the decode step and lookahead: every policy (AdaSwitch with every divergence), greedy / sampled /
     # filtered, bf16 / fp32 / fp16 logits, the large-vocabulary tile and a tiny model's

@@ -32,7 +32,13 @@ SKD_NAME = "SKD"
 # AdaSwitch with its absolute trigger as well (`max_divergence`): for a student far from the teacher from the
 # first token, whose divergence never spikes against its own mean (presets that set max_divergence run it)
 MAX_DIVERGENCE_NAME = "AdaSwitch + max divergence"
-ALL_METHODS = (*METHOD_NAMES, MAX_DIVERGENCE_NAME)
+# Two loss forms beside the divergence (docs/spec.md section 5), shown on the quick preset: on-policy with the
+# sampled-token reverse-KL policy gradient, and AdaSwitch with a hard-label term on the tokens the teacher wrote
+SAMPLED_NAME = "On-policy (sampled-token)"
+HARD_LABEL_NAME = "AdaSwitch + hard labels"
+HARD_LABEL_WEIGHT = 0.5  # weight_hard_loss beside weight_soft_loss = 1: the divergence term as in "AdaSwitch"
+LOSS_FORM_METHODS = (SAMPLED_NAME, HARD_LABEL_NAME)
+ALL_METHODS = (*METHOD_NAMES, MAX_DIVERGENCE_NAME, *LOSS_FORM_METHODS)
 EXTRA_METRICS = ("teacher_nll", "samples")  # what a task's measure may add to a run's record (the real pair's)
 
 
@@ -62,6 +68,9 @@ def method_overrides(name: str, *, window: int, k: float, skd_top_k: int, switch
         "SKD": {"policy": "skd", "skd_top_k": skd_top_k},
         "AdaSwitch": {"policy": "adaswitch", "window": window, "k": k},
         "Fixed switch": {"policy": "fixed_switch", "window": window, "k": k},
+        SAMPLED_NAME: {"policy": "student", "loss_kind": "sampled_reverse_kl"},
+        HARD_LABEL_NAME: {"policy": "adaswitch", "window": window, "k": k, "weight_hard_loss": HARD_LABEL_WEIGHT,
+                          "hard_label_mask": "teacher"},
     }
     if name == MAX_DIVERGENCE_NAME:
         if max_divergence is None:

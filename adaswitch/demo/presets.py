@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adaswitch.demo.build_teacher import QUICK_NUM_EVAL, QUICK_STUDENT_DIR, STUDENT_DIR, DataSpec
-from adaswitch.demo.experiment import MAX_DIVERGENCE_NAME, METHOD_NAMES, Budget
+from adaswitch.demo.experiment import LOSS_FORM_METHODS, MAX_DIVERGENCE_NAME, METHOD_NAMES, Budget
 
 SKD_TOP_K = 2  # top-2 of a 19-token vocabulary (docs/demo.md: top-25 would accept every draft)
 
@@ -57,6 +57,7 @@ PRESETS = {
         num_eval=None,
         trace_prompts=128,
         num_eval_problems=QUICK_NUM_EVAL,
+        methods=(*METHOD_NAMES, *LOSS_FORM_METHODS),  # the two loss forms beside the divergence, too
     ),
     "full": DemoPreset(
         name="full",

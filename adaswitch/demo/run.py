@@ -29,7 +29,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from adaswitch.demo.build_teacher import STUDENT_DIR, TEACHER_DIR
-from adaswitch.demo.experiment import ALL_METHODS, METHOD_NAMES, ON_POLICY, SKD_NAME
+from adaswitch.demo.experiment import ALL_METHODS, ON_POLICY, SKD_NAME
 from adaswitch.demo.presets import (
     SKD_TOP_K,
     adaswitch_defaults,
@@ -432,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         choices=ALL_METHODS,
         metavar="METHOD",
-        help=f"subset of {', '.join(METHOD_NAMES)} (--real also: {ALL_METHODS[-1]})",
+        help=f"subset of the preset's methods: {', '.join(ALL_METHODS)}",
     )
     parser.add_argument(
         "--workers",

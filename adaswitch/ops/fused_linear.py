@@ -24,16 +24,9 @@ import math
 import torch
 
 from adaswitch._backend import resolve_impl
-from adaswitch._validation import FLOAT_DTYPES, check_divergence_args
-from adaswitch.ops.loss import (
-    autocast_off,
-    check_labels,
-    check_num_items,
-    check_reduction,
-    loss_rows_and_grad,
-    reduce_rows,
-    reduction_scale,
-)
+from adaswitch._validation import FLOAT_DTYPES
+from adaswitch.ops.loss import LossPlan, autocast_off, check_loss_call, reduce_rows
+from adaswitch.ops.sampled import DEFAULT_IMPORTANCE_CAP
 
 # default chunk = this many logits per model: 512 MB of fp32 on a GPU (few, large matmuls), 64 MB on
 # the CPU (cache-friendlier, and the peak stays far below the eager loss's at every batch size)
@@ -80,7 +73,37 @@ def _raw_grad(g, z, head):
     return g if logit_scale == 1.0 else g.mul_(logit_scale)
 
 
-def _run_chunks(hs, ws, bs, ht, wt, bt, valid, scale, params, chunk, want, heads):
+def _sampled_coefficients(hs, ws_c, bs, ht, wt_c, bt, plan, chunk, compute, heads):
+    """The sampled form's log p_S(y) and coefficients of every row, from a first sweep over the chunks
+    (no gradient): with a discount, a token's coefficient needs the later tokens of its sequence."""
+    n = hs.shape[0]
+    lp_s = torch.empty(n, dtype=compute, device=hs.device)
+    lp_t = torch.empty(n, dtype=compute, device=hs.device)
+    with torch.no_grad():
+        for i in range(0, n, chunk):
+            j = min(n, i + chunk)
+            lp_s[i:j] = plan.token_logprobs(_logits(hs[i:j], ws_c, bs, compute, heads[0]), slice(i, j))
+            lp_t[i:j] = plan.token_logprobs(_logits(ht[i:j], wt_c, bt, compute, heads[1]), slice(i, j))
+    return lp_s, plan.coefficients(lp_s, lp_t)
+
+
+def _chunk_rows(zs, ht, wt_c, bt, compute, heads, plan, rows, scale, want_grad, sampled_all):
+    """One chunk's loss rows and d loss / d logits (scaled by `scale`) under `plan`."""
+    if plan.sampled and sampled_all is not None:  # the coefficients are known: the teacher is not needed
+        lp_s, coef = (x[rows] for x in sampled_all)
+        return plan.sampled_rows(zs, lp_s, coef, scale, want_grad, rows)
+    with torch.no_grad():
+        zt = _logits(ht[rows], wt_c, bt, compute, heads[1])
+    if plan.sampled:  # no discount: each row's coefficient is its own
+        lp_s = plan.token_logprobs(zs, rows)
+        coef = plan.coefficients(lp_s, plan.token_logprobs(zt, rows), rows)
+        return plan.sampled_rows(zs, lp_s, coef, scale, want_grad, rows)
+    valid = None if plan.valid is None else plan.valid[rows]
+    hard = None if plan.hard is None else (plan.hard[0][rows], plan.hard[1][rows], plan.hard[2])
+    return plan.dense_rows(zs, zt, valid, scale, want_grad, hard)
+
+
+def _run_chunks(hs, ws, bs, ht, wt, bt, plan, scale, chunk, want, heads):
     """Loss rows and (per `want` = (hidden, weight, bias)) gradients, scaled by `scale` per row.
     heads: ((logit_scale, softcap) of the student, the same of the teacher)."""
     n = hs.shape[0]
@@ -88,6 +111,9 @@ def _run_chunks(hs, ws, bs, ht, wt, bt, valid, scale, params, chunk, want, heads
     # a weight that is not in `compute` is cast once here on the CPU (no fp32 matmul from bf16 there)
     ws_c = ws if (ws.dtype == compute or ws.is_cuda) else ws.to(compute)
     wt_c = wt if (wt.dtype == compute or wt.is_cuda) else wt.to(compute)
+    sampled_all = None
+    if plan.sampled and plan.discount:
+        sampled_all = _sampled_coefficients(hs, ws_c, bs, ht, wt_c, bt, plan, chunk, compute, heads)
     loss_rows = torch.empty(n, dtype=compute, device=hs.device)
     g_h = torch.empty_like(hs) if want[0] else None
     g_w = torch.zeros(ws.shape, dtype=compute, device=ws.device) if want[1] else None
@@ -96,13 +122,8 @@ def _run_chunks(hs, ws, bs, ht, wt, bt, valid, scale, params, chunk, want, heads
     for i in range(0, n, chunk):
         j = min(n, i + chunk)
         zs = _logits(hs[i:j], ws_c, bs, compute, heads[0])
-        with torch.no_grad():
-            zt = _logits(ht[i:j], wt_c, bt, compute, heads[1])
         sc = scale if scale.numel() == 1 else scale[i:j]
-        rows, g = loss_rows_and_grad(
-            zs, zt, valid=None if valid is None else valid[i:j], scale=sc, want_grad=any_grad, **params
-        )
-        del zt
+        rows, g = _chunk_rows(zs, ht, wt_c, bt, compute, heads, plan, slice(i, j), sc, any_grad, sampled_all)
         loss_rows[i:j] = rows
         if not any_grad:
             continue
@@ -123,17 +144,17 @@ class FusedLinearDistillFunction(torch.autograd.Function):
     """Chunked forward that also produces the student-side gradients; backward scales them."""
 
     @staticmethod
-    def forward(ctx, hs, ws, bs, ht, wt, bt, valid, scale, params, reduction, chunk, lead_shape, heads):
+    def forward(ctx, hs, ws, bs, ht, wt, bt, plan, reduction, chunk, lead_shape, heads):
         want = tuple(ctx.needs_input_grad[:3]) if reduction != "none" else (False, False, False)
         with autocast_off(hs.device):
-            loss_rows, g_h, g_w, g_b = _run_chunks(hs, ws, bs, ht, wt, bt, valid, scale, params, chunk, want, heads)
-        ctx.reduction, ctx.params, ctx.chunk, ctx.heads, ctx.used = reduction, params, chunk, heads, False
+            loss_rows, g_h, g_w, g_b = _run_chunks(hs, ws, bs, ht, wt, bt, plan, plan.scale, chunk, want, heads)
+        ctx.reduction, ctx.plan, ctx.chunk, ctx.heads, ctx.used = reduction, plan, chunk, heads, False
         ctx.dtypes = (hs.dtype, ws.dtype, None if bs is None else bs.dtype)
         if reduction == "none":
-            ctx.save_for_backward(hs, ws, bs, ht, wt, bt, valid)
+            ctx.save_for_backward(hs, ws, bs, ht, wt, bt)
         else:
             ctx.save_for_backward(g_h, g_w, g_b)
-        return reduce_rows(loss_rows, scale, reduction, lead_shape)
+        return reduce_rows(loss_rows, plan.scale, reduction, lead_shape)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -142,13 +163,11 @@ class FusedLinearDistillFunction(torch.autograd.Function):
             raise RuntimeError("fused_linear_distill_loss supports one backward per forward")
         ctx.used = True
         if ctx.reduction == "none":
-            hs, ws, bs, ht, wt, bt, valid = ctx.saved_tensors
+            hs, ws, bs, ht, wt, bt = ctx.saved_tensors
             want = tuple(ctx.needs_input_grad[:3])
-            scale = grad_output.reshape(-1).to(torch.float32)
+            scale = grad_output.reshape(-1).to(ctx.plan.scale.dtype)
             with autocast_off(hs.device):
-                _, g_h, g_w, g_b = _run_chunks(
-                    hs, ws, bs, ht, wt, bt, valid, scale, ctx.params, ctx.chunk, want, ctx.heads
-                )
+                _, g_h, g_w, g_b = _run_chunks(hs, ws, bs, ht, wt, bt, ctx.plan, scale, ctx.chunk, want, ctx.heads)
         else:
             g_h, g_w, g_b = ctx.saved_tensors
             for g in (g_h, g_w, g_b):
@@ -157,7 +176,7 @@ class FusedLinearDistillFunction(torch.autograd.Function):
         g_h = None if g_h is None else g_h.to(ctx.dtypes[0])
         g_w = None if g_w is None else g_w.to(ctx.dtypes[1])
         g_b = None if g_b is None else g_b.to(ctx.dtypes[2])
-        return g_h, g_w, g_b, None, None, None, None, None, None, None, None, None, None
+        return g_h, g_w, g_b, None, None, None, None, None, None, None, None
 
 
 def _check_float(name, x, dims=None):
@@ -240,6 +259,12 @@ def fused_linear_distill_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     num_items_in_batch: int | float | torch.Tensor | None = None,
+    weight_hard_loss: float = 0.0,
+    weight_soft_loss: float = 1.0,
+    hard_labels: torch.Tensor | None = None,
+    discount: float = 0.0,
+    importance_cap: float = DEFAULT_IMPORTANCE_CAP,
+    teacher_sampled: torch.Tensor | None = None,
     chunk_size: int | None = None,
     impl: str | None = None,
 ) -> torch.Tensor:
@@ -253,8 +278,9 @@ def fused_linear_distill_loss(
     own processing of its LM head's output (e.g. Cohere's `logit_scale`, Granite's 1 / `logits_scaling`,
     Gemma 2's `final_logit_softcapping`); the loss is computed in fp32 inside `torch.autocast` too.
     chunk_size: tokens per chunk (default: 2**27 / V on a GPU, 512 MB of fp32 logits per model; 2**24 / V
-    on the CPU). Other arguments as in
-    `distill_loss`.
+    on the CPU). Other arguments as in `distill_loss`, the hard-label term, "sequence_mean" and the
+    sampled-token form included (with a discount, the sampled form sweeps the chunks twice: once for every
+    token's coefficient, once for the gradients).
     """
     check_fused_args(
         student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias, chunk_size
@@ -263,27 +289,24 @@ def fused_linear_distill_loss(
         check_head_processing("student", student_logit_scale, student_softcap),
         check_head_processing("teacher", teacher_logit_scale, teacher_softcap),
     )
-    kind_code, beta, alpha, temperature = check_divergence_args(kind, beta, alpha, temperature)
-    check_reduction(reduction)
     device = student_hidden.device
     lead_shape = student_hidden.shape[:-1]
-    check_labels(labels, lead_shape, device, ignore_index)
-    check_num_items(num_items_in_batch, reduction, device)
+    kind_code, beta, alpha, temperature, weight_hard_loss, weight_soft_loss, discount, importance_cap = \
+        check_loss_call(kind, beta, alpha, temperature, reduction, lead_shape, device, labels, ignore_index,
+                        num_items_in_batch, weight_hard_loss, weight_soft_loss, hard_labels, discount,
+                        importance_cap, teacher_sampled)
     which = resolve_impl(impl, device, native_op="distill_loss_rows")
     vocab = student_weight.shape[0]
     hs = student_hidden.reshape(-1, student_hidden.shape[-1])
     ht = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
-    n = hs.shape[0]
     chunk = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS.get(device.type, 1 << 27) // vocab)
-    valid = None if labels is None else (labels != ignore_index).reshape(-1)
-    scale = reduction_scale(valid, n, reduction, num_items_in_batch, device)
-    params = {
-        "kind_code": kind_code,
-        "beta": beta,
-        "alpha": alpha,
-        "temperature": temperature,
-        "which": which,
-    }
+    plan = LossPlan(
+        kind_code=kind_code, beta=beta, alpha=alpha, temperature=temperature, lead_shape=lead_shape, vocab=vocab,
+        device=device, labels=labels, ignore_index=ignore_index, reduction=reduction,
+        num_items_in_batch=num_items_in_batch, weight_hard_loss=weight_hard_loss, weight_soft_loss=weight_soft_loss,
+        hard_labels=hard_labels, discount=discount, importance_cap=importance_cap, teacher_sampled=teacher_sampled,
+        which=which, dtype=student_hidden.dtype,
+    )
     return FusedLinearDistillFunction.apply(
         hs,
         student_weight,
@@ -291,9 +314,7 @@ def fused_linear_distill_loss(
         ht,
         teacher_weight.detach(),
         None if teacher_bias is None else teacher_bias.detach(),
-        valid,
-        scale,
-        params,
+        plan,
         reduction,
         chunk,
         lead_shape,

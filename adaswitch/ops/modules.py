@@ -5,18 +5,24 @@ from __future__ import annotations
 
 import torch
 
-from adaswitch._validation import check_divergence_args
+from adaswitch._validation import check_loss_args, check_loss_weights, check_sampled_args
 from adaswitch.ops.fused_linear import check_head_processing, fused_linear_distill_loss
 from adaswitch.ops.loss import check_reduction, distill_loss
+from adaswitch.ops.sampled import DEFAULT_IMPORTANCE_CAP
 
 
 class _LossConfig(torch.nn.Module):
-    def __init__(self, kind, beta, alpha, temperature, ignore_index, reduction, impl):
+    def __init__(self, kind, beta, alpha, temperature, ignore_index, reduction, impl, weight_hard_loss=0.0,
+                 weight_soft_loss=1.0, discount=0.0, importance_cap=DEFAULT_IMPORTANCE_CAP):
         super().__init__()
-        check_divergence_args(kind, beta, alpha, temperature)
+        check_loss_args(kind, beta, alpha, temperature)
         check_reduction(reduction)
+        check_loss_weights(weight_hard_loss, weight_soft_loss)
+        check_sampled_args(discount, importance_cap)
         self.kind, self.beta, self.alpha, self.temperature = kind, beta, alpha, temperature
         self.ignore_index, self.reduction, self.impl = ignore_index, reduction, impl
+        self.weight_hard_loss, self.weight_soft_loss = weight_hard_loss, weight_soft_loss
+        self.discount, self.importance_cap = discount, importance_cap
 
     def _kwargs(self):
         return {
@@ -25,13 +31,18 @@ class _LossConfig(torch.nn.Module):
             "temperature": self.temperature,
             "ignore_index": self.ignore_index,
             "reduction": self.reduction,
+            "weight_hard_loss": self.weight_hard_loss,
+            "weight_soft_loss": self.weight_soft_loss,
+            "discount": self.discount,
+            "importance_cap": self.importance_cap,
             "impl": self.impl,
         }
 
     def extra_repr(self) -> str:
         return (
             f"kind={self.kind!r}, beta={self.beta}, alpha={self.alpha}, temperature={self.temperature}, "
-            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}"
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+            f"weight_hard_loss={self.weight_hard_loss}, weight_soft_loss={self.weight_soft_loss}"
         )
 
 
@@ -47,17 +58,25 @@ class DistillLoss(_LossConfig):
         temperature=1.0,
         ignore_index=-100,
         reduction="mean",
+        weight_hard_loss=0.0,
+        weight_soft_loss=1.0,
+        discount=0.0,
+        importance_cap=DEFAULT_IMPORTANCE_CAP,
         impl=None,
     ):
-        super().__init__(kind, beta, alpha, temperature, ignore_index, reduction, impl)
+        super().__init__(kind, beta, alpha, temperature, ignore_index, reduction, impl, weight_hard_loss,
+                         weight_soft_loss, discount, importance_cap)
 
-    def forward(self, student_logits, teacher_logits, labels=None, num_items_in_batch=None):
+    def forward(self, student_logits, teacher_logits, labels=None, num_items_in_batch=None, hard_labels=None,
+                teacher_sampled=None):
         return distill_loss(
             student_logits,
             teacher_logits,
             self.kind,
             labels=labels,
             num_items_in_batch=num_items_in_batch,
+            hard_labels=hard_labels,
+            teacher_sampled=teacher_sampled,
             **self._kwargs(),
         )
 
@@ -77,6 +96,10 @@ class FusedLinearDistillLoss(_LossConfig):
         temperature=1.0,
         ignore_index=-100,
         reduction="mean",
+        weight_hard_loss=0.0,
+        weight_soft_loss=1.0,
+        discount=0.0,
+        importance_cap=DEFAULT_IMPORTANCE_CAP,
         chunk_size=None,
         impl=None,
         student_logit_scale=1.0,
@@ -84,7 +107,8 @@ class FusedLinearDistillLoss(_LossConfig):
         student_softcap=None,
         teacher_softcap=None,
     ):
-        super().__init__(kind, beta, alpha, temperature, ignore_index, reduction, impl)
+        super().__init__(kind, beta, alpha, temperature, ignore_index, reduction, impl, weight_hard_loss,
+                         weight_soft_loss, discount, importance_cap)
         self.student_logit_scale, self.student_softcap = check_head_processing(
             "student", student_logit_scale, student_softcap
         )
@@ -107,6 +131,8 @@ class FusedLinearDistillLoss(_LossConfig):
         student_bias=None,
         teacher_bias=None,
         num_items_in_batch=None,
+        hard_labels=None,
+        teacher_sampled=None,
     ):
         return fused_linear_distill_loss(
             student_hidden,
@@ -122,6 +148,8 @@ class FusedLinearDistillLoss(_LossConfig):
             teacher_softcap=self.teacher_softcap,
             labels=labels,
             num_items_in_batch=num_items_in_batch,
+            hard_labels=hard_labels,
+            teacher_sampled=teacher_sampled,
             chunk_size=self.chunk_size,
             **self._kwargs(),
         )

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
 
-from adaswitch._validation import KINDS
+from adaswitch._validation import KINDS, LOSS_KINDS, SAMPLED_KIND
+from adaswitch.ops.sampled import DEFAULT_IMPORTANCE_CAP
 from adaswitch.train.distributed import accelerator_available, launched_processes
 
 POLICY_NAMES = ("student", "teacher", "dataset", "mixed", "skd", "adaswitch", "fixed_switch", "random_switch")
@@ -24,6 +25,7 @@ SWITCH_POLICIES = ("adaswitch", "fixed_switch", "random_switch")
 # policies default to token by token, their fastest setting there.
 SKD_DEFAULT_LOOKAHEAD = 4
 TOKEN_MASKS = ("all", "student", "teacher")
+LOSS_REDUCTIONS = ("mean", "sequence_mean")  # over the loss tokens; over the sequences of their summed losses
 GUIDANCES = ("step", "speculative")
 # The policies whose responses come (at least partly) from the dataset's `completion` column.
 POLICIES_USING_COMPLETIONS = ("dataset", "mixed")
@@ -75,7 +77,9 @@ class DistillConfig(TrainingArguments):
     same three for the teacher; `max_new_tokens`, `lookahead`, `guidance`, `sync_every`,
     `max_prompt_length`; `reuse_teacher_states` (the loss takes the teacher's states from generation).
 
-    Parameters that control the loss: `loss_kind`, `beta`, `alpha`, `loss_temperature`, `token_mask`.
+    Parameters that control the loss: `loss_kind`, `beta`, `alpha`, `loss_temperature`, `token_mask`,
+    `loss_reduction`, `weight_hard_loss` / `weight_soft_loss` / `hard_label_mask` (Liger's names), and the
+    sampled-token form's `sampled_discount` / `sampled_importance_cap`.
     """
 
     # ---- policy ------------------------------------------------------------------------------------
@@ -208,8 +212,9 @@ class DistillConfig(TrainingArguments):
     loss_kind: str = field(
         default="forward_kl",
         metadata={
-            "help": "Divergence minimised between teacher and student on the response tokens.",
-            "choices": KINDS,
+            "help": "Divergence minimised between teacher and student on the response tokens, or "
+            "sampled_reverse_kl: the reverse KL estimated on each sampled token, as a policy-gradient loss.",
+            "choices": LOSS_KINDS,
         },
     )
     beta: float = field(
@@ -232,6 +237,42 @@ class DistillConfig(TrainingArguments):
             "help": "Which response tokens the loss covers: all of them, only those the student sampled, "
             "or only those the teacher sampled.",
             "choices": TOKEN_MASKS,
+        },
+    )
+    loss_reduction: str = field(
+        default="mean",
+        metadata={
+            "help": "mean: over the loss tokens of the batch; sequence_mean: each sequence's summed loss, averaged "
+            "over the sequences (TRL's batchmean without labels; long answers weigh more).",
+            "choices": LOSS_REDUCTIONS,
+        },
+    )
+    weight_hard_loss: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight (>= 0) of a hard-label term: the cross-entropy of the response tokens under the "
+            "student's raw logits (Liger's weight_hard_loss; 0 = none)."
+        },
+    )
+    weight_soft_loss: float = field(
+        default=1.0, metadata={"help": "Weight (>= 0) of the distillation term (Liger's weight_soft_loss)."}
+    )
+    hard_label_mask: str = field(
+        default="all",
+        metadata={
+            "help": "Which of the loss tokens the hard-label term covers: all, those the student sampled, or "
+            "those the teacher wrote.",
+            "choices": TOKEN_MASKS,
+        },
+    )
+    sampled_discount: float = field(
+        default=0.0,
+        metadata={"help": "sampled_reverse_kl: discount in [0, 1] of later tokens' estimates (0 = per token)."},
+    )
+    sampled_importance_cap: float = field(
+        default=DEFAULT_IMPORTANCE_CAP,
+        metadata={
+            "help": "sampled_reverse_kl: cap (> 0) of the importance weight p_S / p_T of a teacher-written token."
         },
     )
 
@@ -324,8 +365,32 @@ class DistillConfig(TrainingArguments):
             )
 
     def _check_loss(self) -> None:
-        if self.loss_kind not in KINDS:
-            raise ValueError(f"loss_kind must be one of {KINDS}, got {self.loss_kind!r}")
+        if self.loss_kind not in LOSS_KINDS:
+            raise ValueError(f"loss_kind must be one of {LOSS_KINDS}, got {self.loss_kind!r}")
+        if self.loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {self.loss_reduction!r}")
+        for name in ("weight_hard_loss", "weight_soft_loss"):
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.weight_hard_loss == 0 and self.weight_soft_loss == 0:
+            raise ValueError("weight_hard_loss and weight_soft_loss are both 0: the loss would be 0; set one > 0")
+        if self.hard_label_mask not in TOKEN_MASKS:
+            raise ValueError(f"hard_label_mask must be one of {TOKEN_MASKS}, got {self.hard_label_mask!r}")
+        if self.hard_label_mask != "all" and self.weight_hard_loss == 0:
+            raise ValueError(f"hard_label_mask={self.hard_label_mask!r} selects the hard-label term's tokens: set "
+                             "weight_hard_loss > 0 to use it")
+        if not _is_number(self.sampled_discount) or not 0.0 <= self.sampled_discount <= 1.0:
+            raise ValueError(f"sampled_discount must be a number in [0, 1], got {self.sampled_discount!r}")
+        cap = self.sampled_importance_cap
+        if not _is_number(cap) or not math.isfinite(cap) or cap <= 0:
+            raise ValueError(f"sampled_importance_cap must be a finite number > 0, got {cap!r}")
+        if self.loss_kind != SAMPLED_KIND and (self.sampled_discount != 0.0 or cap != DEFAULT_IMPORTANCE_CAP):
+            raise ValueError(f"sampled_discount and sampled_importance_cap apply to loss_kind={SAMPLED_KIND!r}, "
+                             f"got loss_kind={self.loss_kind!r}: they would change nothing")
+        if self.loss_kind == SAMPLED_KIND and self.policy == "dataset":
+            raise ValueError(f"loss_kind={SAMPLED_KIND!r} estimates the reverse KL on tokens a model sampled; "
+                             "policy 'dataset' tokens come from neither model (no importance weight is known)")
         value = self.loss_temperature
         if not _is_number(value) or not math.isfinite(value) or value <= 0:
             raise ValueError(f"loss_temperature must be a finite number > 0, got {value!r}")

@@ -12,7 +12,8 @@ Each training step (docs/spec.md sections 2 and 5):
    LM-head weights (no [N, V] logits kept) when, for both models, it forms the model's own logits (a
    linear LM head with a known logit scale / softcap, checked once against a real forward at
    start-up, `verify_fused_head`), else `distill_loss` on the logits; prompt, padding and tokens outside
-   `token_mask` are `ignore_index`;
+   `token_mask` are `ignore_index`; the loss form (`loss_kind`, a hard-label term, `loss_reduction`) is the
+   op's (docs/spec.md section 5), the teacher-written tokens being what the sampled-token form weighs;
 4. Trainer's backward and optimizer step (so accelerate's DDP, gradient accumulation, mixed precision,
    checkpoints, resume and `report_to` all apply).
 
@@ -24,6 +25,7 @@ Normalisation: the loss is the mean over the valid response tokens of the whole 
 processes (so N processes give the loss and gradients of one process on the same global batch);
 micro-batches of a gradient accumulation are averaged, since on-policy responses only exist once they
 are generated. A `num_items_in_batch` given by Trainer replaces the token count, as in TRL.
+`loss_reduction="sequence_mean"` divides by the global count of sequences instead.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 from transformers.utils import logging
 
+from adaswitch._validation import SAMPLED_KIND
 from adaswitch.train.atomic import disk_full, normalize_modes, publish_files, write_error, write_file
 from adaswitch.train.checkpoint import STAGING_PREFIX, fsync_tree, publish, recover
 from adaswitch.train.config import SWITCH_POLICIES, DistillConfig
@@ -584,11 +587,21 @@ class Distiller(Trainer):
         if real is not None:  # rows repeated to pad the last evaluation step count nowhere
             keep, valid, from_teacher = keep & real[:, None], valid & real[:, None], from_teacher & real[:, None]
         labels = torch.where(keep, resp, torch.full_like(resp, IGNORE_INDEX))
+        hard_labels = None
+        if self.args.hard_label_mask != "all":
+            hard_keep = {"student": from_student, "teacher": from_teacher}[self.args.hard_label_mask]
+            hard_labels = torch.where(hard_keep, resp, torch.full_like(resp, IGNORE_INDEX))
 
-        # Global token count of this micro-batch over all processes (see the module docstring).
+        # Global token count of this micro-batch over all processes (see the module docstring), or, for
+        # loss_reduction="sequence_mean", its global count of sequences.
         count = keep.sum()
         world = self.accelerator.num_processes
-        if num_items_in_batch is not None:
+        if self.args.loss_reduction == "sequence_mean":
+            rows = torch.tensor(float(resp.shape[0]), device=device) if real is None else real.sum().float()
+            divisor = self.accelerator.reduce(rows, reduction="sum") if world > 1 else rows
+            divisor = divisor.clamp(min=1)
+            self.loss_is_scaled_for_ga = False
+        elif num_items_in_batch is not None:
             divisor = num_items_in_batch
             self.loss_is_scaled_for_ga = True
         else:
@@ -623,9 +636,15 @@ class Distiller(Trainer):
             temperature=self.args.loss_temperature,
             labels=labels,
             ignore_index=IGNORE_INDEX,
-            reduction="mean",
+            reduction=self.args.loss_reduction,
             num_items_in_batch=divisor,
+            weight_hard_loss=self.args.weight_hard_loss,
+            weight_soft_loss=self.args.weight_soft_loss,
+            hard_labels=hard_labels,
         )
+        if self.args.loss_kind == SAMPLED_KIND:  # the teacher's tokens carry the importance weight p_S / p_T
+            kwargs.update(discount=self.args.sampled_discount, importance_cap=self.args.sampled_importance_cap,
+                          teacher_sampled=from_teacher)
         v = self.vocab_size
         if fused:
             s_proc, t_proc = self._fused_heads["student"], self._fused_heads["teacher"]
@@ -646,7 +665,7 @@ class Distiller(Trainer):
             )
         else:
             loss = distill_loss(s_sel[..., :v], t_sel[..., :v], **kwargs)
-        if world > 1 and num_items_in_batch is None:
+        if world > 1 and not self.loss_is_scaled_for_ga:
             if mode == "train":
                 loss = loss * world  # DDP averages gradients over processes; this makes it a global token mean
             else:  # every process reports the global mean (Trainer keeps some processes' values of a last step)
