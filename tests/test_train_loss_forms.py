@@ -130,3 +130,17 @@ def test_config_errors_are_one_line(tmp_path, settings, message):
     with pytest.raises(ValueError) as err:
         DistillConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **settings)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_checkpoint_older_than_the_loss_fields_resumes_with_their_defaults(tmp_path):
+    """A run_settings.json written before the loss-form fields existed matches a run that leaves them at their
+    defaults (the loss of that version), and differs from one that sets them."""
+    from adaswitch.train.resume import _differences, run_settings
+
+    new = ("loss_reduction", "weight_hard_loss", "weight_soft_loss", "hard_label_mask", "sampled_discount",
+           "sampled_importance_cap")
+    args = DistillConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    old = {k: v for k, v in run_settings(args).items() if k not in new}
+    assert _differences(old, run_settings(args)) == []
+    changed = DistillConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", weight_hard_loss=0.5)
+    assert _differences(old, run_settings(changed)) == ["weight_hard_loss unset (this run: 0.5)"]

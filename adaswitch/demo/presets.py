@@ -88,7 +88,7 @@ PRESETS = {
         max_divergence=3.0,
     ),
 }
-MAX_DEFAULT_WORKERS = 4  # beyond this the runs of a preset (27 for quick) leave workers idle at the tail
+MAX_DEFAULT_WORKERS = 4  # beyond this the runs of a preset (33 for quick) leave workers idle at the tail
 
 
 def get_preset(name: str) -> DemoPreset:

@@ -8,8 +8,8 @@ Blocks sit between `<!-- NAME:begin -->` and `<!-- NAME:end -->` markers:
 
 * `demo-quick`: the quick preset's table and paired differences (docs/demo_results/quick/results.json);
 * `demo-rerun`: that table's accuracies next to a second `make demo`'s (docs/demo_results/quick/rerun.json,
-  the results.json of a rerun from a fresh clone), or one line saying there is none; `demo-rerun-avx512` the
-  same for a rerun on another CPU (docs/demo_results/quick/rerun_avx512.json);
+  the results.json of a rerun from a fresh clone), or one line saying there is none; `demo-rerun-amd` the
+  same for a run on another CPU (docs/demo_results/quick/rerun_amd.json);
 * `switch-ablation`, `switch-ablation-setting`, `switch-summary`: the switching-rule sweep's table, its
   set-up and the facts the prose discusses (docs/demo_results/ablation_switch.json);
 * `window-ablation`: the window x K sweep's set-up and table (docs/demo_results/ablation.json);
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "docs" / "demo_results"
 QUICK = RESULTS / "quick" / "results.json"
 RERUN = RESULTS / "quick" / "rerun.json"
-RERUN_AVX512 = RESULTS / "quick" / "rerun_avx512.json"  # a rerun on another CPU (Intel, AVX-512, pinned to AVX2)
+RERUN_AMD = RESULTS / "quick" / "rerun_amd.json"  # a run on another CPU (AMD EPYC, AVX2)
 REAL = RESULTS / "real" / "results.json"
 REAL_BUILD = {part: RESULTS / "real" / f"build_info_{part}.json" for part in ("teacher", "data", "student")}
 SWITCH = RESULTS / "ablation_switch.json"
@@ -364,7 +364,7 @@ def _blocks() -> dict:
         **real,
         "demo-quick": render_quick(quick),
         "demo-rerun": render_rerun(QUICK, RERUN),
-        "demo-rerun-avx512": render_rerun(QUICK, RERUN_AVX512),
+        "demo-rerun-amd": render_rerun(QUICK, RERUN_AMD),
         "switch-ablation": render_switch(switch),
         "switch-ablation-setting": render_switch_setting(switch),
         "switch-summary": render_switch_summary(switch),

@@ -101,12 +101,26 @@ def _read_json(path: str, option: str, what: str) -> dict:
         ) from exc
 
 
+def _field_defaults() -> dict:
+    """DistillConfig's own fields' defaults, as recorded: a setting a checkpoint predates (a field added in a
+    later version) is the same as this run's when this run keeps its default (the behaviour before it)."""
+    import dataclasses
+
+    from adaswitch.train.config import DistillConfig
+
+    return {f.name: _plain(f.default) for f in dataclasses.fields(DistillConfig)
+            if f.default is not dataclasses.MISSING and f.name in DistillConfig.__annotations__}
+
+
 def _differences(saved: dict, current: dict) -> list[str]:
     keys = sorted(set(saved) | set(current))
     missing = object()
+    defaults = _field_defaults()
     out = []
     for key in keys:
         a, b = saved.get(key, missing), current.get(key, missing)
+        if a is missing and key in defaults and b == defaults[key]:
+            continue  # a setting added after the checkpoint was written, left at its default
         if a != b:
             shown = lambda v: "unset" if v is missing else json.dumps(v)  # noqa: E731
             out.append(f"{key} {shown(a)} (this run: {shown(b)})")
