@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "distill_loss": "adaswitch.ops",
     "fused_linear_distill_loss": "adaswitch.ops",
+    "sampled_token_loss": "adaswitch.ops",
     "generate": "adaswitch.engine.generate",
     "GenerationOutput": "adaswitch.engine.generate",
     "Sampling": "adaswitch.policies",

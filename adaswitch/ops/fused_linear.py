@@ -23,9 +23,8 @@ import math
 
 import torch
 
-from adaswitch._backend import resolve_impl
 from adaswitch._validation import FLOAT_DTYPES
-from adaswitch.ops.loss import LossPlan, autocast_off, check_loss_call, reduce_rows
+from adaswitch.ops.loss import autocast_off, loss_plan, reduce_rows
 from adaswitch.ops.sampled import DEFAULT_IMPORTANCE_CAP
 
 # default chunk = this many logits per model: 512 MB of fp32 on a GPU (few, large matmuls), 64 MB on
@@ -291,22 +290,17 @@ def fused_linear_distill_loss(
     )
     device = student_hidden.device
     lead_shape = student_hidden.shape[:-1]
-    kind_code, beta, alpha, temperature, weight_hard_loss, weight_soft_loss, discount, importance_cap = \
-        check_loss_call(kind, beta, alpha, temperature, reduction, lead_shape, device, labels, ignore_index,
-                        num_items_in_batch, weight_hard_loss, weight_soft_loss, hard_labels, discount,
-                        importance_cap, teacher_sampled)
-    which = resolve_impl(impl, device, native_op="distill_loss_rows")
     vocab = student_weight.shape[0]
+    plan = loss_plan(
+        kind=kind, beta=beta, alpha=alpha, temperature=temperature, lead_shape=lead_shape, vocab=vocab,
+        device=device, dtype=student_hidden.dtype, labels=labels, ignore_index=ignore_index, reduction=reduction,
+        num_items_in_batch=num_items_in_batch, weight_hard_loss=weight_hard_loss, weight_soft_loss=weight_soft_loss,
+        hard_labels=hard_labels, discount=discount, importance_cap=importance_cap, teacher_sampled=teacher_sampled,
+        impl=impl,
+    )
     hs = student_hidden.reshape(-1, student_hidden.shape[-1])
     ht = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
     chunk = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS.get(device.type, 1 << 27) // vocab)
-    plan = LossPlan(
-        kind_code=kind_code, beta=beta, alpha=alpha, temperature=temperature, lead_shape=lead_shape, vocab=vocab,
-        device=device, labels=labels, ignore_index=ignore_index, reduction=reduction,
-        num_items_in_batch=num_items_in_batch, weight_hard_loss=weight_hard_loss, weight_soft_loss=weight_soft_loss,
-        hard_labels=hard_labels, discount=discount, importance_cap=importance_cap, teacher_sampled=teacher_sampled,
-        which=which, dtype=student_hidden.dtype,
-    )
     return FusedLinearDistillFunction.apply(
         hs,
         student_weight,

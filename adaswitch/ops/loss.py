@@ -349,6 +349,26 @@ class LossPlan:
         return sampled
 
 
+def loss_plan(*, kind, beta, alpha, temperature, lead_shape, vocab, device, dtype, labels, ignore_index, reduction,
+              num_items_in_batch, weight_hard_loss, weight_soft_loss, hard_labels, discount, importance_cap,
+              teacher_sampled, impl) -> LossPlan:
+    """Every check of a loss op's arguments (`check_loss_call`, before any work), the implementation, and the
+    resolved `LossPlan`: what `distill_loss`, `sampled_token_loss` and `fused_linear_distill_loss` share."""
+    kind_code, beta, alpha, temperature, weight_hard_loss, weight_soft_loss, discount, importance_cap = \
+        check_loss_call(kind, beta, alpha, temperature, reduction, lead_shape, device, labels, ignore_index,
+                        num_items_in_batch, weight_hard_loss, weight_soft_loss, hard_labels, discount,
+                        importance_cap, teacher_sampled)
+    which = resolve_impl(impl, device, native_op="distill_loss_rows")
+    with autocast_off(device):
+        return LossPlan(
+            kind_code=kind_code, beta=beta, alpha=alpha, temperature=temperature, lead_shape=lead_shape, vocab=vocab,
+            device=device, labels=labels, ignore_index=ignore_index, reduction=reduction,
+            num_items_in_batch=num_items_in_batch, weight_hard_loss=weight_hard_loss,
+            weight_soft_loss=weight_soft_loss, hard_labels=hard_labels, discount=discount,
+            importance_cap=importance_cap, teacher_sampled=teacher_sampled, which=which, dtype=dtype,
+        )
+
+
 def distill_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -404,21 +424,15 @@ def distill_loss(
     """
     check_logits_pair(student_logits, teacher_logits)
     device = student_logits.device
-    lead_shape = student_logits.shape[:-1]
-    kind_code, beta, alpha, temperature, weight_hard_loss, weight_soft_loss, discount, importance_cap = \
-        check_loss_call(kind, beta, alpha, temperature, reduction, lead_shape, device, labels, ignore_index,
-                        num_items_in_batch, weight_hard_loss, weight_soft_loss, hard_labels, discount,
-                        importance_cap, teacher_sampled)
-    which = resolve_impl(impl, device, native_op="distill_loss_rows")
     vocab = student_logits.shape[-1]
+    plan = loss_plan(
+        kind=kind, beta=beta, alpha=alpha, temperature=temperature, lead_shape=student_logits.shape[:-1], vocab=vocab,
+        device=device, dtype=student_logits.dtype, labels=labels, ignore_index=ignore_index, reduction=reduction,
+        num_items_in_batch=num_items_in_batch, weight_hard_loss=weight_hard_loss, weight_soft_loss=weight_soft_loss,
+        hard_labels=hard_labels, discount=discount, importance_cap=importance_cap, teacher_sampled=teacher_sampled,
+        impl=impl,
+    )
     with autocast_off(device):
-        plan = LossPlan(
-            kind_code=kind_code, beta=beta, alpha=alpha, temperature=temperature, lead_shape=lead_shape,
-            vocab=vocab, device=device, labels=labels, ignore_index=ignore_index, reduction=reduction,
-            num_items_in_batch=num_items_in_batch, weight_hard_loss=weight_hard_loss,
-            weight_soft_loss=weight_soft_loss, hard_labels=hard_labels, discount=discount,
-            importance_cap=importance_cap, teacher_sampled=teacher_sampled, which=which, dtype=student_logits.dtype,
-        )
         teacher = teacher_logits.detach().reshape(-1, vocab)
         return DistillLossFunction.apply(student_logits, plan.rows_fn(teacher), plan.scale, reduction)
 
@@ -454,20 +468,14 @@ def sampled_token_loss(
     if tuple(teacher_logprobs.shape) != tuple(lead_shape) or teacher_logprobs.device != device:
         raise ValueError(f"teacher_logprobs must have the labels' shape {tuple(lead_shape)} on {device}, got "
                          f"{tuple(teacher_logprobs.shape)} on {teacher_logprobs.device}")
-    _, _, _, temperature, weight_hard_loss, weight_soft_loss, discount, importance_cap = check_loss_call(
-        SAMPLED_KIND, 0.5, 0.1, temperature, reduction, lead_shape, device, labels, ignore_index,
-        num_items_in_batch, weight_hard_loss, weight_soft_loss, hard_labels, discount, importance_cap,
-        teacher_sampled,
+    plan = loss_plan(
+        kind=SAMPLED_KIND, beta=0.5, alpha=0.1, temperature=temperature, lead_shape=lead_shape,
+        vocab=student_logits.shape[-1], device=device, dtype=student_logits.dtype, labels=labels,
+        ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
+        weight_hard_loss=weight_hard_loss, weight_soft_loss=weight_soft_loss, hard_labels=hard_labels,
+        discount=discount, importance_cap=importance_cap, teacher_sampled=teacher_sampled, impl=impl,
     )
-    which = resolve_impl(impl, device, native_op="distill_loss_rows")
     with autocast_off(device):
-        plan = LossPlan(
-            kind_code=SAMPLED_CODE, beta=0.5, alpha=0.1, temperature=temperature, lead_shape=lead_shape,
-            vocab=student_logits.shape[-1], device=device, labels=labels, ignore_index=ignore_index,
-            reduction=reduction, num_items_in_batch=num_items_in_batch, weight_hard_loss=weight_hard_loss,
-            weight_soft_loss=weight_soft_loss, hard_labels=hard_labels, discount=discount,
-            importance_cap=importance_cap, teacher_sampled=teacher_sampled, which=which, dtype=student_logits.dtype,
-        )
         rows_fn = plan.rows_fn(teacher_logprobs.detach().reshape(-1))
         return DistillLossFunction.apply(student_logits, rows_fn, plan.scale, reduction)
 
