@@ -373,3 +373,16 @@ def test_sequence_mean_and_discount_need_sequences():
         distill_loss(s[0], t[0], labels=labels[0], reduction="sequence_mean")
     with pytest.raises(ValueError, match="discount > 0 sums over later tokens"):
         distill_loss(s[0], t[0], "sampled_reverse_kl", labels=labels[0], discount=0.5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fused_none_backward_from_an_expanded_grad_output(impl):
+    """`.sum().backward()` hands reduction="none" an expanded (stride-0) grad_output, used as the per-row scale
+    of the recomputed chunks: the Triton path once read it past its one element (gradients of 1e21)."""
+    hs, ws, ht, wt = _hidden(torch.float32)
+    grads = []
+    for which in ("torch", impl):
+        h = hs.clone().requires_grad_()
+        fused_linear_distill_loss(h, ws, ht, wt, "jsd", reduction="none", chunk_size=5, impl=which).sum().backward()
+        grads.append(h.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
