@@ -17,6 +17,22 @@ SAMPLED_CODE = len(KINDS)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def is_int(value) -> bool:
+    """An int that is not a bool (True is an int to Python, never a count to us)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """An int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line of text (its type's name when it has none): what a one-line error quotes."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def check_kind(kind) -> int:
     if kind not in KIND_CODES:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")

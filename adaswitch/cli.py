@@ -23,6 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from adaswitch._validation import first_line
+
 PROG = "adaswitch"
 EXIT_ERROR = 2  # bad input: one line naming what to change
 EXIT_INTERNAL = 1  # anything else: a bug or the environment, shown as an internal error
@@ -224,7 +226,7 @@ def load_model(option: str, path):
     except Exception as exc:
         weights = sorted(f.name for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".pt", ".pth"))
         raise CliError(
-            f"{option}: cannot load the model in {str(p)!r} ({type(exc).__name__}: {_first_line(exc)}); its "
+            f"{option}: cannot load the model in {str(p)!r} ({type(exc).__name__}: {first_line(exc)}); its "
             f"weights ({', '.join(weights) or 'none found'}) may be damaged (a truncated copy) or not weights-only: "
             "save the model again with model.save_pretrained(dir)"
         ) from exc
@@ -272,9 +274,6 @@ def _check_one_tokenizer(tokenizers: dict) -> None:
         raise CliError(str(exc)) from exc
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -397,7 +396,7 @@ def _read_yaml(path: str) -> dict:
     try:
         data = _load_yaml(p.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise CliError(f"--config: {path!r} is not valid YAML: {_first_line(exc)}") from exc
+        raise CliError(f"--config: {path!r} is not valid YAML: {first_line(exc)}") from exc
     if not isinstance(data, dict):
         raise CliError(f"--config: {path!r} must hold a mapping of settings, got {type(data).__name__}")
     return data
@@ -412,7 +411,7 @@ def _parse_override(text: str):
     try:
         return key.strip().replace("-", "_"), (value, _load_yaml(value))
     except yaml.YAMLError as exc:
-        raise CliError(f"--set {key}: cannot parse {value!r}: {_first_line(exc)}") from exc
+        raise CliError(f"--set {key}: cannot parse {value!r}: {first_line(exc)}") from exc
 
 
 _BOOL_WORDS = {"true": True, "yes": True, "on": True, "y": True, "1": True,
@@ -670,7 +669,7 @@ def load_model_config(option: str, path):
     try:
         return AutoConfig.from_pretrained(str(p))
     except Exception as exc:  # JSON errors, unknown model types, ...
-        raise CliError(f"{option}: cannot read the model config in {str(p)!r}: {_first_line(exc)}") from exc
+        raise CliError(f"{option}: cannot read the model config in {str(p)!r}: {first_line(exc)}") from exc
 
 
 def _distill(args, config, paths: dict, resume) -> int:
@@ -968,7 +967,7 @@ def _run_demo(argv: list[str]) -> int:
     try:
         from adaswitch.demo.run import main as demo_main
     except ImportError as exc:
-        raise CliError(f"the demo is not available in this installation ({_first_line(exc)})") from exc
+        raise CliError(f"the demo is not available in this installation ({first_line(exc)})") from exc
     return int(demo_main(argv) or 0)
 
 
@@ -1057,10 +1056,10 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, INPUT_ERRORS):
             ours = type(exc).__module__.startswith(PROG)  # e.g. WriteError: its message says what happened
             kind = "" if ours or isinstance(exc, (CliError, ValueError, TypeError)) else f"{type(exc).__name__}: "
-            print(f"{where}: error: {kind}{_first_line(exc)}", file=sys.stderr)
+            print(f"{where}: error: {kind}{first_line(exc)}", file=sys.stderr)
             return EXIT_ERROR
         print(
-            f"{where}: internal error: {type(exc).__name__}: {_first_line(exc)} (not a problem with the "
+            f"{where}: internal error: {type(exc).__name__}: {first_line(exc)} (not a problem with the "
             "input: set ADASWITCH_DEBUG=1 for the traceback and report it)",
             file=sys.stderr,
         )

@@ -11,15 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from adaswitch._validation import KINDS
-
-
-def _is_number(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float))
-
-
-def _is_int(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int)
+from adaswitch._validation import KINDS, is_int, is_number
 
 
 def _check_sampling(name: str, value) -> None:
@@ -45,11 +37,11 @@ class Sampling:
 
     def __post_init__(self):
         t = self.temperature
-        if not _is_number(t) or not math.isfinite(t) or t < 0:
+        if not is_number(t) or not math.isfinite(t) or t < 0:
             raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
-        if not _is_int(self.top_k) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
-        if not _is_number(self.top_p) or not (0.0 < self.top_p <= 1.0):
+        if not is_number(self.top_p) or not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be a number in (0, 1] (1.0 = off), got {self.top_p!r}")
 
     @property
@@ -118,7 +110,7 @@ class Mixed:
     code = 2
 
     def __post_init__(self):
-        if not _is_number(self.lmbda) or not (0.0 <= self.lmbda <= 1.0):
+        if not is_number(self.lmbda) or not (0.0 <= self.lmbda <= 1.0):
             raise ValueError(f"lmbda must be a number in [0, 1], got {self.lmbda!r}")
         _check_sampling("sampling", self.sampling)
 
@@ -146,7 +138,7 @@ class SKD:
     code = 3
 
     def __post_init__(self):
-        if not _is_int(self.top_k) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0, got {self.top_k!r}")
         _check_sampling("student_sampling", self.student_sampling)
         _check_sampling("teacher_sampling", self.teacher_sampling)
@@ -198,26 +190,26 @@ class AdaSwitch:
     code = 4
 
     def __post_init__(self):
-        if not _is_int(self.window) or self.window < 1:
+        if not is_int(self.window) or self.window < 1:
             raise ValueError(f"window must be an int >= 1, got {self.window!r}")
-        if not _is_number(self.k) or math.isnan(self.k) or self.k <= 0:
+        if not is_number(self.k) or math.isnan(self.k) or self.k <= 0:
             raise ValueError(f"k must be a number > 0 (inf = never switch), got {self.k!r}")
         if self.divergence not in KINDS:
             raise ValueError(f"divergence must be one of {KINDS}, got {self.divergence!r}")
-        if self.warmup is not None and (not _is_int(self.warmup) or self.warmup < 0):
+        if self.warmup is not None and (not is_int(self.warmup) or self.warmup < 0):
             raise ValueError(f"warmup must be None or an int >= 0, got {self.warmup!r}")
         f = self.min_divergence
-        if not _is_number(f) or not math.isfinite(f) or f < 0:
+        if not is_number(f) or not math.isfinite(f) or f < 0:
             raise ValueError(f"min_divergence must be a finite number >= 0, got {f!r}")
         a = self.max_divergence
-        if not _is_number(a) or math.isnan(a) or a < 0:
+        if not is_number(a) or math.isnan(a) or a < 0:
             raise ValueError(f"max_divergence must be a number >= 0 (inf = off), got {a!r}")
         t = self.divergence_temperature
-        if not _is_number(t) or not math.isfinite(t) or t <= 0:
+        if not is_number(t) or not math.isfinite(t) or t <= 0:
             raise ValueError(f"divergence_temperature must be a finite number > 0, got {t!r}")
         for name in ("beta", "alpha"):
             v = getattr(self, name)
-            if not _is_number(v) or not (0.0 <= v <= 1.0):
+            if not is_number(v) or not (0.0 <= v <= 1.0):
                 raise ValueError(f"{name} must be a number in [0, 1], got {v!r}")
         _check_sampling("student_sampling", self.student_sampling)
         _check_sampling("teacher_sampling", self.teacher_sampling)
@@ -262,7 +254,7 @@ class FixedSwitch(AdaSwitch):
 
     def __post_init__(self):
         _check_schedule_fields(self)
-        if self.position is not None and (not _is_int(self.position) or self.position < 0):
+        if self.position is not None and (not is_int(self.position) or self.position < 0):
             raise ValueError(f"position must be None (the warm-up) or an int >= 0, got {self.position!r}")
 
     @property
@@ -302,12 +294,12 @@ class RandomSwitch(AdaSwitch):
     def __post_init__(self):
         _check_schedule_fields(self)
         pos = self.positions
-        if not isinstance(pos, tuple) or not pos or any(not _is_int(p) or p < -1 for p in pos):
+        if not isinstance(pos, tuple) or not pos or any(not is_int(p) or p < -1 for p in pos):
             raise ValueError(f"positions must be a non-empty tuple of ints >= -1 (-1 = never), got {pos!r}")
         w = self.weights
         if w is not None:
             if (not isinstance(w, tuple) or len(w) != len(pos)
-                    or any(not _is_number(x) or not math.isfinite(x) or x < 0 for x in w) or sum(w) <= 0):
+                    or any(not is_number(x) or not math.isfinite(x) or x < 0 for x in w) or sum(w) <= 0):
                 raise ValueError(f"weights must be None or {len(pos)} finite numbers >= 0, not all 0, got {w!r}")
 
     def switch_at(self, seed: int, keys):

@@ -12,6 +12,8 @@ import random
 import re
 from dataclasses import dataclass
 
+from adaswitch.train.evaluate import extract_answer as evaluate_extract_answer
+
 ANSWER_MARKER = "####"
 STEP_SEPARATOR = ";"
 CHARS = "0123456789+-*=;#"
@@ -108,9 +110,7 @@ def build_dataset(num_train: int = 20000, num_eval: int = 500, *, seed: int = 0,
 def extract_answer(text: str) -> str | None:
     """The stripped text after the last marker, or None when the marker is absent (the rule of
     `adaswitch.evaluate`'s default checker, so both report the same accuracy)."""
-    if ANSWER_MARKER not in text:
-        return None
-    return text.rsplit(ANSWER_MARKER, 1)[1].strip()
+    return evaluate_extract_answer(text, ANSWER_MARKER)
 
 
 def is_correct(generated: str, answer: str) -> bool:

@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 
+from adaswitch._validation import is_int
 from adaswitch.engine.architecture import attention_layout
 from adaswitch.ops import rng
 from adaswitch.policies import SKD, AdaSwitch, Mixed, Student, Teacher, check_policy
@@ -39,8 +40,6 @@ class Checked(NamedTuple):
     completions: torch.Tensor | None
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _config(model):
@@ -77,11 +76,11 @@ def _special_id(name: str, value, models, vocab: int) -> int:
                 v = v[0] if len(v) == 1 else tuple(v)
             if v is not None:
                 found.add(v)
-        if len(found) != 1 or not _is_int(next(iter(found))):
+        if len(found) != 1 or not is_int(next(iter(found))):
             raise ValueError(f"{name} is missing: pass {name}= explicitly (one int; the models' configs give "
                              f"{sorted(map(str, found)) or 'none'})")
         value = next(iter(found))
-    if not _is_int(value) or not 0 <= value < vocab:
+    if not is_int(value) or not 0 <= value < vocab:
         raise ValueError(f"{name} must be an int in [0, {vocab}), got {value!r}")
     return value
 
@@ -136,7 +135,7 @@ def check_arguments(student, teacher, input_ids, attention_mask, *, policy, max_
     if guided and not isinstance(policy, (AdaSwitch, Teacher)):
         raise ValueError(f"guidance='speculative' applies to the AdaSwitch and Teacher policies, got "
                          f"{type(policy).__name__} (SKD's lookahead already scores G drafts per teacher forward)")
-    if guided and (not _is_int(lookahead) or lookahead < 1):
+    if guided and (not is_int(lookahead) or lookahead < 1):
         raise ValueError(f"guidance='speculative' drafts lookahead = G tokens per teacher forward: pass "
                          f"lookahead >= 1, got {lookahead!r}")
     needs_student = isinstance(policy, (Student, SKD, AdaSwitch)) or (
@@ -156,7 +155,7 @@ def check_arguments(student, teacher, input_ids, attention_mask, *, policy, max_
         sync_every = default_sync_every(input_ids.device if isinstance(input_ids, torch.Tensor) else "cpu")
     for name, value, low in (("max_new_tokens", max_new_tokens, 1), ("lookahead", lookahead, 0),
                              ("sync_every", sync_every, 1)):
-        if not _is_int(value) or value < low:
+        if not is_int(value) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     if lookahead > max_new_tokens:
         raise ValueError(f"lookahead must be <= max_new_tokens ({max_new_tokens}): a block drafts G tokens of a "
@@ -184,7 +183,7 @@ def check_arguments(student, teacher, input_ids, attention_mask, *, policy, max_
         n_tok = len(tokenizer)
         if vocab_size is None:
             vocab_size = n_tok
-        elif _is_int(vocab_size) and vocab_size > n_tok:
+        elif is_int(vocab_size) and vocab_size > n_tok:
             raise ValueError(f"vocab_size={vocab_size} exceeds the tokenizer's {n_tok} tokens: ids past it are "
                              "not tokens (e.g. embedding rows padded past the tokenizer) and must not be sampled")
         eos_token_id = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
@@ -194,7 +193,7 @@ def check_arguments(student, teacher, input_ids, attention_mask, *, policy, max_
         if model_vocab is None:
             raise ValueError("vocab_size is required when the policy runs no model")
         vocab_size = model_vocab
-    elif not _is_int(vocab_size) or vocab_size < 1:
+    elif not is_int(vocab_size) or vocab_size < 1:
         raise ValueError(f"vocab_size must be an int >= 1, got {vocab_size!r}")
     elif model_vocab is not None and vocab_size > model_vocab:
         raise ValueError(f"vocab_size={vocab_size} exceeds a model's output vocabulary ({model_vocab})")

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
 
-from adaswitch._validation import KINDS, LOSS_KINDS, SAMPLED_KIND
+from adaswitch._validation import KINDS, LOSS_KINDS, SAMPLED_KIND, is_int, is_number
+from adaswitch.engine.arguments import GUIDANCES
 from adaswitch.ops.sampled import DEFAULT_IMPORTANCE_CAP
 from adaswitch.train.distributed import accelerator_available, launched_processes
 
@@ -26,7 +27,6 @@ SWITCH_POLICIES = ("adaswitch", "fixed_switch", "random_switch")
 SKD_DEFAULT_LOOKAHEAD = 4
 TOKEN_MASKS = ("all", "student", "teacher")
 LOSS_REDUCTIONS = ("mean", "sequence_mean")  # over the loss tokens; over the sequences of their summed losses
-GUIDANCES = ("step", "speculative")
 # The policies whose responses come (at least partly) from the dataset's `completion` column.
 POLICIES_USING_COMPLETIONS = ("dataset", "mixed")
 _STUDENT_SAMPLES = ("student", "mixed", "skd", *SWITCH_POLICIES)
@@ -47,12 +47,6 @@ POLICY_PARAMETERS = {
 }
 
 
-def _is_int(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int)
-
-
-def _is_number(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float))
 
 
 @dataclass
@@ -312,11 +306,11 @@ class DistillConfig(TrainingArguments):
             value = getattr(self, name)
             if name == "sync_every" and value is None:
                 continue
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if self.lookahead is None:  # the fastest setting by policy (SKD_DEFAULT_LOOKAHEAD), within the budget
             self.lookahead = min(SKD_DEFAULT_LOOKAHEAD, self.max_new_tokens) if self.policy == "skd" else 0
-        if not _is_int(self.lookahead) or self.lookahead < 0:
+        if not is_int(self.lookahead) or self.lookahead < 0:
             raise ValueError(f"lookahead must be an int >= 0 (0 = token by token), got {self.lookahead!r}")
         if self.lookahead > self.max_new_tokens:
             raise ValueError(
@@ -344,7 +338,7 @@ class DistillConfig(TrainingArguments):
                 f"policy={self.policy!r}"
             )
         if self.max_prompt_length is not None and (
-            not _is_int(self.max_prompt_length) or self.max_prompt_length < 1
+            not is_int(self.max_prompt_length) or self.max_prompt_length < 1
         ):
             raise ValueError(f"max_prompt_length must be None or an int >= 1, got {self.max_prompt_length!r}")
         self._check_loss()
@@ -371,7 +365,7 @@ class DistillConfig(TrainingArguments):
             raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {self.loss_reduction!r}")
         for name in ("weight_hard_loss", "weight_soft_loss"):
             value = getattr(self, name)
-            if not _is_number(value) or not math.isfinite(value) or value < 0:
+            if not is_number(value) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.weight_hard_loss == 0 and self.weight_soft_loss == 0:
             raise ValueError("weight_hard_loss and weight_soft_loss are both 0: the loss would be 0; set one > 0")
@@ -380,10 +374,10 @@ class DistillConfig(TrainingArguments):
         if self.hard_label_mask != "all" and self.weight_hard_loss == 0:
             raise ValueError(f"hard_label_mask={self.hard_label_mask!r} selects the hard-label term's tokens: set "
                              "weight_hard_loss > 0 to use it")
-        if not _is_number(self.sampled_discount) or not 0.0 <= self.sampled_discount <= 1.0:
+        if not is_number(self.sampled_discount) or not 0.0 <= self.sampled_discount <= 1.0:
             raise ValueError(f"sampled_discount must be a number in [0, 1], got {self.sampled_discount!r}")
         cap = self.sampled_importance_cap
-        if not _is_number(cap) or not math.isfinite(cap) or cap <= 0:
+        if not is_number(cap) or not math.isfinite(cap) or cap <= 0:
             raise ValueError(f"sampled_importance_cap must be a finite number > 0, got {cap!r}")
         if self.loss_kind != SAMPLED_KIND and (self.sampled_discount != 0.0 or cap != DEFAULT_IMPORTANCE_CAP):
             raise ValueError(f"sampled_discount and sampled_importance_cap apply to loss_kind={SAMPLED_KIND!r}, "
@@ -392,11 +386,11 @@ class DistillConfig(TrainingArguments):
             raise ValueError(f"loss_kind={SAMPLED_KIND!r} estimates the reverse KL on tokens a model sampled; "
                              "policy 'dataset' tokens come from neither model (no importance weight is known)")
         value = self.loss_temperature
-        if not _is_number(value) or not math.isfinite(value) or value <= 0:
+        if not is_number(value) or not math.isfinite(value) or value <= 0:
             raise ValueError(f"loss_temperature must be a finite number > 0, got {value!r}")
         for name in ("beta", "alpha"):
             value = getattr(self, name)
-            if not _is_number(value) or not 0.0 <= value <= 1.0:
+            if not is_number(value) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
         if self.token_mask not in TOKEN_MASKS:
             raise ValueError(f"token_mask must be one of {TOKEN_MASKS}, got {self.token_mask!r}")
@@ -492,7 +486,7 @@ class DistillConfig(TrainingArguments):
 
 def _float(value):
     """A number as a float (the policies store floats); anything else as it is, for the policy to refuse."""
-    return float(value) if _is_number(value) else value
+    return float(value) if is_number(value) else value
 
 
 def _named(cls, names: dict, *args, **kwargs):
@@ -513,7 +507,7 @@ def _check_range(args, name: str, *, low, high=math.inf, integer=False, low_open
     value = getattr(args, name)
     if value is None and none_ok:
         return
-    ok = (_is_int(value) if integer else _is_number(value) and not math.isnan(value))
+    ok = (is_int(value) if integer else is_number(value) and not math.isnan(value))
     ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not ok:
         kind = "an int" if integer else "a finite number" if high == math.inf and high_open else "a number"
@@ -532,7 +526,7 @@ def check_training_arguments(args) -> None:
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         _check_range(args, name, low=1, integer=True)
     _check_range(args, "max_grad_norm", low=0, high=math.inf, high_open=True, note=" (0 = no clipping)")
-    if not _is_int(args.max_steps) or (args.max_steps < 1 and args.max_steps != -1):
+    if not is_int(args.max_steps) or (args.max_steps < 1 and args.max_steps != -1):
         raise ValueError(
             f"max_steps must be an int >= 1, or -1 (the default: train num_train_epochs), got {args.max_steps!r}"
         )

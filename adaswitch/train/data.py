@@ -17,6 +17,8 @@ from pathlib import Path
 import datasets
 import torch
 
+from adaswitch._validation import first_line
+
 PROMPT_IDS = "prompt_ids"
 COMPLETION_IDS = "completion_ids"
 EXAMPLE_KEY = "example_key"
@@ -130,14 +132,11 @@ def _naming_row(name: str, row: int, column: str):
     except ValueError as exc:
         if str(exc).startswith(f"{name}: row "):
             raise
-        raise ValueError(f"{name}: row {row}: the tokenizer cannot encode the {column}: {_first_line(exc)}") from exc
+        raise ValueError(f"{name}: row {row}: the tokenizer cannot encode the {column}: {first_line(exc)}") from exc
     except Exception as exc:  # tokenizers raise plain Exception (e.g. "WordLevel error: Missing [UNK] token")
-        raise ValueError(f"{name}: row {row}: the tokenizer cannot encode the {column}: {_first_line(exc)}") from exc
+        raise ValueError(f"{name}: row {row}: the tokenizer cannot encode the {column}: {first_line(exc)}") from exc
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def encode_example(tokenizer, prompt, completion=None, *, row: int, name: str = "dataset"):
