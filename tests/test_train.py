@@ -8,8 +8,8 @@ import datasets
 import pytest
 import torch
 from scripts.tiny_run import rows
+from tiny_models import fused_and_logits_steps, tiny_student, tiny_teacher, tiny_tokenizer
 from tiny_models import tiny_distiller as make_trainer
-from tiny_models import tiny_student, tiny_teacher, tiny_tokenizer
 
 from adaswitch import Distiller
 
@@ -46,13 +46,7 @@ def test_fused_and_logits_paths_agree(tmp_path, policy):
     trainer = make_trainer(tmp_path, policy=policy, **switching)
     batch = first_batch(trainer)
     assert trainer._use_fused(trainer.model)
-    grads = []
-    for fused in (True, False):
-        trainer._use_fused = lambda model, fused=fused: fused
-        trainer.model.zero_grad()
-        loss = trainer.compute_loss(trainer.model, batch)
-        loss.backward()
-        grads.append((loss.detach(), [p.grad.clone() for p in trainer.model.parameters()]))
+    grads = fused_and_logits_steps(trainer, batch)
     assert torch.allclose(grads[0][0], grads[1][0], rtol=1e-5)
     for a, b in zip(grads[0][1], grads[1][1]):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)

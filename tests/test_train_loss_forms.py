@@ -5,6 +5,7 @@ logits paths agreeing, and the config's one-line errors."""
 
 import pytest
 import torch
+from tiny_models import fused_and_logits_steps
 from tiny_models import tiny_distiller as make_trainer
 
 from adaswitch import DistillConfig
@@ -99,13 +100,7 @@ def test_fused_and_logits_paths_agree(tmp_path, settings):
     trainer = make_trainer(tmp_path, **settings)
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     assert trainer._use_fused(trainer.model)
-    results = []
-    for fused in (True, False):
-        trainer._use_fused = lambda model, fused=fused: fused
-        trainer.model.zero_grad()
-        loss = trainer.compute_loss(trainer.model, batch)
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in trainer.model.parameters()]))
+    results = fused_and_logits_steps(trainer, batch)
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-7)
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)

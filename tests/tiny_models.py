@@ -176,3 +176,16 @@ def tiny_distiller(
         processing_class=tokenizer if tokenizer is not None else tiny_tokenizer(),
         teacher_processing_class=teacher_tokenizer,
     )
+
+
+def fused_and_logits_steps(trainer, batch):
+    """[(loss, parameter gradients)] of one compute_loss + backward with the fused LM-head loss, then with the
+    logits path, on the same batch: what the fused-vs-logits agreement tests compare."""
+    results = []
+    for fused in (True, False):
+        trainer._use_fused = lambda model, fused=fused: fused
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in trainer.model.parameters()]))
+    return results

@@ -298,8 +298,11 @@ class LossPlan:
         if self.hard is not None:
             self.hard = (*self.hard, 1.0)  # Liger's hard term: cross-entropy of the raw logits (T = 1)
         self.targets = None
+        self.hard_on_sampled_tokens = hard_labels is None  # the hard term's targets are then the labels
         self.teacher_sampled = None if teacher_sampled is None else teacher_sampled.reshape(-1)
-        if self.sampled:
+        if self.sampled and self.hard is not None and self.hard_on_sampled_tokens:
+            self.targets = self.hard[0]  # the same ids, already checked by hard_term
+        elif self.sampled:
             flat = labels.reshape(-1)
             check_label_range(flat, self.valid, vocab, "labels")
             self.targets = torch.where(self.valid, flat, torch.zeros_like(flat)).long()
@@ -330,10 +333,8 @@ class LossPlan:
         return sampled_rows_and_grad(
             s2d, lp_s, coef, self.targets[rows], None if self.valid is None else self.valid[rows],
             temperature=self.temperature, scale=scale, want_grad=want_grad, which=self.which, hard=hard,
+            hard_on_sampled_tokens=self.hard_on_sampled_tokens,
         )
-
-    def chunk_scale(self, rows):
-        return self.scale if self.scale.numel() == 1 else self.scale[rows]
 
     def rows_fn(self, teacher):
         """`DistillLossFunction`'s computation for dense teacher logits (2-D), or, for the sampled form only,

@@ -77,28 +77,26 @@ def sampled_coefficients(lp_s, lp_t, valid, *, seq_len, discount, teacher_sample
     return soft_weight * adv
 
 
-def sampled_rows_and_grad(s2d, lp_s, coef, targets, valid, *, temperature, scale, want_grad, which, hard=None):
+def sampled_rows_and_grad(s2d, lp_s, coef, targets, valid, *, temperature, scale, want_grad, which, hard=None,
+                          hard_on_sampled_tokens=False):
     """Loss rows (coef, plus a hard-label term's weight * -log p(target)) and, if `want_grad`, the gradient
-    w.r.t. `s2d` times `scale`: (hard weight - coef) * (softmax(s / T) - onehot) / T where the hard term has
-    the sampled tokens as targets at T, else that and the hard term's own gradient."""
-    rows = coef.clone()
-    fused_hard = hard is not None and torch.equal(hard[0], targets) and hard[2] == 1.0 / temperature
-    if hard is not None and not fused_hard or (hard is not None and not want_grad):
+    w.r.t. `s2d` times `scale`. When the hard term's targets are the sampled tokens
+    (`hard_on_sampled_tokens`, decided from the arguments, so nothing is compared on the device) and T = 1,
+    both share one gradient pass: (hard weight - coef) * (softmax(s) - onehot); otherwise the hard term runs
+    a pass of its own and the gradients add."""
+    shared = hard is not None and hard_on_sampled_tokens and temperature == 1.0
+    rows, hard_grad = coef, None
+    if shared:  # -log p(y) at T = 1 is -lp_s, already known
+        rows = coef - hard[1].to(coef.dtype) * lp_s.to(coef.dtype)
+    elif hard is not None:
         hard_rows, hard_grad = loss_rows_and_grad(
             s2d, s2d, kind_code=-1, beta=0.0, alpha=0.0, temperature=temperature, valid=valid, scale=scale,
             want_grad=want_grad, which=which, hard=hard,
         )
-        rows = rows + hard_rows.to(rows.dtype)
-    elif fused_hard:
-        rows = rows - hard[1].to(rows.dtype) * lp_s.to(rows.dtype)
-        hard_grad = None
-    else:
-        hard_grad = None
+        rows = coef + hard_rows.to(coef.dtype)
     if not want_grad:
         return rows, None
-    weights = -coef
-    if fused_hard:
-        weights = weights + hard[1].to(coef.dtype)
+    weights = -coef + hard[1].to(coef.dtype) if shared else -coef
     _, grad = loss_rows_and_grad(
         s2d, s2d, kind_code=-1, beta=0.0, alpha=0.0, temperature=temperature, valid=valid, scale=scale,
         want_grad=True, which=which, hard=(targets, weights, 1.0 / temperature),
