@@ -14,6 +14,7 @@ _LAZY = {
     "sampled_token_loss": "adaswitch.ops",
     "generate": "adaswitch.engine.generate",
     "GenerationOutput": "adaswitch.engine.generate",
+    "LookaheadStats": "adaswitch.engine.lookahead",
     "Sampling": "adaswitch.policies",
     "Student": "adaswitch.policies",
     "Teacher": "adaswitch.policies",

@@ -5,21 +5,31 @@ CPU, no vLLM) as the peer, and a measured floor: the same work as raw model forw
 in the same run, configurations interleaved over rounds; ratios are what to read (the machine is shared and
 noisy). Writes benchmarks/results/distill_step_cpu.{csv,md} (or --out).
 
-    python benchmarks/bench_distill_step.py [--pair demo|real] [--rounds 2] [--steps 3] [--batch B]
-                                            [--max-new-tokens N] [--only "On-policy;SKD, step + reuse"] [--no-trl]
+    python benchmarks/bench_distill_step.py [--pair demo|real|deep] [--rounds 2] [--steps 3] [--batch B]
+                                            [--max-new-tokens N] [--only "On-policy;SKD, G=0"] [--no-trl]
                                             [--out PATH]
+
+The configurations: on-policy; per policy (AdaSwitch, SKD, SeqKD) every fixed draft length G in {0, 2, 4, 8}
+with step guidance and (AdaSwitch, SeqKD) speculative guidance, and "auto" (the defaults, lookahead="auto" and
+guidance="auto"; its stats carry from the warm-up step into the timed ones, as in a run); a section compares
+auto with the fastest fixed setting of each policy.
 
 Pairs: "demo" (default): the demo's shipped teacher (Qwen2-style) and the quick preset's shipped start student
 (Llama-style, assets/student_quick), the demo task's training prompts, the quick preset's budget (batch 32,
 40 new tokens, forward KL, SKD top-k 2); writes distill_step_cpu. "real": SmolLM2-135M-Instruct and its
 pruned, healed 12-layer student (adaswitch.demo.build_real, built once), the real task's chat training
-prompts, batch 8, 16 new tokens, SKD top-k 25; writes distill_step_real_cpu. The prompts are the same for
+prompts, batch 8, 16 new tokens, SKD top-k 25; writes distill_step_real_cpu. "deep": the demo pair with the
+teacher deepened to 16 layers by identity layers (`deep_teacher`: same logits, a forward at least 8x a student
+one; the last line of the report gives the measured ratio), the demo's budget; writes distill_step_deep_cpu.
+The prompts are the same for
 every configuration. Per configuration and round: a fresh copy of the student,
 one warm-up step, then --steps timed steps; the table holds medians over all timed steps. Columns:
 
 - generation: `adaswitch.generate` inside the step (Distiller's own timer);
 - teacher fwd (loss): the loss's teacher forward (0 when the teacher states from generation are reused);
 - student fwd+bwd+opt: the rest of the step (the student's forward and backward, the optimizer, metrics);
+- mean G: the mean draft length over the decode iterations (Distiller's `mean_lookahead`);
+- student fwd / token: batched calls of the student's decoder in generation per response token of a row;
 - teacher fwd / token: batched calls of the teacher's decoder (prefill, decode, verification and the loss's
   forward) per response token of a row (calls x batch / response tokens). A batch keeps decoding until
   its longest row is done, so every call counts all its rows, finished ones included;
@@ -69,37 +79,62 @@ from transformers import TrainerCallback
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SKD_TOP_K = 2  # the demo's
+# the deep pair's teacher: the demo teacher's 3 layers and 13 identity layers (about 11x a student forward)
+DEEP_LAYERS = 16
 PAIRS = {  # name: (SKD top-k, batch, max new tokens, output name, title)
     "demo": (SKD_TOP_K, 32, 40, "distill_step_cpu", "demo models, quick-preset budget"),
     "real": (25, 8, 16, "distill_step_real_cpu", "SmolLM2-135M-Instruct and its 12-layer student, chat prompts"),
+    "deep": (SKD_TOP_K, 32, 40, "distill_step_deep_cpu",
+             f"demo models with a {DEEP_LAYERS}-layer teacher (the demo teacher and identity layers), quick-preset "
+             "budget"),
 }
+GRID = (0, 2, 4, 8)  # the fixed draft lengths timed beside lookahead="auto"
 
-# name -> DistillConfig overrides ("before": the settings before teacher-state reuse and guidance)
-CONFIGS = {
-    "On-policy": dict(policy="student"),
-    "AdaSwitch, step (before)": dict(policy="adaswitch", lookahead=0, reuse_teacher_states=False),
-    "AdaSwitch, step + reuse": dict(policy="adaswitch", lookahead=0),
-    "AdaSwitch, G=4 lookahead, step guidance + reuse": dict(policy="adaswitch", lookahead=4, guidance="step"),
-    "AdaSwitch, G=2 speculative + reuse": dict(policy="adaswitch", lookahead=2, guidance="speculative"),
-    "AdaSwitch, G=4 speculative + reuse": dict(policy="adaswitch", lookahead=4, guidance="speculative"),
-    "AdaSwitch, G=8 speculative + reuse": dict(policy="adaswitch", lookahead=8, guidance="speculative"),
-    "SKD, step (before)": dict(policy="skd", skd_top_k=SKD_TOP_K, lookahead=0, reuse_teacher_states=False),
-    "SKD, step + reuse": dict(policy="skd", skd_top_k=SKD_TOP_K, lookahead=0),
-    "SKD, G=2 + reuse": dict(policy="skd", skd_top_k=SKD_TOP_K, lookahead=2),
-    "SKD, G=4 + reuse": dict(policy="skd", skd_top_k=SKD_TOP_K, lookahead=4),
-    "SKD, G=8 + reuse": dict(policy="skd", skd_top_k=SKD_TOP_K, lookahead=8),
-    "SeqKD (teacher), step (before)": dict(policy="teacher", lookahead=0, reuse_teacher_states=False),
-    "SeqKD (teacher), step + reuse": dict(policy="teacher", lookahead=0),
-    "SeqKD (teacher), G=4 speculative + reuse": dict(policy="teacher", lookahead=4, guidance="speculative"),
-    "AdaSwitch, defaults": dict(policy="adaswitch"),
-    "SKD, defaults": dict(policy="skd", skd_top_k=SKD_TOP_K),
-    "SeqKD (teacher), defaults": dict(policy="teacher"),
-}
+# name -> DistillConfig overrides: every fixed G with and without speculative guidance where the policy has it
+# (SKD's blocks verify by its own rule; SeqKD's blocks exist only as verified drafts), next to "auto" (the
+# defaults: lookahead="auto", guidance="auto", step mode's tokens whatever it picks) and "auto speculative"
+# (lookahead="auto" with guidance="speculative": G picked among verified blocks, the teacher's distribution
+# with other draws than step mode's, like the fixed speculative rows)
+CONFIGS = {"On-policy": dict(policy="student")}
+CONFIGS.update({f"AdaSwitch, G={g}": dict(policy="adaswitch", lookahead=g, guidance="step") for g in GRID})
+CONFIGS.update({f"AdaSwitch, G={g} speculative": dict(policy="adaswitch", lookahead=g, guidance="speculative")
+                for g in GRID[1:]})
+CONFIGS["AdaSwitch, auto"] = dict(policy="adaswitch")
+CONFIGS["AdaSwitch, auto speculative"] = dict(policy="adaswitch", guidance="speculative")
+CONFIGS.update({f"SKD, G={g}": dict(policy="skd", skd_top_k=SKD_TOP_K, lookahead=g) for g in GRID})
+CONFIGS["SKD, auto"] = dict(policy="skd", skd_top_k=SKD_TOP_K)
+CONFIGS["SeqKD (teacher), G=0"] = dict(policy="teacher", lookahead=0, guidance="step")
+CONFIGS.update({f"SeqKD (teacher), G={g} speculative": dict(policy="teacher", lookahead=g, guidance="speculative")
+                for g in GRID[1:]})
+CONFIGS["SeqKD (teacher), auto"] = dict(policy="teacher")
+CONFIGS["SeqKD (teacher), auto speculative"] = dict(policy="teacher", guidance="speculative")
+POLICIES = ("AdaSwitch", "SKD", "SeqKD (teacher)")  # configuration name prefixes with a grid and an auto row
 TRL = "TRL DistillationTrainer (on-policy)"
 # configurations that get a floor row ("floor: <name>"), from their own outputs and training parts
-FLOORS = ("On-policy", "AdaSwitch, step + reuse", "SKD, step + reuse", "SeqKD (teacher), step + reuse")
+FLOORS = ("On-policy", "AdaSwitch, G=0", "SKD, G=0", "SeqKD (teacher), G=0")
 FLOOR = "floor"  # the round's raw-forward measurement, run after the configurations
 STUDENT_DECODE, TEACHER_DECODE = "floor: student decode", "floor: teacher decode"
+
+
+def deep_teacher(teacher, layers: int = DEEP_LAYERS):
+    """The teacher with identity layers appended up to `layers`: copies of its last layer whose attention output
+    and MLP down projections are zero, so each adds its full compute and nothing to the residual stream (the
+    logits are the teacher's, so are the acceptance rates: only the cost per forward changes)."""
+    deep = copy.deepcopy(teacher)
+    stack = deep.model.layers
+    for i in range(len(stack), layers):
+        layer = copy.deepcopy(stack[-1])
+        layer.self_attn.layer_idx = i
+        for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
+            torch.nn.init.zeros_(proj.weight)
+            if proj.bias is not None:
+                torch.nn.init.zeros_(proj.bias)
+        stack.append(layer)
+    deep.config.num_hidden_layers = layers
+    if getattr(deep.config, "layer_types", None):
+        deep.config.layer_types = list(deep.config.layer_types) + [deep.config.layer_types[-1]] * (
+            layers - len(deep.config.layer_types))
+    return deep
 
 
 class StepTimer(TrainerCallback):
@@ -234,7 +269,11 @@ def run_adaswitch(name, overrides, teacher, student, tokenizer, pool, args, out_
                          student=total - gen[i] - step_teacher[i], prompt=g["prompt"], lengths=g["lengths"],
                          positions=positions_needed(trainer.policy, g["lengths"], g["switch_position"]),
                          forwards=g["forwards"]))
+    student_calls = sum(g["forwards"][0] for g in generations[1:])  # generation's, timed steps
+    timed_tokens = sum(h["response_tokens"] for h in logs[1:])
     extra = dict(teacher_forwards_per_token=calls * args.batch / max(tokens, 1),
+                 student_forwards_per_token=student_calls * args.batch / max(timed_tokens, 1),
+                 mean_lookahead=statistics.mean(h.get("mean_lookahead", 0.0) for h in logs[1:]),
                  teacher_forwards_per_token_live=live_rows / max(tokens, 1), host_syncs=sync.count,
                  teacher_token_fraction=statistics.mean(h.get("teacher_token_fraction", 0.0) for h in logs),
                  reused=statistics.mean(h.get("teacher_states_reused", 0.0) for h in logs),
@@ -313,7 +352,9 @@ def floor_extra(rows: list, batch: int, engine_extra: dict | None) -> dict:
     calls = sum(r["positions"][1] + r["loss_forward"] for r in rows)
     live = sum(int(r["lengths"].clamp(max=r["positions"][1]).sum()) + r["loss_forward"] * batch for r in rows)
     e = engine_extra or {}
+    student = sum(r["positions"][0] for r in rows)
     return dict(teacher_forwards_per_token=calls * batch / max(tokens, 1),
+                student_forwards_per_token=student * batch / max(tokens, 1), mean_lookahead=0.0,
                 teacher_forwards_per_token_live=live / max(tokens, 1), host_syncs=float("nan"),
                 teacher_token_fraction=e.get("teacher_token_fraction", float("nan")),
                 reused=e.get("reused", float("nan")), lookahead=0, guidance="-")
@@ -363,6 +404,7 @@ def run_trl(teacher, student, tokenizer, pool, args, out_dir):
     per_token = counter.calls * args.batch / max(sum(tokens), 1) if tokens else float("nan")
     # TRL's teacher runs only in the loss, where every row needs it: the live-row count is the same
     extra = dict(teacher_forwards_per_token=per_token, teacher_forwards_per_token_live=per_token,
+                 student_forwards_per_token=float("nan"), mean_lookahead=0.0,
                  host_syncs=sync.count / steps, teacher_token_fraction=0.0, reused=0.0, lookahead=0,
                  guidance="-")
     return rows, extra
@@ -425,6 +467,8 @@ def main(argv=None):
         teacher, tokenizer = load_teacher(TEACHER_DIR)
         student, _ = load_teacher(QUICK_STUDENT_DIR)  # the quick preset's start: what `make demo` distils
         train = DataSpec().build()["train"]
+        if args.pair == "deep":
+            teacher = deep_teacher(teacher)
     teacher.requires_grad_(False)
     student.train()
     if (args.steps + 2) * args.batch > len(train):
@@ -484,6 +528,7 @@ def main(argv=None):
             vs_on_policy_floor=med(name, "total") / base_floor,
             teacher_forwards_per_token=e["teacher_forwards_per_token"],
             teacher_forwards_per_token_live=e["teacher_forwards_per_token_live"], host_syncs_per_step=e["host_syncs"],
+            student_forwards_per_token=e["student_forwards_per_token"], mean_lookahead=e["mean_lookahead"],
             teacher_token_fraction=e["teacher_token_fraction"], teacher_states_reused=e["reused"],
             student_forwards_per_generation=mean_forwards(name, 0),
             teacher_forwards_per_generation=mean_forwards(name, 1),
@@ -503,6 +548,27 @@ def main(argv=None):
     print(markdown(table, meta, title))
 
 
+def auto_against_grid(table: list) -> list[dict]:
+    """Per policy: "auto" against the fastest fixed setting that writes the same tokens (step guidance), and
+    "auto speculative" against the fastest fixed speculative one."""
+    rows = {t["config"]: t for t in table}
+    out = []
+    for policy, auto_name, speculative in ((p, f"{p}, auto{s}", bool(s)) for p in POLICIES
+                                           for s in ("", " speculative")):
+        fixed = [t for n, t in rows.items()
+                 if n.startswith(policy + ", G=") and n.endswith(" speculative") == speculative]
+        auto = rows.get(auto_name)
+        if not fixed or auto is None:
+            continue
+        fastest = min(fixed, key=lambda t: float(t["seconds_per_step"]))
+        out.append(dict(policy=auto_name, fastest=fastest["config"],
+                        fastest_vs_on_policy=float(fastest["vs_on_policy"]),
+                        auto_vs_on_policy=float(auto["vs_on_policy"]),
+                        auto_over_fastest=float(auto["seconds_per_step"]) / float(fastest["seconds_per_step"]),
+                        auto_mean_lookahead=float(auto["mean_lookahead"])))
+    return out
+
+
 def markdown(table: list, meta: str, title: str = PAIRS["demo"][4]) -> str:
     """The report: every configuration's step, then the floor section (ratios first)."""
     rows = {t["config"]: t for t in table}
@@ -515,22 +581,39 @@ def markdown(table: list, meta: str, title: str = PAIRS["demo"][4]) -> str:
         "decodes until its longest row is done); \"live rows\" counts in each call only the rows still live "
         "(not finished, below max_new_tokens), so 1.00 is one teacher forward per response token. Host syncs "
         "are per compute_loss (TRL: per training step).", "",
-        "| configuration | G | guidance | s / step | generation | teacher fwd (loss) | student fwd+bwd+opt "
-        "| vs on-policy | vs TRL | teacher fwd / token | teacher fwd / token (live rows) | host syncs / step "
-        "| teacher tokens | states reused |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| configuration | G | guidance | mean G | s / step | generation | teacher fwd (loss) | student fwd+bwd+opt "
+        "| vs on-policy | vs TRL | student fwd / token | teacher fwd / token | teacher fwd / token (live rows) "
+        "| host syncs / step | teacher tokens | states reused |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for t in table:
         if t["config"].startswith("floor: "):
             continue
         lines.append(
-            f"| {t['config']} | {t['lookahead']} | {t['guidance']} | {t['seconds_per_step']:.3f} | "
+            f"| {t['config']} | {t['lookahead']} | {t['guidance']} | {t['mean_lookahead']:.2f} | "
+            f"{t['seconds_per_step']:.3f} | "
             f"{t['generation']:.3f} | {_fmt(t['teacher_forward_loss'], '.3f')} | {t['student_fwd_bwd_opt']:.3f} | "
             f"{_fmt(t['vs_on_policy'], '.2f', 'x')} | {_fmt(t['vs_trl'], '.2f', 'x')} | "
-            f"{t['teacher_forwards_per_token']:.3f} | "
+            f"{_fmt(t['student_forwards_per_token'], '.3f')} | {t['teacher_forwards_per_token']:.3f} | "
             f"{t['teacher_forwards_per_token_live']:.3f} | {t['host_syncs_per_step']:.0f} | "
             f"{t['teacher_token_fraction']:.2f} | {t['teacher_states_reused']:.0%} |"
         )
+    best = auto_against_grid(table)
+    if best:
+        lines += [
+            "", "## lookahead=\"auto\" against the fixed settings", "",
+            "Per policy: the defaults (lookahead=\"auto\", guidance=\"auto\": step mode's tokens) against the "
+            "fastest fixed G with step guidance (the same tokens), and lookahead=\"auto\" with "
+            "guidance=\"speculative\" against the fastest fixed speculative G, each as a ratio to our on-policy "
+            "step; \"auto / fastest\" is the target's measure (within 10%: at most 1.10x).", "",
+            "| auto setting | fastest fixed setting | its step vs on-policy | auto vs on-policy | auto / fastest "
+            "| auto's mean G |",
+            "|---|---|---|---|---|---|",
+        ]
+        for b in best:
+            lines.append(f"| {b['policy']} | {b['fastest']} | {b['fastest_vs_on_policy']:.2f}x | "
+                         f"{b['auto_vs_on_policy']:.2f}x | {b['auto_over_fastest']:.2f}x | "
+                         f"{b['auto_mean_lookahead']:.2f} |")
     floors = [n for n in FLOORS if f"floor: {n}" in rows and n in rows]
     if floors:
         lines += [

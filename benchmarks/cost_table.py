@@ -1,13 +1,12 @@
-"""Writes the README's step-cost table from the committed step-cost benchmark (never typed).
+"""Writes the README's step-cost tables from the committed step-cost benchmark (never typed).
 
-    python benchmarks/cost_table.py          # rewrite the README blocks from results/distill_step_cpu.{csv,md}
+    python benchmarks/cost_table.py          # rewrite the README blocks from results/distill_step*_cpu.{csv,md}
     python benchmarks/cost_table.py --check  # exit 1 when a README block differs
 
-Two blocks: the demo pair's (distill_step_cpu) and the real pair's (distill_step_real_cpu, bench_distill_step.py
---pair real), each between its own markers.
-
-With floor rows in the CSV (bench_distill_step.py writes them) the table adds the floor's ratio to the
-on-policy floor and ours / floor for the configurations that have one.
+One block per pair of bench_distill_step.py (demo, real, deep), each between its own markers: per policy, the
+step of every fixed draft length G (step and speculative guidance), of lookahead="auto" and of its floor,
+each against our on-policy step of the same run, and auto against the fastest fixed setting that writes the
+same tokens.
 """
 
 from __future__ import annotations
@@ -20,72 +19,68 @@ from readme_block import main as _main
 from readme_block import replace_block
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "distill_step_cpu"
-REAL_RESULTS = ROOT / "benchmarks" / "results" / "distill_step_real_cpu"
+RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
-BEGIN, END = "<!-- distill-step-cost:begin -->", "<!-- distill-step-cost:end -->"
-REAL_BEGIN, REAL_END = "<!-- distill-step-cost-real:begin -->", "<!-- distill-step-cost-real:end -->"
-ROWS = (  # the benchmark's configurations the README shows, in order
-    "On-policy",
-    "AdaSwitch, step (before)",
-    "AdaSwitch, step + reuse",
-    "AdaSwitch, G=4 speculative + reuse",
-    "AdaSwitch, G=8 speculative + reuse",
-    "AdaSwitch, defaults",
-    "SKD, step (before)",
-    "SKD, step + reuse",
-    "SKD, G=4 + reuse",
-    "SKD, defaults",
-    "SeqKD (teacher), step (before)",
-    "SeqKD (teacher), step + reuse",
-    "SeqKD (teacher), defaults",
-    "TRL DistillationTrainer (on-policy)",
+PAIRS = {  # results name -> README markers' tag
+    "distill_step_cpu": "distill-step-cost",
+    "distill_step_real_cpu": "distill-step-cost-real",
+    "distill_step_deep_cpu": "distill-step-cost-deep",
+}
+POLICIES = ("AdaSwitch", "SKD", "SeqKD (teacher)")
+COLUMNS = (  # (header, configuration name suffix)
+    ("G=0", "G=0"), ("G=2", "G=2"), ("G=4", "G=4"), ("G=8", "G=8"),
+    ("G=2 spec.", "G=2 speculative"), ("G=4 spec.", "G=4 speculative"), ("G=8 spec.", "G=8 speculative"),
+    ("auto (default)", "auto"), ("auto spec.", "auto speculative"),
 )
+TRL = "TRL DistillationTrainer (on-policy)"
 
 
-def render(results: Path = RESULTS) -> str:
-    """The README block from `results`.{csv,md}. A CSV with floor rows ("floor: <configuration>", see
-    bench_distill_step.py) also gives the live-row teacher forwards and, for the configurations with a
-    floor, the floor's step against the on-policy floor and ours / floor; an older CSV gives the older table."""
+def _ratio(row) -> str:
+    return "-" if row is None else f"{float(row['vs_on_policy']):.2f}x"
+
+
+def render(results: Path) -> str:
+    """The README block from `results`.{csv,md}."""
     with open(results.with_suffix(".csv"), newline="") as f:
         rows = {r["config"]: r for r in csv.DictReader(f)}
     machine = next(line for line in results.with_suffix(".md").read_text().splitlines() if line.startswith("CPU:"))
-    floors = "floor: On-policy" in rows
-    head = (f"From `benchmarks/results/{results.name}.csv`. {machine} \"before\" = a second teacher "
-            "forward for the loss, \"reuse\" = the teacher's states from generation (the default).")
-    if not floors:
-        lines = [head, "",
-                 "| step | vs our on-policy | vs TRL on-policy | teacher forwards / token | host syncs / step |",
-                 "|---|---|---|---|---|"]
-        for name in ROWS:
-            r = rows[name]
-            lines.append(f"| {name} | {float(r['vs_on_policy']):.2f}x | {float(r['vs_trl']):.2f}x | "
-                         f"{float(r['teacher_forwards_per_token']):.3f} | {float(r['host_syncs_per_step']):.0f} |")
-        return "\n".join(lines)
-    lines = [head + " Floor: the same step with generation as raw model forwards (no engine), each model for "
-             "the response positions the outputs need; \"floor vs on-policy floor\" is what any implementation "
-             "pays on this machine, \"ours / floor\" what the engine adds. Live rows: teacher forwards counting "
-             "only the rows not yet finished.", "",
-             "| step | vs our on-policy | vs TRL on-policy | floor vs on-policy floor | ours / floor "
-             "| teacher forwards / token | teacher forwards / token (live rows) | host syncs / step |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name in ROWS:
-        r, floor = rows[name], rows.get(f"floor: {name}")
-        if floor is None:
-            floor_ratio = ours_floor = "-"
-        else:
-            floor_ratio = f"{float(floor['vs_on_policy_floor']):.2f}x"
-            ours_floor = f"{float(r['seconds_per_step']) / float(floor['seconds_per_step']):.2f}x"
-        lines.append(f"| {name} | {float(r['vs_on_policy']):.2f}x | {float(r['vs_trl']):.2f}x | {floor_ratio} | "
-                     f"{ours_floor} | {float(r['teacher_forwards_per_token']):.3f} | "
-                     f"{float(r['teacher_forwards_per_token_live']):.3f} | {float(r['host_syncs_per_step']):.0f} |")
+    lines = [f"From `benchmarks/results/{results.name}.csv`. {machine} Each cell: seconds per step against our "
+             "on-policy step in the same run; \"spec.\" = speculative guidance (the teacher's distribution, other "
+             "draws than step mode's); \"auto\" = the defaults (lookahead=\"auto\", guidance=\"auto\": step mode's "
+             "tokens), \"auto spec.\" = lookahead=\"auto\" with guidance=\"speculative\"; \"auto / fastest\" = auto "
+             "against the fastest fixed G with the same tokens (step guidance); floor = the G=0 step with "
+             "generation as raw model forwards (what any implementation pays here).", "",
+             "| policy | " + " | ".join(h for h, _ in COLUMNS) + " | auto / fastest | auto's mean G | floor |",
+             "|---|" + "---|" * (len(COLUMNS) + 3)]
+    for policy in POLICIES:
+        cells = [_ratio(rows.get(f"{policy}, {suffix}")) for _, suffix in COLUMNS]
+        fixed = [r for n, r in rows.items() if n.startswith(f"{policy}, G=") and not n.endswith("speculative")]
+        auto, floor = rows.get(f"{policy}, auto"), rows.get(f"floor: {policy}, G=0")
+        vs_fastest = "-"
+        if fixed and auto is not None:
+            fastest = min(float(r["seconds_per_step"]) for r in fixed)
+            vs_fastest = f"{float(auto['seconds_per_step']) / fastest:.2f}x"
+        mean_g = "-" if auto is None else f"{float(auto['mean_lookahead']):.2f}"
+        floor_ratio = "-" if floor is None else f"{float(floor['vs_on_policy_floor']):.2f}x"
+        lines.append(f"| {policy} | " + " | ".join(cells) + f" | {vs_fastest} | {mean_g} | {floor_ratio} |")
+    ratio = rows.get("floor: teacher decode"), rows.get("floor: student decode")
+    tail = []
+    if TRL in rows:
+        trl = float(rows["On-policy"]["vs_trl"])
+        tail.append(f"Our on-policy step is {trl:.2f}x TRL's `DistillationTrainer` step.")
+    if all(r is not None for r in ratio):
+        cost = float(ratio[0]["generation"]) / float(ratio[1]["generation"])
+        tail.append(f"A teacher decode forward costs {cost:.1f}x a student one here.")
+    if tail:
+        lines += ["", " ".join(tail)]
     return "\n".join(lines)
 
 
 def updated(text: str) -> str:
-    text = replace_block(text, BEGIN, END, render())
-    if REAL_RESULTS.with_suffix(".csv").exists():
-        text = replace_block(text, REAL_BEGIN, REAL_END, render(REAL_RESULTS))
+    for name, tag in PAIRS.items():
+        results = RESULTS / name
+        if results.with_suffix(".csv").exists():
+            text = replace_block(text, f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->", render(results))
     return text
 
 

@@ -138,11 +138,11 @@ def generate_row(results: Path) -> list[str]:
 def distill_step_row(results: Path) -> list[str]:
     name = "distill_step_cpu.csv"
     rows = {r["config"]: r for r in _rows(results, name)}
-    ours, ada, skd = rows["On-policy"], rows["AdaSwitch, defaults"], rows["SKD, defaults"]
+    ours, ada, skd = rows["On-policy"], rows["AdaSwitch, auto"], rows["SKD, auto"]
     headline = (f"seconds per `Distiller` step: our on-policy {_x(float(ours['vs_trl']))} TRL's "
                 f"`DistillationTrainer`; with the defaults AdaSwitch {_x(float(ada['vs_on_policy']))} and SKD "
                 f"{_x(float(skd['vs_on_policy']))} our on-policy")
-    source = ("row `On-policy`, column `vs_trl`; rows `AdaSwitch, defaults` and `SKD, defaults`, column "
+    source = ("row `On-policy`, column `vs_trl`; rows `AdaSwitch, auto` and `SKD, auto`, column "
               "`vs_on_policy`")
     return ["distillation step", _link(name), headline, source]
 

@@ -73,18 +73,22 @@ def test_floor_teacher_forwards_count_live_rows():
 
 
 def _step_rows(floors: bool) -> list[dict]:
-    """A results table as bench_distill_step writes it (two configurations, their floors)."""
+    """A results table as bench_distill_step writes it (on-policy, AdaSwitch at G=0 and G=4 and auto, floors)."""
     base = dict(lookahead=0, guidance="step", generation=0.1, teacher_forward_loss=0.0, student_fwd_bwd_opt=0.05,
                 vs_trl=0.5, teacher_forwards_per_token=1.5, teacher_forwards_per_token_live=1.0,
                 host_syncs_per_step=9, teacher_token_fraction=0.5, teacher_states_reused=1.0,
-                student_forwards_per_generation=41, teacher_forwards_per_generation=41)
+                student_forwards_per_generation=41, teacher_forwards_per_generation=41, student_forwards_per_token=1.0,
+                mean_lookahead=0.0)
     rows = [dict(base, config="On-policy", seconds_per_step=0.2, vs_on_policy=1.0, vs_on_policy_floor=2.0),
-            dict(base, config="AdaSwitch, step + reuse", seconds_per_step=0.4, vs_on_policy=2.0,
-                 vs_on_policy_floor=4.0)]
+            dict(base, config="AdaSwitch, G=0", seconds_per_step=0.4, vs_on_policy=2.0, vs_on_policy_floor=4.0),
+            dict(base, config="AdaSwitch, G=4", lookahead=4, seconds_per_step=0.3, vs_on_policy=1.5,
+                 vs_on_policy_floor=3.0),
+            dict(base, config="AdaSwitch, auto", lookahead="auto", guidance="auto", seconds_per_step=0.32,
+                 vs_on_policy=1.6, vs_on_policy_floor=3.2, mean_lookahead=2.5)]
     if floors:
         rows += [dict(base, config="floor: On-policy", seconds_per_step=0.1, vs_on_policy=0.5, vs_on_policy_floor=1.0,
                       generation=0.04),
-                 dict(base, config="floor: AdaSwitch, step + reuse", seconds_per_step=0.16, vs_on_policy=0.8,
+                 dict(base, config="floor: AdaSwitch, G=0", seconds_per_step=0.16, vs_on_policy=0.8,
                       vs_on_policy_floor=1.6, generation=0.08)]
     return rows
 
@@ -95,27 +99,22 @@ def test_step_report_puts_floor_ratios_in_their_own_section():
     main, floor = text.split("## Floor")
     assert "| floor: " not in main  # floor rows are not configurations
     # ours / floor (step 0.4 / 0.16, generation 0.1 / 0.08), floor vs on-policy floor 1.6
-    assert "| AdaSwitch, step + reuse | 2.50x | 1.25x | 1.60x | 2.00x |" in floor
+    assert "| AdaSwitch, G=0 | 2.50x | 1.25x | 1.60x | 2.00x |" in floor
+    # auto (0.32 s) against the fastest fixed setting (G=4, 0.3 s)
+    assert "| AdaSwitch, auto | AdaSwitch, G=4 | 1.50x | 1.60x | 1.07x | 2.50 |" in main
     assert "## Floor" not in bench.markdown(_step_rows(floors=False), "CPU: test")
 
 
-def test_cost_table_shows_the_floor_when_the_csv_has_it(tmp_path):
+def test_cost_table_renders_the_grid_auto_and_floor(tmp_path):
     _, cost_table = _benchmarks()
-    for floors in (True, False):
-        rows = _step_rows(floors)
-        results = tmp_path / f"step_{floors}"
-        with open(results.with_suffix(".csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        results.with_suffix(".md").write_text("# x\n\nCPU: test machine\n")
-        cost_table.ROWS, saved = ("On-policy", "AdaSwitch, step + reuse"), cost_table.ROWS
-        try:
-            text = cost_table.render(results)
-        finally:
-            cost_table.ROWS = saved
-        if floors:
-            assert "| AdaSwitch, step + reuse | 2.00x | 0.50x | 1.60x | 2.50x | 1.500 | 1.000 | 9 |" in text
-        else:
-            assert "floor" not in text.lower()
-            assert "| AdaSwitch, step + reuse | 2.00x | 0.50x | 1.500 | 9 |" in text
+    rows = _step_rows(floors=True)
+    results = tmp_path / "step"
+    with open(results.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    results.with_suffix(".md").write_text("# x\n\nCPU: test machine\n")
+    text = cost_table.render(results)
+    # G=0 2.00x, G=2 absent, G=4 1.50x, ..., auto 1.60x, auto / fastest 0.32 / 0.3, mean G 2.50, floor 1.60x
+    assert "| AdaSwitch | 2.00x | - | 1.50x | - | - | - | - | 1.60x | - | 1.07x | 2.50 | 1.60x |" in text
+    assert "| SKD | - | - | - | - | - | - | - | - | - | - | - | - |" in text

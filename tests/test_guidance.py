@@ -65,6 +65,7 @@ def run(student, teacher, prompts, policy, **kw):
     ids, mask = prompts
     kw.setdefault("max_new_tokens", N)
     kw.setdefault("vocab_size", VOCAB_SIZE)  # the teacher alone (step-mode Teacher) would see its padded rows
+    kw.setdefault("lookahead", 0)  # step mode unless a test asks for blocks (or "auto")
     kw.update(policy=policy, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
     return generate(student, teacher, ids, mask, **kw)
 

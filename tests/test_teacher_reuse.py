@@ -144,7 +144,7 @@ def test_processed_logits_families(tmp_path, family):
 def test_config_guidance_checks(tmp_path):
     base = dict(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     default = DistillConfig(**base)
-    assert default.reuse_teacher_states is True and (default.lookahead, default.guidance) == (0, "step")
+    assert default.reuse_teacher_states is True and (default.lookahead, default.guidance) == ("auto", "auto")
     with pytest.raises(ValueError, match="guidance must be one of"):
         DistillConfig(**base, guidance="fast")
     with pytest.raises(ValueError, match="set lookahead >= 1"):

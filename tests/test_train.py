@@ -199,4 +199,5 @@ def test_lookahead_trains_on_the_same_tokens(tmp_path):
                                guidance="step")
         losses.append(trainer.compute_loss(trainer.model, first_batch(trainer)).detach())
         assert trainer._metrics["train"]["teacher_token_fraction"][-1] > 0
-    assert torch.allclose(losses[0], losses[1], rtol=1e-6)
+    # the loss reuses the teacher's states from generation: a 3-position forward's rounding, not a 1-position one
+    assert torch.allclose(losses[0], losses[1], rtol=1e-5), (losses, (losses[0] - losses[1]).abs() / losses[1])

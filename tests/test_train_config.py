@@ -131,10 +131,10 @@ def test_fields_are_documented_and_completions_flag():
 
 @pytest.mark.parametrize("policy", ["adaswitch", "fixed_switch", "skd", "student", "teacher", "mixed"])
 def test_default_lookahead_by_policy(policy):
-    """lookahead defaults to G = 4 for SKD and token by token for the rest, guidance to step (the step-cost
-    benchmark's fastest settings); anything set explicitly is kept."""
+    """lookahead and guidance default to "auto" for every policy (the engine picks per block; policies with
+    nothing to draft decode token by token); anything set explicitly is kept."""
     config = make(policy=policy)
-    assert (config.lookahead, config.guidance) == (4 if policy == "skd" else 0, "step")
+    assert (config.lookahead, config.guidance) == ("auto", "auto")
     if policy in ("adaswitch", "fixed_switch"):
         explicit = make(policy=policy, lookahead=4, guidance="speculative")
         assert (explicit.lookahead, explicit.guidance) == (4, "speculative")

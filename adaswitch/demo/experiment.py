@@ -38,6 +38,7 @@ SAMPLED_NAME = "On-policy (sampled-token)"
 HARD_LABEL_NAME = "AdaSwitch + hard labels"
 HARD_LABEL_WEIGHT = 0.5  # weight_hard_loss beside weight_soft_loss = 1: the divergence term as in "AdaSwitch"
 LOSS_FORM_METHODS = (SAMPLED_NAME, HARD_LABEL_NAME)
+DEMO_LOOKAHEAD = {"skd": 4}  # the demo's fixed draft length by policy (0 for the others), see `_distill`
 ALL_METHODS = (*METHOD_NAMES, MAX_DIVERGENCE_NAME, *LOSS_FORM_METHODS)
 EXTRA_METRICS = ("teacher_nll", "samples")  # what a task's measure may add to a run's record (the real pair's)
 
@@ -314,13 +315,18 @@ def _distill(
 ) -> tuple[float, list[dict], list | None, dict]:
     """Trains `student` in place; returns the training-step seconds, the logged steps, AdaSwitch's switch
     position counts (None without switches) and the decoding settings the config resolved (lookahead,
-    guidance: what a change of their defaults would otherwise hide in a results file)."""
+    guidance: fixed by the demo, see below; with a generating policy also mean_lookahead, the mean draft length
+    over the logged steps)."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from adaswitch.demo.sft import make_optimizer
     from adaswitch.train.config import DistillConfig
     from adaswitch.train.distiller import Distiller
 
+    # Fixed decoding (the fastest fixed settings of the step-cost benchmark on the quick preset): under
+    # lookahead="auto" the tokens are the same, but the teacher states the loss reuses round as the forwards
+    # the engine picked by timing did, and the demo's digits would no longer repeat from run to run.
+    decoding = dict(lookahead=DEMO_LOOKAHEAD.get(overrides.get("policy"), 0), guidance="step")
     with tempfile.TemporaryDirectory(prefix="adaswitch-demo-") as tmp:
         config = DistillConfig(
             output_dir=tmp,
@@ -337,7 +343,7 @@ def _distill(
             disable_tqdm=True,
             use_cpu=True,
             dataloader_num_workers=0,
-            **overrides,
+            **{**decoding, **overrides},
         )
         trainer = Distiller(
             model=student,
@@ -355,6 +361,9 @@ def _distill(
     student.eval()
     counts = trainer.switch_position_counts if any(trainer.switch_position_counts) else None
     decoding = {"lookahead": config.lookahead, "guidance": config.guidance}
+    logged = [h["mean_lookahead"] for h in trainer.state.log_history if "mean_lookahead" in h]
+    if logged:  # the mean draft length over the run's steps (AdaSwitch leaves blocks once a row switched)
+        decoding["mean_lookahead"] = sum(logged) / len(logged)
     return timer.seconds, [h for h in trainer.state.log_history if "loss" in h], counts, decoding
 
 

@@ -19,10 +19,62 @@ import torch
 
 from adaswitch._validation import is_int
 from adaswitch.engine.architecture import attention_layout
+from adaswitch.engine.lookahead import CANDIDATES
 from adaswitch.ops import rng
 from adaswitch.policies import SKD, AdaSwitch, Mixed, Student, Teacher, check_policy
 
-GUIDANCES = ("step", "speculative")
+GUIDANCES = ("auto", "step", "speculative")
+AUTO = "auto"
+SPECULATIVE_CANDIDATES = (1, 2, 4, 8)  # lookahead="auto" under guidance="speculative": every block verifies
+
+
+class Decoding(NamedTuple):
+    """How the loop decodes: a fixed G, or the (G, speculative) options lookahead="auto" chooses among."""
+
+    options: tuple  # lookahead="auto": ((G, speculative), ...); () for a fixed G
+    lookahead: int  # fixed: G; auto: the largest option's G (the caches' transient columns)
+    guided: bool  # fixed: speculative guidance; auto: some option verifies speculatively
+
+
+def check_decoding(policy, lookahead, guidance, max_new_tokens: int, student) -> Decoding:
+    """lookahead (an int G >= 0 or "auto") and guidance ("auto", "step", "speculative") for this policy.
+    guidance="auto" verifies speculatively only where that gives step mode's tokens (a greedy teacher) and only
+    under lookahead="auto"; with a fixed G it is step guidance."""
+    if guidance not in GUIDANCES:
+        raise ValueError(f"guidance must be one of {GUIDANCES}, got {guidance!r}")
+    speculative = guidance == "speculative"
+    if speculative and not isinstance(policy, (AdaSwitch, Teacher)):
+        raise ValueError(f"guidance='speculative' applies to the AdaSwitch and Teacher policies, got "
+                         f"{type(policy).__name__} (SKD's lookahead already scores G drafts per teacher forward)")
+    if lookahead != AUTO:
+        if not is_int(lookahead) or lookahead < 0:
+            raise ValueError(f"lookahead must be 'auto' or an int >= 0 (0 = token by token), got {lookahead!r}")
+        if speculative and lookahead < 1:
+            raise ValueError(f"guidance='speculative' drafts lookahead = G tokens per teacher forward: pass "
+                             f"lookahead >= 1 or 'auto', got {lookahead!r}")
+        if lookahead > max_new_tokens:
+            raise ValueError(f"lookahead must be <= max_new_tokens ({max_new_tokens}): a block drafts G tokens of "
+                             f"a response of at most max_new_tokens (more only costs forwards), got {lookahead}")
+        if lookahead > 0 and not isinstance(policy, (AdaSwitch, SKD)) and not speculative:
+            raise ValueError("lookahead > 0 applies to the AdaSwitch and SKD policies (and Teacher with "
+                             f"guidance='speculative'), got {type(policy).__name__}")
+        return Decoding((), lookahead, speculative)
+    fits = [g for g in CANDIDATES if g <= max_new_tokens]
+    if speculative:
+        options = tuple((g, True) for g in SPECULATIVE_CANDIDATES if g <= max_new_tokens)
+    else:
+        may_verify = (guidance == AUTO and isinstance(policy, (AdaSwitch, Teacher)) and policy.teacher_sampling.greedy
+                      and student is not None)
+        verified = tuple((g, True) for g in fits if g > 0) if may_verify else ()
+        if isinstance(policy, Teacher):
+            options = ((0, False), *verified) if verified else ()
+        elif isinstance(policy, (AdaSwitch, SKD)):
+            options = (*((g, False) for g in fits), *verified)
+        else:  # one model decides every token: nothing to draft
+            options = ()
+    if not options:
+        return Decoding((), 0, False)
+    return Decoding(options, max(g for g, _ in options), any(v for _, v in options))
 
 
 class Checked(NamedTuple):
@@ -33,6 +85,7 @@ class Checked(NamedTuple):
     layouts: dict  # {"student" | "teacher": attention layout or None}
     mask: torch.Tensor  # int64 [B, P] 0/1, left padding
     sync_every: int
+    decoding: Decoding
     vocab_size: int
     eos: int
     pad: int
@@ -127,17 +180,12 @@ def check_arguments(student, teacher, input_ids, attention_mask, *, policy, max_
                     tokenizer, guidance, return_teacher_states) -> Checked:
     """`generate`'s arguments (see its docstring) checked, defaults resolved; raises on the first bad one."""
     check_policy(policy)
-    if guidance not in GUIDANCES:
-        raise ValueError(f"guidance must be one of {GUIDANCES}, got {guidance!r}")
     if not isinstance(return_teacher_states, bool):
         raise TypeError(f"return_teacher_states must be a bool, got {type(return_teacher_states).__name__}")
-    guided = guidance == "speculative"
-    if guided and not isinstance(policy, (AdaSwitch, Teacher)):
-        raise ValueError(f"guidance='speculative' applies to the AdaSwitch and Teacher policies, got "
-                         f"{type(policy).__name__} (SKD's lookahead already scores G drafts per teacher forward)")
-    if guided and (not is_int(lookahead) or lookahead < 1):
-        raise ValueError(f"guidance='speculative' drafts lookahead = G tokens per teacher forward: pass "
-                         f"lookahead >= 1, got {lookahead!r}")
+    if not is_int(max_new_tokens) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    decoding = check_decoding(policy, lookahead, guidance, max_new_tokens, student)
+    guided = decoding.guided
     needs_student = isinstance(policy, (Student, SKD, AdaSwitch)) or (
         isinstance(policy, Mixed) and policy.lmbda > 0) or guided
     layouts = {"student": _check_model("student", student, needs_student, policy),
@@ -153,16 +201,8 @@ def check_arguments(student, teacher, input_ids, attention_mask, *, policy, max_
         _check_shared_tokenizer(student, teacher)
     if sync_every is None:
         sync_every = default_sync_every(input_ids.device if isinstance(input_ids, torch.Tensor) else "cpu")
-    for name, value, low in (("max_new_tokens", max_new_tokens, 1), ("lookahead", lookahead, 0),
-                             ("sync_every", sync_every, 1)):
-        if not is_int(value) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    if lookahead > max_new_tokens:
-        raise ValueError(f"lookahead must be <= max_new_tokens ({max_new_tokens}): a block drafts G tokens of a "
-                         f"response of at most max_new_tokens (more only costs forwards), got {lookahead}")
-    if lookahead > 0 and not isinstance(policy, (AdaSwitch, SKD)) and not guided:
-        raise ValueError("lookahead > 0 applies to the AdaSwitch and SKD policies (and Teacher with "
-                         f"guidance='speculative'), got {type(policy).__name__}")
+    if not is_int(sync_every) or sync_every < 1:
+        raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
     if not isinstance(cuda_graph, bool):
         raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
     rng.check_seed(seed)
@@ -239,7 +279,7 @@ def check_arguments(student, teacher, input_ids, attention_mask, *, policy, max_
         raise ValueError(f"completions apply to the Mixed policy (lmbda < 1), not {type(policy).__name__}")
 
 
-    return Checked(student, teacher, layouts, mask, sync_every, vocab_size, eos, pad, keys, completions)
+    return Checked(student, teacher, layouts, mask, sync_every, decoding, vocab_size, eos, pad, keys, completions)
 
 
-__all__ = ["GUIDANCES", "Checked", "check_arguments", "default_sync_every"]
+__all__ = ["AUTO", "GUIDANCES", "Checked", "Decoding", "check_arguments", "check_decoding", "default_sync_every"]

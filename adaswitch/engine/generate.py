@@ -2,9 +2,11 @@
 
 Design (gpt-fast style: prefill, then a short per-token loop; details fixed here):
 
-* Invariant: each model's next input is `last` [B], the newest token of every row. The prompt minus its
-  last column is prefilled; the loop then feeds `last` (the last prompt column, then generated tokens).
-  Step mode and lookahead mode share this invariant, so a run can go from one to the other.
+* Invariant: each model's next input is `last` [B], the newest token of every row. The prompt is
+  prefilled whole, the LM head on its last column only: those logits (and the teacher's state there) are
+  the first iteration's, which so runs no forward for response position 0 (`_Run.first`); from then on the
+  loop feeds `last` (generated tokens). Step mode and lookahead mode share this invariant, so a run can go
+  from one to the other.
 * Caches (`adaswitch.engine.cache.RowCache`): preallocated per model; each row's start and length live
   on the device; a forward writes each row at its own length, rollback lowers lengths. Rows that are
   no longer live (finished, or at max_new_tokens) give back the column of every dummy forward, so a row
@@ -66,8 +68,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -75,10 +79,11 @@ from adaswitch.engine.architecture import alibi_adapter
 from adaswitch.engine.arguments import GUIDANCES, check_arguments, default_sync_every  # noqa: F401 (re-exported)
 from adaswitch.engine.attention import flash_available, kvcache_attention
 from adaswitch.engine.cache import RowCache
+from adaswitch.engine.lookahead import ForwardClock, LookaheadStats, Rows, choose, iteration_key
 from adaswitch.ops import rng
 from adaswitch.ops.speculative import fused_speculative
 from adaswitch.ops.step import SwitchState, fused_lookahead, fused_step, schedule
-from adaswitch.policies import AdaSwitch, Mixed, Student
+from adaswitch.policies import AdaSwitch, Mixed, Student, Teacher
 
 
 @dataclass
@@ -94,6 +99,7 @@ class GenerationOutput:
     lengths: int64 [B], response lengths (including the EOS token when there is one).
     from_dataset: bool [B], Mixed only: the row is the dataset's completion.
     prompt_length: P.
+    mean_lookahead: the mean draft length G over the decode loop's iterations (0 for a token-by-token one).
     teacher_hidden_states: [B, N, H] (return_teacher_states=True, else None): the teacher's last hidden
         state (after its final norm, the LM head's input) at the position that predicts response token i,
         where the teacher ran for that token; zeros elsewhere.
@@ -112,21 +118,35 @@ class GenerationOutput:
     prompt_length: int
     teacher_hidden_states: torch.Tensor | None = None
     teacher_states_mask: torch.Tensor | None = None
+    mean_lookahead: float = 0.0
 
 
 # ------------------------------------------------------------------------------------------ engine
 
+class _Flags(NamedTuple):
+    """One host read of the loop's state."""
+
+    done: bool  # no live row (every row finished or at max_new_tokens)
+    exploring: bool  # some live row has not switched
+    switched: bool  # some live row has switched
+    least: int  # least response position of the live rows
+    live: int  # live rows
+    counts: list  # lookahead="auto": [offered, accepted, verified offered, verified accepted] since the last read
+
+
 class _Run:
     """All device buffers of one generate call and the two kinds of iteration (step, block)."""
 
-    def __init__(self, student, teacher, input_ids, mask, policy, n, eos, pad, seed, keys, lookahead,
-                 vocab, completions, impl, attention_scope, layouts, guidance="step", record_teacher=False):
+    def __init__(self, student, teacher, input_ids, mask, policy, n, eos, pad, seed, keys, max_lookahead,
+                 vocab, completions, impl, attention_scope, layouts, may_guide=False, record_teacher=False,
+                 clock=None):
         self.student, self.teacher, self.policy = student, teacher, policy
-        # speculative guidance: the teacher's tokens are verified student drafts (blocks only)
-        self.guided = guidance == "speculative"
         self.record = record_teacher and teacher is not None and policy.uses_teacher
         self.hidden = self.ran = None  # teacher states [B, n + 1, H] and where they exist, allocated lazily
-        self.n, self.eos, self.pad, self.seed, self.keys, self.g = n, eos, pad, seed, keys, lookahead
+        self.n, self.eos, self.pad, self.seed, self.keys = n, eos, pad, seed, keys
+        # lookahead="auto": forwards timed, drafts counted (offered, accepted; switched rows' verified drafts)
+        self.clock = clock
+        self.counts = torch.zeros(4, dtype=torch.long, device=input_ids.device) if clock is not None else None
         self.vocab, self.impl = vocab, impl
         b, p = input_ids.shape
         device = input_ids.device
@@ -146,13 +166,16 @@ class _Run:
             self.dataset_rows = ~rng.mixed_coin(seed, keys, policy.lmbda)
             self.state.finished |= self.dataset_rows
         self.completions = completions
-        if lookahead:
+        if max_lookahead:
             self.draft_policy = Student(policy.student_sampling)
             self.draft_state = SwitchState.new(b, 1, device)
-        # Columns: the prompt minus its last token, <= n kept tokens, and one forward's transient columns
-        # (a guided block's G + 1: its drafts and the bonus position).
-        capacity = p - 1 + n + max(1, lookahead) + int(self.guided)
+        # Columns: the prompt, <= n - 1 kept tokens fed back, and one forward's transient columns (a guided
+        # block's G + 1: its drafts and the bonus position).
+        capacity = p - 1 + n + max(1, max_lookahead) + int(may_guide)
         self.caches = {}
+        # {"student" | "teacher": (logits [B, 1, V], teacher state [B, 1, H] or None)} of the prompt's last
+        # column, from the prefill, until the first iteration that runs the model takes them
+        self.first = {}
         for name, model, used in (("student", student, self.run_student),
                                   ("teacher", teacher, self.run_teacher)):
             if used:
@@ -164,18 +187,25 @@ class _Run:
                 if flash:  # the model's attention is the cache's flash-attn call until the scope closes
                     attention_scope.enter_context(kvcache_attention(model, cache))
                 self.caches[name] = cache
-                if p > 1:
-                    self._forward(model, cache, input_ids[:, :-1], prefill_mask=mask[:, :-1])
+                self.first[name] = self._prefill(model, cache, input_ids, mask, self.record and name == "teacher")
 
-    def _forward(self, model, cache, ids, prefill_mask=None, hidden=False, logits=True):
+    def _prefill(self, model, cache, ids, mask, hidden: bool):
+        """The whole prompt [B, P] into the cache: (the logits of its last column [B, 1, V], the last hidden
+        state there [B, 1, H] with `hidden`, else None); the LM head runs on that column only."""
+        attn, position_ids = cache.prefill_inputs(mask)
+        extra = {"output_hidden_states": True} if hidden else {}
+        if "logits_to_keep" in inspect.signature(model.forward).parameters:
+            extra["logits_to_keep"] = 1
+        out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, cache=cache, use_cache=True,
+                    **extra)
+        self._advance(cache, ids.shape[1])
+        return out.logits[:, -1:, : self.vocab], out.hidden_states[-1][:, -1:] if hidden else None
+
+    def _forward(self, model, cache, ids, hidden=False, logits=True):
         """The model on `ids` through its cache: the logits [B, q, V] (with `hidden`, also the last hidden
-        states); None for a prefill (`prefill_mask`) or `logits=False`, whose outputs nothing reads (they only
-        write keys and values), so the LM head is skipped."""
-        if prefill_mask is not None:  # the loop feeds the last prompt token itself
-            attn, position_ids = cache.prefill_inputs(prefill_mask)
-            logits = False
-        else:
-            attn, position_ids = cache.decode_inputs(ids.shape[1])
+        states); None with `logits=False`, whose outputs nothing reads (it only writes keys and values), so the
+        LM head is skipped."""
+        attn, position_ids = cache.decode_inputs(ids.shape[1])
         if not logits:
             decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
             body, kw = (model, {"logits_to_keep": 1}) if decoder is model else (decoder, {})
@@ -183,7 +213,10 @@ class _Run:
             self._advance(cache, ids.shape[1])
             return None
         extra = {"output_hidden_states": True} if hidden else {}
+        started = self.clock.start() if self.clock is not None else None
         out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, cache=cache, **extra)
+        if self.clock is not None:
+            self.clock.stop(cache.name, ids.shape[1], started)
         self._advance(cache, ids.shape[1])
         if hidden:
             return out.logits[..., : self.vocab], out.hidden_states[-1]
@@ -225,39 +258,56 @@ class _Run:
         self.divergence.scatter_(1, idx, divergence)
 
     def step(self, use_student: bool) -> None:
-        """One token per row: forward on `last`, fused_step, write, advance."""
+        """One token per row: forward on `last` (the first iteration: the prefill's logits), fused_step, write,
+        advance."""
         x = self.last[:, None]
         idle = self._idle()  # rows that only run along: their cache column is given back
-        ls = self._forward(self.student, self.caches["student"], x)[:, 0] if use_student else None
-        lt, ht = self._teacher_forward(x) if self.run_teacher else (None, None)
-        lt = lt[:, 0] if lt is not None else None
+        first_s = self.first.pop("student", None) if use_student else None
+        first_t = self.first.pop("teacher", None) if self.run_teacher else None
+        ls = lt = ht = None
+        if use_student:
+            ls = (first_s[0] if first_s is not None else self._forward(self.student, self.caches["student"], x))[:, 0]
+        if self.run_teacher:
+            lt, ht = first_t if first_t is not None else self._teacher_forward(x)
+            lt = lt[:, 0]
         if ht is not None:
             self._write_hidden(self.pos[:, None], ~idle[:, None], ht)
-        if use_student:
+        if use_student and first_s is None:
             self.caches["student"].rollback(idle.long())
-        if self.run_teacher:
+        if self.run_teacher and first_t is None:
             self.caches["teacher"].rollback(idle.long())
+        exploring = ~idle & ~self.state.switched  # before this token's decision
         out = fused_step(ls, lt, self.policy, self.state, seed=self.seed, keys=self.keys, position=self.pos,
                          eos_token_id=self.eos, pad_token_id=self.pad, impl=self.impl)
+        if self.counts is not None and use_student and not isinstance(self.policy, Teacher):
+            # each exploring row offered the student's token as a draft
+            self.counts[0] += exploring.sum()
+            self.counts[1] += (exploring & ~out.from_teacher).sum()
         keep = torch.ones_like(self.pos, dtype=torch.bool)[:, None]
         self._write(self.pos[:, None], keep, out.token[:, None], out.from_teacher[:, None],
                     out.divergence[:, None])
         self.last.copy_(out.token)
         self.pos += 1
 
-    def block(self) -> None:
+    def block(self, g: int, guided: bool) -> None:
         """Lookahead: G student drafts, one teacher forward, fused_lookahead (and, with speculative guidance,
         fused_speculative from each row's stop, with its bonus token), write, roll back."""
-        g, student, teacher = self.g, self.caches["student"], self.caches["teacher"]
+        student, teacher = self.caches["student"], self.caches["teacher"]
         # Columns a block writes to each cache: [last, d_0 .. d_{G-2}]; with guidance also d_{G-1}, so the
         # teacher scores the position after the last draft (the bonus token's distribution).
-        width = g + 1 if self.guided else g
+        width = g + 1 if guided else g
         offsets = torch.arange(width, device=self.device)
         idle = self._idle()
+        exploring = ~idle & ~self.state.switched  # before this block's decisions
         cur, drafts, student_logits = self.last, [], []
+        # the first iteration: the prefill's logits stand for both models' forward on `last`
+        first_s, first_t = self.first.pop("student", None), self.first.pop("teacher", None)
         self.draft_state.finished.zero_()
         for j in range(g):
-            ls = self._forward(self.student, student, cur[:, None])[:, 0]
+            if j == 0 and first_s is not None:
+                ls = first_s[0][:, 0]
+            else:
+                ls = self._forward(self.student, student, cur[:, None])[:, 0]
             # The student's draw at response index pos + j (stream 0), by the same implementation as
             # fused_step's; a draft after a drafted EOS is pad and never accepted.
             cur = fused_step(ls, None, self.draft_policy, self.draft_state, seed=self.seed, keys=self.keys,
@@ -266,17 +316,28 @@ class _Run:
             drafts.append(cur)
             student_logits.append(ls)
         draft = torch.stack(drafts, 1)
-        if self.guided:  # d_{G-1} into the student's cache too: a row that takes the bonus keeps it
+        if guided:  # d_{G-1} into the student's cache too: a row that takes the bonus keeps it
             self._forward(self.student, student, cur[:, None], logits=False)
-        lt, ht = self._teacher_forward(torch.cat([self.last[:, None], draft[:, : width - 1]], 1))
+        ids = torch.cat([self.last[:, None], draft[:, : width - 1]], 1)  # [B, width]
+        if first_t is None:
+            lt, ht = self._teacher_forward(ids)
+        else:  # `last`'s logits from the prefill, the drafts' (if any) from a forward on them
+            lt, ht = first_t
+            if width > 1:
+                rest, rest_h = self._teacher_forward(ids[:, 1:])
+                lt = torch.cat([lt, rest], 1)
+                ht = torch.cat([ht, rest_h], 1) if ht is not None else None
         student_logits = torch.stack(student_logits, 1)
-        finished_before = self.state.finished.clone() if self.guided else None
+        finished_before = self.state.finished.clone() if guided else None
         out = fused_lookahead(student_logits, lt[:, :g], draft, self.policy, self.state,
                               seed=self.seed, keys=self.keys, position=self.pos, eos_token_id=self.eos,
                               pad_token_id=self.pad, impl=self.impl)
         a = out.accepted
         divergence = out.divergence
-        if self.guided:
+        if self.counts is not None:  # an exploring row offered its drafts up to its stop (switch, rejection)
+            self.counts[0] += torch.where(exploring, a + out.from_teacher.long(), 0).sum()
+            self.counts[1] += torch.where(exploring, a, 0).sum()
+        if guided:
             # From each row's stop (its switch, or index 0 once switched / under Teacher) the teacher's tokens
             # are the drafts it accepts and then its own draw: the residual draw at the first rejection, or
             # the bonus token at index G when it accepted every draft (fused_speculative); instead of one
@@ -289,6 +350,10 @@ class _Run:
             self.state.finished.copy_(torch.where(out.from_teacher, finished_before | spec.finished,
                                                   self.state.finished))
             end = a + torch.where(out.from_teacher, spec.accepted, 0)
+            if self.counts is not None:  # drafts the teacher verified, up to its first rejection
+                verifying = out.from_teacher & ~idle
+                self.counts[2] += torch.where(verifying, spec.accepted + spec.resampled.long(), 0).sum()
+                self.counts[3] += torch.where(verifying, spec.accepted, 0).sum()
             drawn = out.from_teacher & (spec.resampled | spec.bonus)  # the teacher's own draw at index `end`
             at_stop = (offsets[None, :] == end[:, None]) & drawn[:, None]
             keep = (offsets[None, :] < end[:, None]) | at_stop
@@ -314,20 +379,26 @@ class _Run:
         # outgrows the capacity.
         kept = torch.minimum(produced, self.n - self.pos)
         drop = torch.where(idle, width, width - kept)
-        student.rollback(drop)
-        teacher.rollback(drop)
+        # a model whose `last` column came with the prefill wrote one column less, all of them kept but by
+        # idle rows
+        student.rollback(drop - idle.long() if first_s is not None else drop)
+        teacher.rollback(drop - idle.long() if first_t is not None else drop)
         self.pos += produced
 
-    def flags(self) -> tuple[bool, bool, bool, int]:
-        """(all rows done, all live rows switched, some live row switched, least response position of the
-        live rows): one host read."""
+    def flags(self) -> _Flags:
+        """What the host needs to steer the loop, in one host read (with lookahead="auto", also the draft counts
+        and the timings recorded since the last read)."""
         live = ~self._idle()
-        done = ~live.any()
-        all_switched = (self.state.switched | ~live).all()
-        any_switched = (self.state.switched & live).any()
+        switched = self.state.switched & live
         least = torch.where(live, self.pos, torch.full_like(self.pos, self.n)).min()
-        flags = torch.stack([done.long(), all_switched.long(), any_switched.long(), least]).tolist()
-        return bool(flags[0]), bool(flags[1]), bool(flags[2]), int(flags[3])
+        values = [(~live.any()).long(), (live & ~switched).any().long(), switched.any().long(), least, live.sum()]
+        if self.counts is not None:
+            values.extend(self.counts.unbind())
+        flags = torch.stack(values).tolist()
+        if self.counts is not None:
+            self.counts.zero_()
+            self.clock.collect()
+        return _Flags(bool(flags[0]), bool(flags[1]), bool(flags[2]), int(flags[3]), int(flags[4]), flags[5:])
 
     def finish(self, input_ids, mask) -> GenerationOutput:
         n = self.n
@@ -419,15 +490,16 @@ def generate(
     pad_token_id: int | None = None,
     seed: int = 0,
     example_keys=None,
-    lookahead: int = 0,
+    lookahead: int | str = "auto",
     sync_every: int | None = None,
     completions: torch.Tensor | None = None,
     cuda_graph: bool = False,
     vocab_size: int | None = None,
     impl: str | None = None,
     tokenizer=None,
-    guidance: str = "step",
+    guidance: str = "auto",
     return_teacher_states: bool = False,
+    lookahead_stats: LookaheadStats | None = None,
 ) -> GenerationOutput:
     """Generate responses for a batch of left-padded prompts under a distillation policy.
 
@@ -441,8 +513,11 @@ def generate(
         eos_token_id, pad_token_id: default to the models' config values; an error if neither has them.
         seed, example_keys: the counter-based RNG's seed and per-row keys (default: row index); pass
             stable keys (e.g. dataset indices) to make a row's tokens independent of its batch.
-        lookahead: G > 0 drafts G student tokens per teacher forward (AdaSwitch, SKD); same tokens; at most
-            max_new_tokens.
+        lookahead: "auto" (default): the engine chooses, at each host read, the draft length G of the next
+            iterations (0 = token by token, or 2, 4, 8) and, under guidance="auto", whether blocks verify the
+            switched rows' tokens speculatively, from the forwards it has timed and the drafts the teacher kept
+            (`adaswitch.engine.lookahead`); an int G > 0 drafts G student tokens per teacher forward (AdaSwitch,
+            SKD), at most max_new_tokens; 0 decodes token by token. The tokens do not depend on G.
         sync_every: iterations between the host's reads of the "all finished" flag. None (default): 16
             on an accelerator, where a read waits for the queued work; 1 on the CPU, where nothing is
             queued, so a read costs nothing and the loop stops each model the step it is no longer needed.
@@ -457,7 +532,9 @@ def generate(
         tokenizer: the tokenizer shared by student and teacher (optional): vocab_size defaults to
             len(tokenizer), eos_token_id and pad_token_id to the tokenizer's; an explicit vocab_size
             larger than len(tokenizer) is an error.
-        guidance: how the teacher writes its tokens. "step": one teacher draw per teacher forward (after
+        guidance: how the teacher writes its tokens. "auto" (default): speculative where lookahead="auto"
+            finds it faster and the teacher is greedy (there it gives step mode's tokens), else step; so "auto"
+            never changes a token. "step": one teacher draw per teacher forward (after
             AdaSwitch's switch, and under Teacher). "speculative" (AdaSwitch and its controls, Teacher; needs
             lookahead = G >= 1 and the student): the student keeps drafting G tokens per block and the teacher,
             in its one forward (on the G drafts and the position after them), accepts each draft with
@@ -472,6 +549,9 @@ def generate(
         return_teacher_states: also return the teacher's last hidden states at every response position the
             teacher ran on (`teacher_hidden_states`, `teacher_states_mask`), for a loss that would
             otherwise run the teacher again.
+        lookahead_stats: with lookahead="auto", what earlier calls measured on this pair (forward timings,
+            acceptance; a `LookaheadStats`, updated in place): pass one object to successive calls so each starts
+            from it (the Distiller does). None: this call measures from scratch.
 
     Returns:
         GenerationOutput (fixed shapes [B, P + N] / [B, N]).
@@ -483,48 +563,85 @@ def generate(
                         vocab_size=vocab_size, tokenizer=tokenizer, guidance=guidance,
                         return_teacher_states=return_teacher_states)
 
+    auto = bool(a.decoding.options)
+    if lookahead_stats is not None and not isinstance(lookahead_stats, LookaheadStats):
+        raise TypeError(f"lookahead_stats must be an adaswitch.LookaheadStats, got {type(lookahead_stats).__name__}")
+    clock = None
+    if auto:
+        stats = LookaheadStats() if lookahead_stats is None else lookahead_stats
+        stats.new_call()
+        clock = ForwardClock(stats, input_ids.device)
     # Flash-attn models get the cache's attention for the whole call, and their own back on any exit.
     with contextlib.ExitStack() as attention_scope:
         run = _Run(a.student, a.teacher, input_ids, a.mask, policy, max_new_tokens, a.eos, a.pad, seed, a.keys,
-                   lookahead, a.vocab_size, a.completions, impl, attention_scope, a.layouts, guidance,
-                   return_teacher_states)
-        return _decode(run, policy, max_new_tokens, lookahead, a.sync_every, cuda_graph).finish(input_ids, a.mask)
+                   a.decoding.lookahead, a.vocab_size, a.completions, impl, attention_scope, a.layouts,
+                   a.decoding.guided, return_teacher_states, clock)
+        lookaheads = _decode(run, policy, max_new_tokens, a.decoding, a.sync_every, cuda_graph)
+        out = run.finish(input_ids, a.mask)
+    out.mean_lookahead = sum(lookaheads) / len(lookaheads) if lookaheads else 0.0
+    return out
 
 
-def _decode(run: _Run, policy, max_new_tokens: int, lookahead: int, sync_every: int, cuda_graph: bool) -> _Run:
-    """The decode loop: iterations until every row is done, a host read about every sync_every tokens."""
+def _decode(run: _Run, policy, max_new_tokens: int, decoding, sync_every: int, cuda_graph: bool) -> list:
+    """The decode loop: iterations until every row is done, a host read about every sync_every tokens, where
+    lookahead="auto" also picks the next iterations' (G, guidance). Returns the G of each iteration."""
     graphs = _Graphs() if cuda_graph else None
-    mode_block = lookahead > 0
     use_student = run.run_student
+    stats = run.clock.stats if run.clock is not None else None
+    teacher_only = isinstance(policy, Teacher)  # every live row's tokens are the teacher's
+    if stats is not None:
+        rows = Rows(not teacher_only, teacher_only, use_student, run.pos.shape[0], max_new_tokens)
+        g, guided = choose(stats, list(decoding.options), rows)
+    else:
+        g, guided = decoding.lookahead, decoding.guided
     budget = max_new_tokens  # iterations that can still change anything (>= 1 token per unfinished row each)
     if isinstance(policy, Mixed) and not run.run_student:
         budget = 0  # every row is the dataset's completion
     # Iterations between host reads: about sync_every tokens. A block is expected to give G tokens; once an
     # interval gave fewer than sync_every tokens (rejections, switched rows), every sync_every iterations.
-    interval = -(-sync_every // lookahead) if mode_block else sync_every
-    since_sync, least = 0, 0
+    interval = -(-sync_every // g) if g else sync_every
+    per_block = g > 0
+    since_sync, least, lookaheads = 0, 0, []
     while budget > 0:
-        if mode_block:
-            kind, fn = ("block",), run.block
+        first = bool(run.first)  # the first iteration takes the prefill's logits: its own kind, eager
+        if g:
+            kind, fn = ("block", g, guided, first), functools.partial(run.block, g, guided)
         else:
-            kind, fn = ("step", use_student), functools.partial(run.step, use_student)
+            kind, fn = ("step", use_student, first), functools.partial(run.step, use_student)
+        started = run.clock.start() if stats is not None else None
         if graphs is None:
             fn()
         else:
             graphs(kind, fn)
+        lookaheads.append(g)
+        if stats is not None:
+            key = iteration_key(g, guided, use_student)
+            run.clock.stop_iteration(key, started)
+            stats.iterations[key] = stats.iterations.get(key, 0) + 1
         budget -= 1
         since_sync += 1
         if budget > 0 and since_sync >= interval:
-            done, all_switched, any_switched, new_least = run.flags()
-            if done:
+            flags = run.flags()
+            if flags.done:
                 break
-            budget = max_new_tokens - new_least
-            since_sync, progress, least = 0, new_least - least, new_least
-            if isinstance(policy, AdaSwitch) and not run.guided:
+            budget = max_new_tokens - flags.least
+            since_sync, progress, least = 0, flags.least - least, flags.least
+            if stats is not None:
+                offered, accepted, verified, passed = flags.counts
+                stats.drafts = [stats.drafts[0] + offered, stats.drafts[1] + accepted]
+                stats.verified = [stats.verified[0] + verified, stats.verified[1] + passed]
+                rows = Rows(flags.exploring and not teacher_only, flags.switched or teacher_only, use_student,
+                            flags.live, budget)
+                options = [o for o in decoding.options if o[0] <= budget and (use_student or o[0] == 0)]
+                g, guided = choose(stats, options, rows)
+                # step mode with every live row switched: the student is no longer needed (its cache stops)
+                use_student = use_student and (g > 0 or rows.exploring)
+            elif isinstance(policy, AdaSwitch) and not guided:
                 # A switched row gains one token per block, so the run needs as many iterations as in step
                 # mode, each costlier: step mode from here on; the student stops once all rows switched.
-                mode_block = mode_block and not any_switched
-                use_student = use_student and not all_switched
-            if progress < sync_every or not mode_block:
-                interval = sync_every
-    return run
+                g = g if not flags.switched else 0
+                use_student = use_student and flags.exploring
+            if progress < sync_every or not g:
+                per_block = False
+            interval = -(-sync_every // g) if g and per_block else sync_every
+    return lookaheads

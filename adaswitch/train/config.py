@@ -14,17 +14,13 @@ from dataclasses import dataclass, field, fields
 from transformers import TrainingArguments
 
 from adaswitch._validation import KINDS, LOSS_KINDS, SAMPLED_KIND, is_int, is_number
-from adaswitch.engine.arguments import GUIDANCES
+from adaswitch.engine.arguments import AUTO, GUIDANCES
 from adaswitch.ops.sampled import DEFAULT_IMPORTANCE_CAP
 from adaswitch.train.distributed import accelerator_available, launched_processes
 
 POLICY_NAMES = ("student", "teacher", "dataset", "mixed", "skd", "adaswitch", "fixed_switch", "random_switch")
 # AdaSwitch and its two controls (the switch without the divergence test): the policies with a switch.
 SWITCH_POLICIES = ("adaswitch", "fixed_switch", "random_switch")
-# SKD's lookahead when none is given: on the step-cost benchmark (benchmarks/results/distill_step_cpu.md)
-# G = 4 drafts per teacher forward is faster than token by token for SKD (same tokens); the other
-# policies default to token by token, their fastest setting there.
-SKD_DEFAULT_LOOKAHEAD = 4
 TOKEN_MASKS = ("all", "student", "teacher")
 LOSS_REDUCTIONS = ("mean", "sequence_mean")  # over the loss tokens; over the sequences of their summed losses
 # The policies whose responses come (at least partly) from the dataset's `completion` column.
@@ -163,23 +159,24 @@ class DistillConfig(TrainingArguments):
     max_new_tokens: int = field(
         default=128, metadata={"help": "Maximum number of generated response tokens."}
     )
-    lookahead: int | None = field(
-        default=None,
+    lookahead: str | int = field(
+        default="auto",
         metadata={
             "help": "Lookahead G: the student drafts G tokens which the teacher scores in one forward (adaswitch "
-            "and its controls, skd; teacher with speculative guidance); 0 = token by token. Same tokens as "
-            f"token by token. Default: {SKD_DEFAULT_LOOKAHEAD} for skd, 0 for the other policies (the fastest "
-            "settings of the step-cost benchmark)."
+            "and its controls, skd; teacher with speculative guidance); 0 = token by token. 'auto': the engine "
+            "picks G (0, 2, 4 or 8) at each host read from the forwards it timed and the drafts the teacher kept, "
+            "learning across steps. Same tokens whatever G."
         },
     )
     guidance: str = field(
-        default="step",
+        default="auto",
         metadata={
             "help": "How the teacher writes its tokens (adaswitch and its controls after the switch, teacher): "
             "'step', one token per teacher forward; 'speculative', the teacher verifies the student's drafts, "
             "up to `lookahead` + 1 teacher tokens per forward, each distributed as the teacher's own draw "
-            "(greedy teachers: the same tokens). 'speculative' needs lookahead >= 1.",
-            "choices": ("step", "speculative"),
+            "(greedy teachers: the same tokens), needs lookahead >= 1 or 'auto'; 'auto': speculative where "
+            "lookahead='auto' finds it faster and the teacher is greedy, else step (never changes a token).",
+            "choices": GUIDANCES,
         },
     )
     reuse_teacher_states: bool = field(
@@ -308,11 +305,14 @@ class DistillConfig(TrainingArguments):
                 continue
             if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if self.lookahead is None:  # the fastest setting by policy (SKD_DEFAULT_LOOKAHEAD), within the budget
-            self.lookahead = min(SKD_DEFAULT_LOOKAHEAD, self.max_new_tokens) if self.policy == "skd" else 0
-        if not is_int(self.lookahead) or self.lookahead < 0:
-            raise ValueError(f"lookahead must be an int >= 0 (0 = token by token), got {self.lookahead!r}")
-        if self.lookahead > self.max_new_tokens:
+        if self.lookahead is None:
+            self.lookahead = AUTO
+        if isinstance(self.lookahead, str) and self.lookahead.strip().isdigit():  # from the command line
+            self.lookahead = int(self.lookahead)
+        auto = self.lookahead == AUTO
+        if not auto and (not is_int(self.lookahead) or self.lookahead < 0):
+            raise ValueError(f"lookahead must be 'auto' or an int >= 0 (0 = token by token), got {self.lookahead!r}")
+        if not auto and self.lookahead > self.max_new_tokens:
             raise ValueError(
                 f"lookahead must be <= max_new_tokens ({self.max_new_tokens}): a block drafts G tokens of a "
                 f"response that holds at most max_new_tokens (more only costs forwards), got {self.lookahead}"
@@ -326,13 +326,13 @@ class DistillConfig(TrainingArguments):
                     f"guidance='speculative' applies to policies {SWITCH_POLICIES} and 'teacher', got "
                     f"policy={self.policy!r} (skd's lookahead already scores G drafts per teacher forward)"
                 )
-            if self.lookahead < 1:
+            if not auto and self.lookahead < 1:
                 raise ValueError("guidance='speculative' drafts `lookahead` tokens per teacher forward: "
-                                 "set lookahead >= 1")
+                                 "set lookahead >= 1 or 'auto'")
         if not isinstance(self.reuse_teacher_states, bool):
             raise ValueError(f"reuse_teacher_states must be a bool, got {self.reuse_teacher_states!r}")
         guided_teacher = self.policy == "teacher" and self.guidance == "speculative"
-        if self.lookahead and self.policy not in (*SWITCH_POLICIES, "skd") and not guided_teacher:
+        if not auto and self.lookahead and self.policy not in (*SWITCH_POLICIES, "skd") and not guided_teacher:
             raise ValueError(
                 f"lookahead applies to policies {SWITCH_POLICIES} and 'skd', got lookahead={self.lookahead} with "
                 f"policy={self.policy!r}"

@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import json
 import math
 import os
 import shutil
@@ -49,7 +48,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from transformers.utils import logging
 
 from adaswitch._validation import SAMPLED_KIND
-from adaswitch.train.atomic import disk_full, normalize_modes, publish_files, write_error, write_file
+from adaswitch.engine.lookahead import LookaheadStats
+from adaswitch.train.atomic import disk_full, normalize_modes, publish_files, write_error
 from adaswitch.train.checkpoint import STAGING_PREFIX, fsync_tree, publish, recover
 from adaswitch.train.config import SWITCH_POLICIES, DistillConfig
 from adaswitch.train.data import (
@@ -69,11 +69,15 @@ from adaswitch.train.distributed import (  # FSDP2 / DeepSpeed ZeRO plumbing
 )
 from adaswitch.train.finite import check_logs, check_weights
 from adaswitch.train.resume import ResumeError, check_resume, save_run_settings
+from adaswitch.train.run_state import (  # noqa: F401 (SWITCH_COUNTS_NAME, LOOKAHEAD_STATS_NAME re-exported)
+    LOOKAHEAD_STATS_NAME,
+    SWITCH_COUNTS_NAME,
+    load_lookahead_stats,
+    load_switch_counts,
+    save_run_state,
+)
 
 IGNORE_INDEX = -100
-# Saved in every checkpoint beside trainer_state.json: `Distiller.switch_position_counts`, which Trainer's state
-# does not hold, so that a resumed run keeps counting where the checkpoint stopped.
-SWITCH_COUNTS_NAME = "switch_position_counts.json"
 # The final model is written here inside output_dir, then moved into place file by file (atomic.publish_files).
 MODEL_STAGING = STAGING_PREFIX + "model"
 _WEIGHT_FILES = ("model", "pytorch_model", "adapter_model")  # stems of weight files a new save makes stale
@@ -397,6 +401,8 @@ class Distiller(Trainer):
         # switch policies: e.g. the distribution a RandomSwitch control draws from. Saved with each checkpoint
         # (SWITCH_COUNTS_NAME) and restored on resume.
         self.switch_position_counts = [0] * (args.max_new_tokens + 1)
+        # lookahead="auto": forward timings and acceptance learnt on this pair, carried across steps
+        self.lookahead_stats = LookaheadStats()
         self._last_generation_seconds = 0.0
         self._last_tokens = 0.0
         self._log_since = 0  # the step of the log before the current one (for NonFiniteError's message)
@@ -465,9 +471,6 @@ class Distiller(Trainer):
                 extra = {}
                 if self.args.uses_completions:  # mixed: rows that lose the coin use their dataset completion
                     extra["completions"] = inputs["completion_ids"]
-                if self.args.lookahead > 0:
-                    extra["lookahead"] = self.args.lookahead
-                    extra["guidance"] = self.args.guidance
                 if self._reuses_teacher(model):
                     extra["return_teacher_states"] = True
                 out = generate(
@@ -483,6 +486,9 @@ class Distiller(Trainer):
                     seed=self._generation_seed(),
                     example_keys=inputs["example_keys"],
                     sync_every=self.args.sync_every,
+                    lookahead=self.args.lookahead,
+                    guidance=self.args.guidance,
+                    lookahead_stats=self.lookahead_stats,
                     **extra,
                 )
         finally:
@@ -715,6 +721,7 @@ class Distiller(Trainer):
         m["loss_tokens"].append(vals[3])
         if gen is not None:
             m["teacher_token_fraction"].append(vals[2] / max(vals[1], 1.0))
+            m["mean_lookahead"].append(gen.mean_lookahead)
         if has_switch:
             m["switch_rate"].append(vals[4] / max(vals[0], 1.0))
             if vals[4] > 0:
@@ -773,7 +780,7 @@ class Distiller(Trainer):
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
         """Trainer.train, after putting back a checkpoint that a run killed while replacing it had moved
         aside (`adaswitch.train.checkpoint.recover`), so `resume_from_checkpoint=True` finds it, and after
-        restoring the checkpoint's `switch_position_counts` (`load_switch_counts`)."""
+        restoring the checkpoint's `switch_position_counts` and `lookahead_stats` (adaswitch.train.run_state)."""
         if self.args.should_save and resume_from_checkpoint not in (None, False):
             recover(self.args.output_dir)
         if resume_from_checkpoint is True:  # as Trainer resolves it (it raises when there is none)
@@ -783,6 +790,7 @@ class Distiller(Trainer):
             self.switch_position_counts = load_switch_counts(
                 resume_from_checkpoint, len(self.switch_position_counts)
             )
+            self.lookahead_stats = load_lookahead_stats(resume_from_checkpoint)
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
@@ -842,7 +850,7 @@ class Distiller(Trainer):
             if self.args.should_save:
                 step = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
                 folder = os.path.join(self._get_output_dir(trial=trial), step)
-                save_switch_counts(folder, self.switch_position_counts)
+                save_run_state(folder, self.switch_position_counts, self.lookahead_stats)
                 save_run_settings(folder, self.args)
             return
         run_dir = self._get_output_dir(trial=trial)
@@ -868,7 +876,7 @@ class Distiller(Trainer):
                 if self.args.should_save:
                     self.state.save_to_json(os.path.join(written, TRAINER_STATE_NAME))
             if self.args.should_save:
-                save_switch_counts(written, self.switch_position_counts)
+                save_run_state(written, self.switch_position_counts, self.lookahead_stats)
                 save_run_settings(written, self.args)
                 normalize_modes(written)
         except Exception as exc:  # a failed write (a full disk): no partial checkpoint is left behind
@@ -890,38 +898,6 @@ class Distiller(Trainer):
                 use_mtime=True,
             )
         self.accelerator.wait_for_everyone()
-
-
-def save_switch_counts(checkpoint_dir: str, counts: list[int]) -> None:
-    """Writes `counts` (rows per switch position + 1; index 0: no switch) as `SWITCH_COUNTS_NAME` in a
-    checkpoint directory, through a temporary file and a rename, so the file is whole or absent."""
-    path = os.path.join(checkpoint_dir, SWITCH_COUNTS_NAME)
-    write_file(path, json.dumps({"switch_position_counts": [int(c) for c in counts]}))
-
-
-def load_switch_counts(checkpoint_dir, length: int) -> list[int]:
-    """The `switch_position_counts` saved in a checkpoint, as a list of `length` (this run's max_new_tokens
-    + 1): zeros when the checkpoint has no such file (written before it was saved), padded with zeros when
-    the checkpoint's budget was shorter. A malformed file, or one with rows at positions this run's budget
-    cannot hold, is a ValueError naming the file."""
-    path = os.path.join(os.fspath(checkpoint_dir), SWITCH_COUNTS_NAME)
-    if not os.path.isfile(path):
-        return [0] * length
-    try:
-        with open(path) as f:
-            counts = json.load(f)["switch_position_counts"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path!r}: cannot read switch_position_counts ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(counts, list) or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0
-                                               for c in counts):
-        raise ValueError(f"{path!r}: switch_position_counts must be a list of integers >= 0, got {counts!r}")
-    if any(counts[length:]):
-        last = max(i for i, c in enumerate(counts) if c)  # switch position last - 1
-        raise ValueError(
-            f"{path!r}: the checkpoint counted rows switching at response position {last - 1}, which this "
-            f"run's max_new_tokens ({length - 1}) cannot reach; resume with max_new_tokens >= {last}"
-        )
-    return counts[:length] + [0] * (length - len(counts))
 
 
 @contextlib.contextmanager

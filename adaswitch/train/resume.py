@@ -77,6 +77,8 @@ def run_settings(args) -> dict:
 
     own = [name for name in DistillConfig.__annotations__ if name not in _NOT_RECORDED]
     settings = {name: _plain(getattr(args, name)) for name in (*own, *_TRAINING) if hasattr(args, name)}
+    if settings.get("guidance") == "auto":  # "auto" writes step guidance's tokens (docs/spec.md section 6)
+        settings["guidance"] = "step"
     settings["processes"] = int(getattr(args, "world_size", 1))
     return settings
 

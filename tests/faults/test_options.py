@@ -65,9 +65,9 @@ def make(**kw):
     return DistillConfig(output_dir="unused", report_to=[], use_cpu=True, **kw)
 
 
-def test_default_lookahead_is_clamped_to_the_budget():
-    assert make(policy="skd", max_new_tokens=2).lookahead == 2  # SKD's default G = 4, but only 2 tokens
-    assert make(policy="skd", max_new_tokens=64).lookahead == 4
+def test_lookahead_is_auto_or_within_the_budget():
+    """"auto" picks G within the tokens left (so any budget takes it); a fixed G past the budget is refused."""
+    assert make(policy="skd", max_new_tokens=2).lookahead == "auto"
     with pytest.raises(ValueError, match="lookahead must be <= max_new_tokens"):
         make(policy="skd", max_new_tokens=2, lookahead=3)
 

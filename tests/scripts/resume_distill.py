@@ -55,6 +55,8 @@ def main() -> None:
         window=1,
         k=1e-3,
         max_new_tokens=5,
+        # bit-identical weights need the same teacher-state rounding: "auto" picks block widths by timing
+        lookahead=0,
     )
     KilledWhileSaving.kill_at = args.kill_at
     trainer = KilledWhileSaving(
