@@ -42,6 +42,20 @@ def student():
 
 
 @pytest.fixture(scope="module")
+def near_teacher():
+    """A student that nearly is the teacher (its weights plus small noise): greedy drafts are often the
+    teacher's argmax, so blocks keep several drafts (guided ones take the bonus), and sometimes not."""
+    from tiny_models import VOCAB_SIZE, tiny_teacher
+
+    model = tiny_teacher(vocab_size=VOCAB_SIZE + 20)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for w in model.parameters():
+            w.add_(torch.randn(w.shape, generator=gen) * 0.002)
+    return model
+
+
+@pytest.fixture(scope="module")
 def prompts(request):
     """(input_ids, attention_mask): the requesting module's B left-padded random prompts of 2 to P tokens."""
     from tiny_models import random_prompts

@@ -16,7 +16,7 @@ import math
 
 import pytest
 import torch
-from tiny_models import EOS_ID, PAD_ID, VOCAB_SIZE, random_prompts, tiny_teacher
+from tiny_models import EOS_ID, PAD_ID, VOCAB_SIZE, random_prompts
 
 import adaswitch.engine.generate as engine
 from adaswitch import SKD, AdaSwitch, FixedSwitch, Sampling, Student, Teacher, generate, native_available
@@ -30,18 +30,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 N, B, P = 14, 4, 6
 SWITCHY = AdaSwitch(window=3, k=1.1)
 IMPLS = ["torch", "triton"] + (["native"] if native_available() else [])
-
-
-@pytest.fixture(scope="module")
-def near_teacher():
-    """A student that nearly is the teacher (its weights plus small noise): greedy drafts are often the
-    teacher's argmax, so guided blocks accept every draft and take the bonus, and sometimes not."""
-    model = tiny_teacher(vocab_size=VOCAB_SIZE + 20)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for w in model.parameters():
-            w.add_(torch.randn(w.shape, generator=gen) * 0.002)
-    return model
 
 
 @pytest.fixture

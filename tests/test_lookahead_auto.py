@@ -18,7 +18,7 @@ import math
 
 import pytest
 import torch
-from tiny_models import EOS_ID, PAD_ID, VOCAB_SIZE, tiny_distiller, tiny_teacher
+from tiny_models import EOS_ID, PAD_ID, VOCAB_SIZE, tiny_distiller
 
 import adaswitch.engine.generate as engine
 from adaswitch import SKD, AdaSwitch, FixedSwitch, LookaheadStats, Sampling, Teacher, generate
@@ -29,17 +29,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # the fixtures teacher, student and prompts (B prompts of up to P tokens): tests/conftest.py
 
 N, B, P = 17, 5, 6
-
-
-@pytest.fixture(scope="module")
-def near_teacher():
-    """A student that nearly is the teacher: its drafts are often kept, so blocks keep several tokens."""
-    model = tiny_teacher(vocab_size=VOCAB_SIZE + 20)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for w in model.parameters():
-            w.add_(torch.randn(w.shape, generator=gen) * 0.003)
-    return model
 
 
 @pytest.fixture
