@@ -276,7 +276,8 @@ class _Run:
             self.caches["student"].rollback(idle.long())
         if self.run_teacher and first_t is None:
             self.caches["teacher"].rollback(idle.long())
-        exploring = ~idle & ~self.state.switched  # before this token's decision
+        # lookahead="auto" counts drafts: rows exploring before this token's decision
+        exploring = ~idle & ~self.state.switched if self.counts is not None else None
         out = fused_step(ls, lt, self.policy, self.state, seed=self.seed, keys=self.keys, position=self.pos,
                          eos_token_id=self.eos, pad_token_id=self.pad, impl=self.impl)
         if self.counts is not None and use_student and not isinstance(self.policy, Teacher):
@@ -298,7 +299,8 @@ class _Run:
         width = g + 1 if guided else g
         offsets = torch.arange(width, device=self.device)
         idle = self._idle()
-        exploring = ~idle & ~self.state.switched  # before this block's decisions
+        # lookahead="auto" counts drafts: rows exploring before this block's decisions
+        exploring = ~idle & ~self.state.switched if self.counts is not None else None
         cur, drafts, student_logits = self.last, [], []
         # the first iteration: the prefill's logits stand for both models' forward on `last`
         first_s, first_t = self.first.pop("student", None), self.first.pop("teacher", None)
